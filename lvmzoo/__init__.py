@@ -1,0 +1,12 @@
+"""lvmzoo: a JAX model zoo of latent variable models for single-cell biology."""
+
+from lvmzoo import data, models
+from lvmzoo.data import CellData, DataError, query_anndata, setup_anndata
+from lvmzoo.infer import FitDivergedError, FittedModel, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CellData", "DataError", "FitDivergedError", "FittedModel", "data", "fit", "models",
+    "query_anndata", "setup_anndata",
+]

@@ -1,0 +1,401 @@
+"""The one place where AnnData becomes model input.
+
+:func:`setup_anndata` validates an AnnData once and returns :class:`CellData`:
+host arrays (dense or CSR, never densified here) plus a frozen
+:class:`DataRegistry` describing them (which layer, gene names, category →
+index maps, the transform).  The registry is saved with every fitted model;
+:func:`query_anndata` validates new cells against it, so a model is never fed
+genes or categories it has not seen.
+
+Nothing here writes to the user's AnnData.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from lvmzoo.data.transforms import TRANSFORMS, apply_transform
+
+KINDS = ("counts", "continuous", "binary")
+
+
+class DataError(ValueError):
+    """Input data that a model cannot be fitted to; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataRegistry:
+    """Immutable description of registered data, saved alongside a fitted model.
+
+    Attributes:
+      kind: what the *input* values are: ``"counts"`` (non-negative integers),
+        ``"continuous"`` or ``"binary"`` (0/1).
+      transform: name of the host transform applied after validation
+        (see :mod:`lvmzoo.data.transforms`).
+      layer: AnnData layer holding the observations, ``None`` for ``.X``.
+      batch_key / labels_key: ``obs`` columns, or ``None``.
+      covariate_keys: continuous ``obs`` columns passed to models as covariates.
+      gene_names: ``(n_genes,)`` feature names, in model order.
+      batch_categories: batch names; index ``i`` is batch code ``i``.  A single
+        ``"all"`` category when there is no batch key.
+      label_categories: label names; unlabelled cells get code ``-1``.
+      n_obs: number of cells at registration.
+    """
+
+    kind: str
+    transform: str
+    layer: Optional[str]
+    batch_key: Optional[str]
+    labels_key: Optional[str]
+    covariate_keys: tuple[str, ...]
+    gene_names: tuple[str, ...]
+    batch_categories: tuple[str, ...]
+    label_categories: tuple[str, ...]
+    n_obs: int
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_names)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batch_categories)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_categories)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataRegistry":
+        tuples = {
+            k: tuple(d[k])
+            for k in ("covariate_keys", "gene_names", "batch_categories", "label_categories")
+        }
+        return cls(**{**d, **tuples})
+
+
+@dataclasses.dataclass(frozen=True)
+class CellData:
+    """Validated host arrays for ``n_cells`` cells, ready for a data source.
+
+    Attributes:
+      x: ``(n_cells, n_genes)`` float32 ndarray or CSR matrix, transformed.
+      batch: ``(n_cells,)`` int32 batch codes.
+      labels: ``(n_cells,)`` int32 label codes, ``-1`` for unlabelled.
+      covariates: ``(n_cells, n_covariates)`` float32.
+      obs_names: ``(n_cells,)`` cell names, to write results back.
+      registry: the description the codes refer to.
+    """
+
+    x: Any
+    batch: np.ndarray
+    labels: np.ndarray
+    covariates: np.ndarray
+    obs_names: np.ndarray
+    registry: DataRegistry
+
+    @property
+    def n_cells(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def n_genes(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def is_sparse(self) -> bool:
+        return sp.issparse(self.x)
+
+    def subset(self, index: np.ndarray) -> "CellData":
+        """The cells at ``index`` (integer positions), as a new CellData."""
+        index = np.asarray(index)
+        return dataclasses.replace(
+            self,
+            x=self.x[index],
+            batch=self.batch[index],
+            labels=self.labels[index],
+            covariates=self.covariates[index],
+            obs_names=self.obs_names[index],
+        )
+
+    def dense_x(self) -> np.ndarray:
+        return self.x.toarray() if self.is_sparse else np.asarray(self.x)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        x,
+        *,
+        batch: Optional[Sequence] = None,
+        labels: Optional[Sequence] = None,
+        kind: str = "continuous",
+        transform: str = "none",
+        gene_names: Optional[Sequence[str]] = None,
+    ) -> "CellData":
+        """Register plain arrays (no AnnData) with the same validation.
+
+        Args:
+          x: ``(n_cells, n_genes)`` ndarray or scipy sparse matrix.
+          batch / labels: optional ``(n_cells,)`` sequences of categories.
+        """
+        x = x if sp.issparse(x) else np.asarray(x)
+        if x.ndim != 2:
+            raise DataError(f"x must be 2-D (cells × genes), got shape {x.shape}")
+        obs = pd.DataFrame(index=[str(i) for i in range(x.shape[0])])
+        for key, values in (("batch", batch), ("labels", labels)):
+            if values is not None:
+                values = np.asarray(values)
+                if values.shape != (x.shape[0],):
+                    raise DataError(
+                        f"{key} has shape {values.shape} but x has {x.shape[0]} cells; "
+                        f"pass one {key} value per row of x"
+                    )
+                obs[key] = pd.Categorical(values.astype(str))
+        var = pd.DataFrame(
+            index=[str(g) for g in gene_names] if gene_names is not None
+            else [f"feature_{j}" for j in range(x.shape[1])]
+        )
+        if len(var) != x.shape[1]:
+            raise DataError(
+                f"{len(var)} gene names for {x.shape[1]} columns of x; pass one name per column"
+            )
+        adata = ad.AnnData(X=x, obs=obs, var=var)
+        return setup_anndata(
+            adata,
+            batch_key="batch" if batch is not None else None,
+            labels_key="labels" if labels is not None else None,
+            kind=kind,
+            transform=transform,
+        )
+
+
+def setup_anndata(
+    adata: ad.AnnData,
+    *,
+    layer: Optional[str] = None,
+    batch_key: Optional[str] = None,
+    labels_key: Optional[str] = None,
+    covariate_keys: Sequence[str] = (),
+    kind: str = "counts",
+    transform: str = "none",
+) -> CellData:
+    """Validate ``adata`` and register it.
+
+    Args:
+      adata: cells × genes. Not modified.
+      layer: layer with the observations; ``None`` uses ``adata.X``.
+      batch_key: categorical ``obs`` column of batches (experiments, donors).
+      labels_key: categorical ``obs`` column of cell labels; missing values
+        mean "unlabelled".
+      covariate_keys: numeric ``obs`` columns.
+      kind: ``"counts"``, ``"continuous"`` or ``"binary"``: what the values are.
+      transform: host transform applied after validation (e.g.
+        ``"log1p_cp10k"`` for Gaussian models on counts).
+
+    Returns:
+      CellData whose ``registry`` records all of the above.
+
+    Raises:
+      DataError: naming the problem and the fix.
+    """
+    x = _observations(adata, layer)
+    _check_kind_and_transform(kind, transform)
+    _check_values(x, kind)
+    batch, batch_categories = _codes(adata, batch_key, "batch_key", allow_missing=False)
+    labels, label_categories = _codes(adata, labels_key, "labels_key", allow_missing=True)
+    if batch_key is None:
+        batch_categories = ("all",)
+    covariates = _covariates(adata, covariate_keys)
+    registry = DataRegistry(
+        kind=kind,
+        transform=transform,
+        layer=layer,
+        batch_key=batch_key,
+        labels_key=labels_key,
+        covariate_keys=tuple(covariate_keys),
+        gene_names=tuple(str(g) for g in adata.var_names),
+        batch_categories=batch_categories,
+        label_categories=label_categories,
+        n_obs=adata.n_obs,
+    )
+    return _cell_data(adata, x, batch, labels, covariates, registry)
+
+
+def query_anndata(adata: ad.AnnData, registry: DataRegistry) -> CellData:
+    """Validate new cells against a saved registry and encode them the same way.
+
+    Genes are matched by name and put in the registry's order (extra genes are
+    dropped); missing genes and unknown batch or label categories are errors.
+    """
+    missing_genes = [g for g in registry.gene_names if g not in set(adata.var_names)]
+    if missing_genes:
+        raise DataError(
+            f"the data lacks {len(missing_genes)} of the model's {registry.n_genes} genes "
+            f"(e.g. {', '.join(missing_genes[:5])}); subset or reorder it to the genes the "
+            "model was trained on (saved in its registry)"
+        )
+    if not adata.var_names.is_unique:
+        raise DataError("var_names are not unique; call adata.var_names_make_unique() first")
+    adata = adata[:, list(registry.gene_names)]
+    x = _observations(adata, registry.layer)
+    _check_values(x, registry.kind)
+    batch, _ = _codes(
+        adata, registry.batch_key, "batch_key", allow_missing=False,
+        categories=registry.batch_categories if registry.batch_key else None,
+    )
+    labels, _ = _codes(
+        adata, registry.labels_key, "labels_key", allow_missing=True,
+        categories=registry.label_categories if registry.labels_key else None,
+    )
+    covariates = _covariates(adata, registry.covariate_keys)
+    return _cell_data(adata, x, batch, labels, covariates, registry)
+
+
+def _cell_data(adata, x, batch, labels, covariates, registry) -> CellData:
+    x = apply_transform(registry.transform, x)
+    x = sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, np.float32)
+    return CellData(
+        x=x,
+        batch=batch,
+        labels=labels,
+        covariates=covariates,
+        obs_names=np.asarray(adata.obs_names),
+        registry=registry,
+    )
+
+
+def _observations(adata, layer):
+    if not isinstance(adata, ad.AnnData):
+        raise DataError(f"expected an AnnData, got {type(adata).__name__}")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DataError(
+            f"the AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes); "
+            "pass data with at least one cell and one gene"
+        )
+    if layer is None:
+        x = adata.X
+        if x is None:
+            raise DataError("adata.X is empty; pass layer= naming the layer with the data")
+    else:
+        if layer not in adata.layers:
+            raise DataError(
+                f"layer {layer!r} not found; available layers: {sorted(adata.layers) or 'none'}"
+            )
+        x = adata.layers[layer]
+    if sp.issparse(x):
+        return sp.csr_matrix(x)
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape != (adata.n_obs, adata.n_vars):
+        raise DataError(f"observations have shape {x.shape}, expected {adata.shape}")
+    return x
+
+
+def _check_kind_and_transform(kind, transform):
+    if kind not in KINDS:
+        raise DataError(f"unknown data kind {kind!r}; choose one of {KINDS}")
+    if transform not in TRANSFORMS:
+        raise DataError(f"unknown transform {transform!r}; choose one of {sorted(TRANSFORMS)}")
+    if transform == "log1p_cp10k" and kind != "counts":
+        raise DataError("transform 'log1p_cp10k' needs raw counts (kind='counts')")
+
+
+def _check_values(x, kind):
+    values = x.data if sp.issparse(x) else x
+    if not np.issubdtype(values.dtype, np.number) and values.dtype != bool:
+        raise DataError(f"observations have non-numeric dtype {values.dtype}")
+    n_bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if n_bad:
+        raise DataError(
+            f"the data contains {n_bad} NaN or infinite values; remove or impute them first"
+        )
+    if kind in ("counts", "binary"):
+        n_negative = int(np.count_nonzero(values < 0))
+        if n_negative:
+            raise DataError(
+                f"count data has {n_negative} negative values; pass raw UMI counts "
+                "(e.g. layer='counts'), not scaled or centred data"
+            )
+        n_fractional = int(np.count_nonzero(values != np.round(values)))
+        if n_fractional:
+            raise DataError(
+                f"count data has {n_fractional} non-integer values; pass raw counts "
+                "(e.g. layer='counts'), or use a Gaussian model with transform 'none'"
+            )
+    if kind == "binary" and np.any(values > 1):
+        raise DataError("binary data must be 0/1; binarise it first (e.g. x > 0)")
+    totals = np.asarray(abs(x).sum(axis=1)).ravel()
+    n_empty = int(np.count_nonzero(totals == 0))
+    if n_empty:
+        raise DataError(
+            f"{n_empty} cells have zero total counts; remove them first "
+            "(e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
+        )
+    per_gene = np.asarray(abs(x).sum(axis=0)).ravel()
+    n_unobserved = int(np.count_nonzero(per_gene == 0))
+    if n_unobserved:
+        raise DataError(
+            f"{n_unobserved} genes are zero in every cell; remove them first "
+            "(e.g. scanpy.pp.filter_genes(adata, min_cells=1))"
+        )
+
+
+def _codes(adata, key, argname, *, allow_missing, categories=None):
+    """Integer codes of a categorical obs column (``-1`` for missing values)."""
+    if key is None or (allow_missing and categories is not None and key not in adata.obs):
+        # No column: one batch (code 0), or every cell unlabelled (code -1).
+        fill = -1 if allow_missing else 0
+        return np.full(adata.n_obs, fill, np.int32), ()
+    if key not in adata.obs.columns:
+        raise DataError(
+            f"{argname} {key!r} is not a column of adata.obs; "
+            f"available columns: {', '.join(map(str, adata.obs.columns)) or 'none'}"
+        )
+    column = adata.obs[key]
+    missing = column.isna().to_numpy()
+    if missing.any() and not allow_missing:
+        raise DataError(
+            f"obs[{key!r}] has {int(missing.sum())} missing values; give every cell a {argname[:-4]}"
+        )
+    values = column.astype(str).to_numpy()
+    if categories is None:
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            present = set(values[~missing])
+            categories = tuple(str(c) for c in column.cat.categories if str(c) in present)
+        else:
+            categories = tuple(sorted(set(values[~missing])))
+    lookup = {c: i for i, c in enumerate(categories)}
+    unknown = sorted(set(values[~missing]) - set(lookup))
+    if unknown:
+        raise DataError(
+            f"obs[{key!r}] has categories the model has not seen: {', '.join(unknown[:10])}; "
+            f"known: {', '.join(categories[:10])}{' …' if len(categories) > 10 else ''}"
+        )
+    codes = np.array([lookup.get(v, -1) for v in values], np.int32)
+    codes[missing] = -1
+    return codes, tuple(categories)
+
+
+def _covariates(adata, keys):
+    columns = []
+    for key in keys:
+        if key not in adata.obs.columns:
+            raise DataError(
+                f"covariate {key!r} is not a column of adata.obs; "
+                f"available columns: {', '.join(map(str, adata.obs.columns))}"
+            )
+        column = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy(np.float32)
+        if not np.all(np.isfinite(column)):
+            raise DataError(f"covariate {key!r} has missing or non-numeric values")
+        columns.append(column)
+    if not columns:
+        return np.zeros((adata.n_obs, 0), np.float32)
+    return np.stack(columns, axis=1)

@@ -1,0 +1,129 @@
+"""Minibatches for the SVI driver.
+
+A *source* owns the arrays of a data set and turns a ``(batch_size,)`` vector
+of cell indices into a :class:`Batch`.  The driver only ever calls
+
+* ``source.arrays`` – a pytree of arrays passed into the compiled epoch, and
+* ``source.gather(arrays, index)`` – a traceable function building a Batch,
+
+so a source that keeps data on the host and streams chunks, or one that shards
+arrays over devices, plugs into the same driver.  :class:`DeviceSource` puts
+everything on the default device once; a sparse matrix stays compressed there
+(CSR) and each minibatch is densified inside the compiled step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from lvmzoo.data.registry import CellData
+
+
+@struct.dataclass
+class Batch:
+    """What a model program sees: a minibatch of ``B`` cells.
+
+    Attributes:
+      x: ``(B, n_genes)`` float32 observations (counts or transformed values).
+      index: ``(B,)`` int32 positions of the cells in the full data set; the
+        ``"cells"`` plate uses them, so per-cell parameters can be indexed.
+      batch: ``(B,)`` int32 batch codes.
+      labels: ``(B,)`` int32 label codes, ``-1`` when unlabelled.
+      covariates: ``(B, n_covariates)`` float32.
+      n_cells: total number of cells the minibatch is drawn from (static);
+        the plate rescales log-densities by ``n_cells / B``.
+      n_batches / n_labels: numbers of categories (static).
+      training: ``True`` while fitting (dropout on); ``False`` for evaluation.
+    """
+
+    x: jax.Array
+    index: jax.Array
+    batch: jax.Array
+    labels: jax.Array
+    covariates: jax.Array
+    n_cells: int = struct.field(pytree_node=False)
+    n_batches: int = struct.field(pytree_node=False, default=1)
+    n_labels: int = struct.field(pytree_node=False, default=0)
+    training: bool = struct.field(pytree_node=False, default=True)
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[0]
+
+
+class DeviceSource:
+    """All of a data set on one device; minibatches gathered inside jit.
+
+    Args:
+      data: validated cells.
+      n_cells: value of ``Batch.n_cells``; defaults to ``data.n_cells``.
+
+    Sparse ``x`` is stored as CSR arrays ``(values, columns, row_starts)`` and
+    each row is read through a fixed window of ``max_row_nnz`` entries, so the
+    gather has static shapes and device memory stays ``O(nnz)``.
+    """
+
+    def __init__(self, data: CellData, n_cells: int | None = None):
+        self.data = data
+        self.n_cells = data.n_cells if n_cells is None else n_cells
+        self.n_genes = data.n_genes
+        self.n_batches = data.registry.n_batches
+        self.n_labels = data.registry.n_labels
+        common = dict(
+            batch=jnp.asarray(data.batch),
+            labels=jnp.asarray(data.labels),
+            covariates=jnp.asarray(data.covariates),
+        )
+        if data.is_sparse:
+            csr = data.x
+            self.max_row_nnz = max(int(np.diff(csr.indptr).max()), 1)
+            self.arrays: dict[str, Any] = dict(
+                values=jnp.asarray(csr.data, jnp.float32),
+                columns=jnp.asarray(csr.indices, jnp.int32),
+                row_starts=jnp.asarray(csr.indptr, jnp.int32),
+                **common,
+            )
+        else:
+            self.max_row_nnz = None
+            self.arrays = dict(x=jnp.asarray(data.x, jnp.float32), **common)
+
+    def gather(self, arrays: dict[str, Any], index: jax.Array) -> Batch:
+        """The minibatch of cells ``index`` (shape ``(B,)``); traceable."""
+        if self.max_row_nnz is None:
+            x = arrays["x"][index]
+        else:
+            x = _densify_rows(arrays, index, self.max_row_nnz, self.n_genes)
+        return Batch(
+            x=x,
+            index=index,
+            batch=arrays["batch"][index],
+            labels=arrays["labels"][index],
+            covariates=arrays["covariates"][index],
+            n_cells=self.n_cells,
+            n_batches=self.n_batches,
+            n_labels=self.n_labels,
+        )
+
+    def full_batch(self, index: np.ndarray | None = None) -> Batch:
+        """Cells ``index`` (default all) as one evaluation Batch, plate not rescaled."""
+        index = jnp.arange(self.data.n_cells) if index is None else jnp.asarray(index)
+        batch = self.gather(self.arrays, index)
+        return batch.replace(n_cells=batch.size, training=False)
+
+
+def _densify_rows(arrays, index, window, n_genes):
+    starts = arrays["row_starts"][index]
+    ends = arrays["row_starts"][index + 1]
+    positions = starts[:, None] + jnp.arange(window)[None, :]
+    inside = positions < ends[:, None]
+    positions = jnp.where(inside, positions, 0)
+    values = jnp.where(inside, arrays["values"][positions], 0.0)
+    columns = arrays["columns"][positions]
+    rows = jnp.broadcast_to(jnp.arange(index.shape[0])[:, None], columns.shape)
+    dense = jnp.zeros((index.shape[0], n_genes), jnp.float32)
+    return dense.at[rows, columns].add(values)

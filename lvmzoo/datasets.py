@@ -1,0 +1,481 @@
+"""Bundled single-cell data sets and a negative-binomial count simulator.
+
+Two small real data sets of raw UMI counts ship inside the package (see
+``lvmzoo/data/files/PROVENANCE.md`` for their origin, licences and the exact
+filtering):
+
+* ``"mouse_10k"`` (default): 9,999 mouse cells × 715 genes, 10x Genomics,
+  no annotations – the workhorse for examples and benchmarks.
+* ``"wu2020"``: 200 human T cells × 2,599 genes from Wu et al. (2020), with
+  cluster labels and 30 batches – a small labelled, multi-batch fixture.
+
+Both are already filtered so that every cell has at least one count and every
+gene is observed in at least one cell, as the data layer requires.
+
+:func:`simulate_counts` draws data of any size with known cell types, planted
+differentially expressed genes and batch effects, for scaling runs and for
+checking differential-expression results against the truth.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from numpy.typing import ArrayLike
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_DATASET",
+    "DatasetInfo",
+    "list_datasets",
+    "load",
+    "load_mouse_10k",
+    "load_wu2020",
+    "simulate_counts",
+]
+
+
+# --------------------------------------------------------------------------
+# Bundled data
+# --------------------------------------------------------------------------
+
+
+def _read_bundled(filename: str) -> ad.AnnData:
+    # ``as_file`` gives a real path even when the package is imported from a
+    # zip; ``read_h5ad`` loads everything into memory, so every call returns
+    # an independent object and the file is closed when the context exits.
+    ref = resources.files("lvmzoo") / "data" / "files" / filename
+    with resources.as_file(ref) as path:
+        return ad.read_h5ad(path)
+
+
+def load_mouse_10k() -> ad.AnnData:
+    """Load the default data set: 10x Genomics mouse cells, raw UMI counts.
+
+    A subset of 10,000 cells × 1,000 genes that scanpy uses in its tests, with
+    the one empty cell and the 285 genes never observed removed.
+
+    Returns:
+      A new AnnData of shape ``(9999, 715)`` on every call. ``X`` is a
+      ``scipy.sparse.csr_matrix`` of integer-valued float32 counts;
+      ``obs_names`` are cell barcodes (``obs`` has no columns);
+      ``var_names`` are unique gene symbols and ``var["gene_ids"]`` the
+      Ensembl IDs.
+    """
+    return _read_bundled("mouse_10x_10k.h5ad")
+
+
+def load_wu2020() -> ad.AnnData:
+    """Load 200 human T cells from Wu et al. (2020) with labels and batches.
+
+    The scirpy test subset of the Wu et al. (2020, Nature 579:274) tumour /
+    adjacent tissue / blood T cells, with the 401 genes never observed in
+    these cells removed.
+
+    Returns:
+      A new AnnData of shape ``(200, 2599)`` on every call. ``X`` is a
+      ``scipy.sparse.csr_matrix`` of integer-valued float32 counts. ``obs``
+      holds string categoricals ``cluster_orig`` (16 published T-cell
+      clusters), ``patient`` (14), ``sample`` (30), ``source`` (``"Blood"``,
+      ``"NAT"``, ``"Tumor"``) and ``batch`` (30); ``var["gene_ids"]`` holds
+      NCBI gene IDs.
+    """
+    return _read_bundled("wu2020_tcells_200.h5ad")
+
+
+class DatasetInfo(NamedTuple):
+    """A bundled data set: how to load it and what it is."""
+
+    loader: Callable[[], ad.AnnData]
+    description: str
+
+
+#: Name -> ``(loader, one-line description)`` of every bundled data set.
+DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
+    {
+        "mouse_10k": DatasetInfo(
+            load_mouse_10k,
+            "10x Genomics mouse cells, 9,999 × 715 raw UMI counts, unlabelled (scanpy test data)",
+        ),
+        "wu2020": DatasetInfo(
+            load_wu2020,
+            "Wu et al. 2020 human T cells, 200 × 2,599 raw UMI counts, "
+            "16 clusters, 30 batches (scirpy test data)",
+        ),
+    }
+)
+
+#: The data set used when none is named.
+DEFAULT_DATASET = "mouse_10k"
+
+
+def load(name: str = DEFAULT_DATASET) -> ad.AnnData:
+    """Load a bundled data set by name.
+
+    Args:
+      name: a key of :data:`DATASETS` (``"mouse_10k"`` or ``"wu2020"``).
+
+    Returns:
+      A new AnnData (cells × genes) of raw counts; see the named loader for
+      its shape and annotations.
+
+    Raises:
+      ValueError: if ``name`` is not a bundled data set.
+    """
+    try:
+        info = DATASETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}"
+        ) from None
+    return info.loader()
+
+
+def list_datasets() -> list[dict[str, Any]]:
+    """Describe the bundled data sets.
+
+    The files are small, so each is simply loaded to read its shape.
+
+    Returns:
+      One dict per data set with keys ``name``, ``n_obs``, ``n_vars``,
+      ``description``, ``obs_columns`` (list of str) and ``default`` (bool).
+    """
+    rows = []
+    for name, info in DATASETS.items():
+        adata = info.loader()
+        rows.append(
+            {
+                "name": name,
+                "n_obs": adata.n_obs,
+                "n_vars": adata.n_vars,
+                "description": info.description,
+                "obs_columns": [str(c) for c in adata.obs.columns],
+                "default": name == DEFAULT_DATASET,
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Simulator
+# --------------------------------------------------------------------------
+
+# Spread (sd, natural log) of the gene baselines: real UMI data has gene means
+# spanning several orders of magnitude, which an sd of 1.5 roughly reproduces.
+_BASELINE_LOG_SD = 1.5
+# Cells × genes entries per chunk: small enough that a few threads' dense
+# temporaries stay in the hundreds of MB, large enough to amortise overhead.
+_CHUNK_ENTRIES = 1 << 20
+_MAX_THREADS = 8
+
+
+def simulate_counts(
+    n_cells: int = 2000,
+    n_genes: int = 500,
+    n_batches: int = 2,
+    n_cell_types: int = 4,
+    n_latent: int = 5,
+    n_de_genes_per_type: int = 20,
+    de_log_fold_change: float = 2.0,
+    batch_effect_scale: float = 0.3,
+    latent_scale: float = 0.3,
+    mean_library: float = 2000.0,
+    library_log_sd: float = 0.3,
+    dispersion: float | ArrayLike = 0.2,
+    seed: int = 0,
+    dropout: float = 0.0,
+    sparse: bool = True,
+    n_threads: int | None = None,
+) -> ad.AnnData:
+    """Simulate negative-binomial UMI counts with known structure.
+
+    For cell ``c`` of type ``t(c)`` in batch ``b(c)`` and gene ``g``, the
+    expected count is::
+
+        mean[c, g] = library[c] * exp(base[g] + lfc[t(c), g] + batch[b(c), g]
+                                      + z[c] @ W[g]) / sum_g' exp(base[g'])
+
+    * ``base[g] ~ Normal(0, 1.5)``: the shared baseline log-expression.
+    * ``lfc[t, g]``: ``n_de_genes_per_type`` genes per type, distinct across
+      types, get ``±de_log_fold_change`` (random sign) in that type and 0 in
+      every other; all other entries are 0. So each cell type's baseline
+      profile is ``base + lfc[t]``.
+    * ``batch[b, g] ~ Normal(0, batch_effect_scale)``: a gene-wise
+      multiplicative batch effect.
+    * ``z[c] ~ Normal(0, I)`` of size ``n_latent`` and loadings
+      ``W[g] ~ Normal(0, latent_scale**2 / n_latent)``: continuous within-type
+      variation (so ``z[c] @ W[g]`` has sd ``latent_scale``). Its expectation
+      is the same for every type, so it does not change mean ratios.
+    * ``library[c] ~ LogNormal`` with mean ``mean_library`` and log-sd
+      ``library_log_sd``. Totals are only approximately ``library`` because
+      the other terms are not renormalised – keeping them unnormalised is what
+      makes the planted fold changes exact.
+
+    Counts are drawn as ``NB(mean, dispersion)`` (Gamma–Poisson, variance
+    ``mean + dispersion * mean**2``); with ``dropout > 0`` each entry is then
+    zeroed independently with that probability. Cell types and batches are
+    assigned uniformly at random and independently.
+
+    Because the data layer rejects them, empty rows and columns are repaired
+    after sampling, and the numbers repaired are recorded in
+    ``uns["simulation"]``: a cell with zero total gets one count in a gene
+    drawn from its own expected profile (``n_cells_padded``), then a gene
+    with no counts gets one count in a uniformly chosen cell
+    (``n_genes_padded``). Both are rare unless libraries are tiny.
+
+    Cells are sampled in chunks on up to ``n_threads`` threads, each chunk
+    from its own random stream spawned from ``seed``, so the result depends on
+    the arguments only, never on the number of threads. 100,000 × 2,000 takes
+    a few seconds on a multi-core machine.
+
+    Args:
+      n_cells: number of cells (rows).
+      n_genes: number of genes (columns).
+      n_batches: number of batches.
+      n_cell_types: number of cell types.
+      n_latent: number of continuous latent factors (0 for none).
+      n_de_genes_per_type: planted DE genes per cell type;
+        ``n_cell_types * n_de_genes_per_type`` must not exceed ``n_genes``.
+      de_log_fold_change: magnitude of the planted effects (natural log).
+      batch_effect_scale: sd of the gene-wise log batch effects.
+      latent_scale: sd of the latent contribution to log expression.
+      mean_library: mean of the library-size distribution.
+      library_log_sd: sd of log library size.
+      dispersion: NB dispersion ``alpha >= 0`` (``0`` means Poisson); a
+        scalar or a ``(n_genes,)`` array of per-gene values.
+      seed: seed of all randomness.
+      dropout: probability in ``[0, 1)`` of zeroing each entry
+        (zero-inflation).
+      sparse: return ``X`` as CSR (``True``) or as a dense array.
+      n_threads: sampling threads; default ``min(8, available CPUs)``.
+
+    Returns:
+      AnnData of shape ``(n_cells, n_genes)`` with
+
+      * ``X``: integer-valued float32 counts, ``scipy.sparse.csr_matrix`` if
+        ``sparse`` else ``np.ndarray``;
+      * ``obs["cell_type"]`` (categorical ``"type0"``, ``"type1"``, …),
+        ``obs["batch"]`` (categorical ``"batch0"``, …) and
+        ``obs["true_library"]`` (float64, the drawn ``library[c]``);
+      * ``var["de_type"]``: categorical, the type a gene is DE for or
+        ``"none"``; ``var["true_lfc_<type>"]`` (float64), one column per
+        type: ``lfc[type, g]`` in natural log, i.e. the gene's mean in that
+        type is ``exp(true_lfc)`` times its mean in any type where it is not
+        DE; ``var["true_baseline"]``: ``base[g]``;
+      * ``varm["true_batch_effect"]``: ``(n_genes, n_batches)`` log effects;
+      * ``obsm["true_latent"]`` ``(n_cells, n_latent)`` and
+        ``varm["true_loadings"]`` ``(n_genes, n_latent)`` when
+        ``n_latent > 0``;
+      * ``uns["simulation"]``: the arguments plus ``n_cells_padded`` and
+        ``n_genes_padded``.
+
+    Raises:
+      ValueError: for sizes or parameters out of range.
+    """
+    alpha = _check_simulation_args(
+        n_cells, n_genes, n_batches, n_cell_types, n_latent, n_de_genes_per_type,
+        de_log_fold_change, batch_effect_scale, latent_scale, mean_library,
+        library_log_sd, dispersion, dropout, n_threads,
+    )
+    params_seq, chunks_seq = np.random.SeedSequence(seed).spawn(2)
+    rng = np.random.default_rng(params_seq)
+
+    # Gene- and cell-level parameters: small, drawn once from the main stream.
+    base = rng.normal(0.0, _BASELINE_LOG_SD, n_genes)
+    lfc = np.zeros((n_cell_types, n_genes))
+    de_genes = rng.permutation(n_genes)[: n_cell_types * n_de_genes_per_type]
+    de_genes = de_genes.reshape(n_cell_types, n_de_genes_per_type)
+    signs = rng.choice([-1.0, 1.0], size=de_genes.shape)
+    np.put_along_axis(lfc, de_genes, signs * de_log_fold_change, axis=1)
+    batch_effect = rng.normal(0.0, batch_effect_scale, (n_batches, n_genes))
+    loadings = rng.normal(0.0, latent_scale / np.sqrt(max(n_latent, 1)), (n_genes, n_latent))
+
+    cell_type = rng.integers(n_cell_types, size=n_cells)
+    batch = rng.integers(n_batches, size=n_cells)
+    latent = rng.standard_normal((n_cells, n_latent))
+    # Log-normal with E[library] = mean_library.
+    library = rng.lognormal(np.log(mean_library) - library_log_sd**2 / 2, library_log_sd, n_cells)
+
+    # Per-cell factor in front of exp(...): library over the baseline total.
+    scale = library / np.exp(base).sum()
+    type_profiles = base + lfc  # (n_cell_types, n_genes)
+
+    def sample_chunk(start: int, stop: int, seq: np.random.SeedSequence):
+        chunk_rng = np.random.default_rng(seq)
+        log_mean = type_profiles[cell_type[start:stop]] + batch_effect[batch[start:stop]]
+        if n_latent:
+            log_mean += latent[start:stop] @ loadings.T
+        mean = scale[start:stop, None] * np.exp(log_mean)
+        counts = _sample_nb(chunk_rng, mean, alpha)
+        if dropout:
+            counts[chunk_rng.random(counts.shape, dtype=np.float32) < dropout] = 0
+        n_padded = _pad_empty_cells(chunk_rng, counts, mean)
+        counts = counts.astype(np.float32)
+        return (sp.csr_matrix(counts) if sparse else counts), n_padded
+
+    rows_per_chunk = max(1, _CHUNK_ENTRIES // n_genes)
+    starts = list(range(0, n_cells, rows_per_chunk))
+    seqs = chunks_seq.spawn(len(starts))
+    stops = [min(s + rows_per_chunk, n_cells) for s in starts]
+    if n_threads is None:
+        n_threads = min(_MAX_THREADS, _available_cpus())
+    n_threads = min(n_threads, len(starts))
+    if n_threads > 1:
+        # numpy's samplers release the GIL, so threads give a real speed-up.
+        with ThreadPoolExecutor(n_threads) as pool:
+            results = list(pool.map(sample_chunk, starts, stops, seqs))
+    else:
+        results = [sample_chunk(*args) for args in zip(starts, stops, seqs)]
+    n_cells_padded = sum(n for _, n in results)
+    blocks = [block for block, _ in results]
+    del results
+    x = sp.vstack(blocks, format="csr") if sparse else np.concatenate(blocks)
+    del blocks
+
+    # Genes never observed: one count in a random cell (cells stay non-empty).
+    per_gene = np.asarray(x.sum(axis=0)).ravel()
+    empty_genes = np.flatnonzero(per_gene == 0)
+    if empty_genes.size:
+        donors = rng.integers(n_cells, size=empty_genes.size)
+        if sparse:
+            pad = sp.csr_matrix(
+                (np.ones(empty_genes.size, np.float32), (donors, empty_genes)),
+                shape=x.shape,
+            )
+            x = (x + pad).tocsr()
+        else:
+            x[donors, empty_genes] = 1.0
+
+    type_names = [f"type{k}" for k in range(n_cell_types)]
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical.from_codes(cell_type, type_names),
+            "batch": pd.Categorical.from_codes(batch, [f"batch{k}" for k in range(n_batches)]),
+            "true_library": library,
+        },
+        index=pd.Index([f"cell{i}" for i in range(n_cells)]),
+    )
+    de_codes = np.full(n_genes, n_cell_types)  # code of "none"
+    for k in range(n_cell_types):
+        de_codes[de_genes[k]] = k
+    var = pd.DataFrame(
+        {"de_type": pd.Categorical.from_codes(de_codes, [*type_names, "none"])},
+        index=pd.Index([f"gene{g}" for g in range(n_genes)]),
+    )
+    for k, name in enumerate(type_names):
+        var[f"true_lfc_{name}"] = lfc[k]
+    var["true_baseline"] = base
+
+    adata = ad.AnnData(X=x, obs=obs, var=var)
+    adata.varm["true_batch_effect"] = batch_effect.T
+    if n_latent:
+        adata.obsm["true_latent"] = latent
+        adata.varm["true_loadings"] = loadings
+    adata.uns["simulation"] = {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "n_batches": n_batches,
+        "n_cell_types": n_cell_types,
+        "n_latent": n_latent,
+        "n_de_genes_per_type": n_de_genes_per_type,
+        "de_log_fold_change": float(de_log_fold_change),
+        "batch_effect_scale": float(batch_effect_scale),
+        "latent_scale": float(latent_scale),
+        "mean_library": float(mean_library),
+        "library_log_sd": float(library_log_sd),
+        "dispersion": float(alpha) if alpha.ndim == 0 else alpha.copy(),
+        "seed": seed,
+        "dropout": float(dropout),
+        "sparse": bool(sparse),
+        "n_cells_padded": int(n_cells_padded),
+        "n_genes_padded": int(empty_genes.size),
+    }
+    return adata
+
+
+def _sample_nb(rng: np.random.Generator, mean: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Gamma–Poisson draws with ``var = mean + alpha * mean**2`` (int64)."""
+    if not np.any(alpha > 0):
+        return rng.poisson(mean)
+    # Gamma(shape=1/alpha, scale=alpha) has mean 1 and variance alpha. Genes
+    # with alpha == 0 get a dummy shape and are switched to Poisson below.
+    # float32 gamma draws are noticeably faster and precise enough for a rate.
+    shape = 1.0 / np.where(alpha > 0, alpha, 1.0)
+    gamma = rng.standard_gamma(shape, size=mean.shape, dtype=np.float32)
+    rate = mean * (gamma * np.where(alpha > 0, alpha, 1.0))
+    if np.any(alpha == 0):
+        rate = np.where(alpha == 0, mean, rate)
+    return rng.poisson(rate)
+
+
+def _pad_empty_cells(rng: np.random.Generator, counts: np.ndarray, mean: np.ndarray) -> int:
+    """Give each all-zero row one count in a gene drawn from its mean profile."""
+    empty = np.flatnonzero(counts.sum(axis=1) == 0)
+    if empty.size:
+        cumulative = np.cumsum(mean[empty], axis=1)
+        u = rng.random(empty.size) * cumulative[:, -1]
+        genes = np.minimum((cumulative < u[:, None]).sum(axis=1), counts.shape[1] - 1)
+        counts[empty, genes] = 1
+    return int(empty.size)
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
+
+def _check_simulation_args(
+    n_cells, n_genes, n_batches, n_cell_types, n_latent, n_de_genes_per_type,
+    de_log_fold_change, batch_effect_scale, latent_scale, mean_library,
+    library_log_sd, dispersion, dropout, n_threads,
+) -> np.ndarray:
+    """Validate the simulator's arguments; return the dispersion as an array."""
+    for name, value, low in [
+        ("n_cells", n_cells, 1),
+        ("n_genes", n_genes, 1),
+        ("n_batches", n_batches, 1),
+        ("n_cell_types", n_cell_types, 1),
+        ("n_latent", n_latent, 0),
+        ("n_de_genes_per_type", n_de_genes_per_type, 0),
+    ]:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if n_threads is not None and (not isinstance(n_threads, (int, np.integer)) or n_threads < 1):
+        raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
+    if n_cell_types * n_de_genes_per_type > n_genes:
+        raise ValueError(
+            f"n_cell_types * n_de_genes_per_type = {n_cell_types * n_de_genes_per_type} "
+            f"planted DE genes do not fit in n_genes = {n_genes}"
+        )
+    if not np.isfinite(de_log_fold_change):
+        raise ValueError(f"de_log_fold_change must be finite, got {de_log_fold_change!r}")
+    for name, value in [
+        ("batch_effect_scale", batch_effect_scale),
+        ("latent_scale", latent_scale),
+        ("library_log_sd", library_log_sd),
+    ]:
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be finite and non-negative, got {value!r}")
+    if not (np.isfinite(mean_library) and mean_library > 0):
+        raise ValueError(f"mean_library must be positive, got {mean_library!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    alpha = np.asarray(dispersion, dtype=np.float64)
+    if alpha.ndim not in (0, 1) or (alpha.ndim == 1 and alpha.shape != (n_genes,)):
+        raise ValueError(
+            f"dispersion must be a scalar or have shape ({n_genes},), got shape {alpha.shape}"
+        )
+    if not np.all(np.isfinite(alpha)) or np.any(alpha < 0):
+        raise ValueError("dispersion must be finite and >= 0")
+    return alpha

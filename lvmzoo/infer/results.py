@@ -1,0 +1,117 @@
+"""What :func:`lvmzoo.fit` returns: a model, its parameters and how it got there."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import anndata as ad
+import jax
+import numpy as np
+
+from lvmzoo.data.registry import CellData, DataRegistry
+from lvmzoo.data.source import DeviceSource
+from lvmzoo.infer.evaluate import importance_sampled_scores
+from lvmzoo.models.base import LatentModel
+
+EVAL_CHUNK = 1024
+
+
+@dataclasses.dataclass
+class FittedModel:
+    """A fitted zoo model.
+
+    Attributes:
+      model: the model's hyperparameters (a zoo model instance).
+      guide: the variational family that was fitted.
+      params: constrained parameter values keyed by site name.
+      registry: description of the training data; new data is checked against it.
+      history: per-epoch ``loss`` / ``validation_loss`` (nats per cell) and
+        ``seconds``, plus ``compile_seconds``.
+      train_index / validation_index: positions of the training / held-out cells.
+      diverged: the divergence message, if the fit stopped on a NaN loss.
+      interrupted: ``True`` if the fit was stopped by Ctrl-C.
+    """
+
+    model: LatentModel
+    guide: Callable
+    params: dict[str, Any]
+    registry: DataRegistry
+    history: dict[str, Any]
+    train_index: np.ndarray
+    validation_index: np.ndarray
+    seed: int = 0
+    diverged: Optional[str] = None
+    interrupted: bool = False
+
+    def _chunks(self, data: CellData):
+        source = DeviceSource(data)
+        for start in range(0, data.n_cells, EVAL_CHUNK):
+            yield source.full_batch(np.arange(start, min(start + EVAL_CHUNK, data.n_cells)))
+
+    def latent(self, data: CellData, seed: int = 0) -> np.ndarray:
+        """Per-cell representation ``(n_cells, n_latent)`` (posterior mean, or responsibilities)."""
+        latent = jax.jit(self.model.latent)
+        key = jax.random.PRNGKey(seed)
+        return np.concatenate(
+            [np.asarray(latent(self.params, b, key)) for b in self._chunks(data)]
+        )
+
+    def log_likelihood(self, data: CellData) -> Optional[np.ndarray]:
+        """Exact per-cell ``log p(x)`` ``(n_cells,)``, or ``None`` without a closed form."""
+        exact = jax.jit(self.model.log_likelihood)
+        chunks = [exact(self.params, b) for b in self._chunks(data)]
+        if chunks[0] is None:
+            return None
+        return np.concatenate([np.asarray(c) for c in chunks])
+
+    def evaluate(self, data: CellData, n_samples: int = 100, seed: int = 0) -> dict[str, Any]:
+        """Average per-cell log-likelihood and ELBO on ``data``.
+
+        Exact where the model has a closed-form marginal, otherwise the
+        importance-sampled (IWAE) estimate with ``n_samples`` draws from the guide.
+        """
+        key = jax.random.PRNGKey(seed)
+        scores = jax.jit(
+            lambda b, k: importance_sampled_scores(
+                self.model.model, self.guide, self.params, b, k, n_samples
+            )
+        )
+        elbo_loss = self.model.elbo()
+        neg_elbo = jax.jit(
+            lambda b, k: elbo_loss.loss(k, self.params, self.model.model, self.guide, b)
+        )
+        exact = self.log_likelihood(data)
+        sampled, elbo = [], 0.0
+        for i, batch in enumerate(self._chunks(data)):
+            k = jax.random.fold_in(key, i)
+            if exact is None:
+                ll, _ = scores(batch, k)
+                sampled.append(np.asarray(ll))
+            elbo -= float(neg_elbo(batch, k))
+        log_likelihood = exact if exact is not None else np.concatenate(sampled)
+        return {
+            "n_cells": int(data.n_cells),
+            "avg_log_likelihood": float(np.mean(log_likelihood)),
+            "method": "exact" if exact is not None else "importance_sampling",
+            "n_samples": 0 if exact is not None else int(n_samples),
+            "elbo": elbo / data.n_cells,
+        }
+
+    def annotate(self, adata: ad.AnnData, data: CellData) -> tuple[ad.AnnData, list[str]]:
+        """A copy of ``adata`` with ``obsm["X_<model>"]`` and the model's documented extras.
+
+        Returns:
+          ``(copy, keys_added)``; ``adata`` itself is not modified.
+        """
+        out = adata.copy()
+        z = self.latent(data)
+        out.obsm[f"X_{self.model.name}"] = z
+        extras = self.model.annotate(out, self.params, z, data)
+        return out, [f'obsm["X_{self.model.name}"]', *extras]
+
+    def save(self, path) -> None:
+        """Write the model to directory ``path`` atomically (see :mod:`lvmzoo.io`)."""
+        from lvmzoo.io import save_model
+
+        save_model(self, path)

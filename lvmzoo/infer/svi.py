@@ -1,0 +1,209 @@
+"""The one SVI driver every zoo model trains through.
+
+One epoch is one compiled program: ``lax.scan`` over a ``(n_steps, batch_size)``
+matrix of shuffled cell indices, each step gathering its minibatch from arrays
+already on the device and taking a NumPyro ``SVI.update``.  The program is
+compiled once ahead of time, so epochs never retrace.  A non-finite loss
+freezes the parameters inside the scan; the driver then restores the last
+parameters whose loss was finite and raises :class:`FitDivergedError`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.infer import SVI
+from tqdm.auto import tqdm
+
+from lvmzoo.data.registry import CellData
+from lvmzoo.data.source import DeviceSource
+from lvmzoo.infer.results import FittedModel
+from lvmzoo.models.base import LatentModel
+
+
+class FitDivergedError(RuntimeError):
+    """The loss became NaN/inf; ``.result`` holds the last finite parameters."""
+
+    def __init__(self, message: str, result: FittedModel):
+        super().__init__(message)
+        self.result = result
+
+
+class _Carry(NamedTuple):
+    previous: Any  # SVIState one step back: restored if the current one diverges
+    state: Any  # SVIState
+    failed_step: jax.Array  # () int32, -1 while every loss has been finite
+
+
+def fit(
+    model: LatentModel,
+    data: CellData,
+    *,
+    guide: Optional[Callable] = None,
+    optimizer: Optional[optax.GradientTransformation] = None,
+    learning_rate: Optional[float] = None,
+    epochs: int = 100,
+    batch_size: int = 128,
+    seed: int = 0,
+    validation_fraction: float = 0.0,
+    early_stopping_patience: Optional[int] = None,
+    progress: bool = True,
+) -> FittedModel:
+    """Fit ``model`` to ``data`` by stochastic variational inference.
+
+    Args:
+      model: a zoo model (any :class:`~lvmzoo.models.base.LatentModel`).
+      data: validated cells from :func:`lvmzoo.data.setup_anndata`.
+      guide: variational family; ``None`` uses ``model.guide``.
+      optimizer: an optax transformation; default ``optax.adam(learning_rate)``.
+      learning_rate: default ``model.default_learning_rate``.
+      epochs: passes over the training cells; each is one compiled call.
+      batch_size: cells per step (capped at the number of training cells); the
+        last incomplete minibatch of each shuffled epoch is dropped.
+      seed: the fit is bit-for-bit reproducible on CPU for a given seed.
+      validation_fraction: share of cells held out; their ELBO is reported
+        per epoch (``history["validation_loss"]``).
+      early_stopping_patience: stop after this many epochs without a better
+        validation loss and keep the best parameters.
+      progress: show a progress bar (loss, cells/s) per epoch.
+
+    Returns:
+      A :class:`FittedModel` with constrained parameters and the loss history
+      (losses are negative ELBOs in nats per cell).
+
+    Raises:
+      FitDivergedError: the loss became NaN/inf; ``err.result`` holds the last
+        finite parameters.
+    """
+    _check_model_accepts(model, data)
+    learning_rate = model.default_learning_rate if learning_rate is None else learning_rate
+    optimizer = optax.adam(learning_rate) if optimizer is None else optimizer
+    guide = model.guide if guide is None else guide
+    train_idx, val_idx = _split(data.n_cells, validation_fraction, seed)
+    train = DeviceSource(data.subset(train_idx))
+    batch_size = min(batch_size, train.n_cells)
+    steps_per_epoch = train.n_cells // batch_size
+
+    svi = SVI(model.model, guide, optimizer, loss=model.elbo())
+    key_init, key_shuffle, key_validation = jax.random.split(jax.random.PRNGKey(seed), 3)
+    first = train.gather(train.arrays, jnp.arange(min(train.n_cells, 2048)))
+    state = svi.init(
+        key_init,
+        train.gather(train.arrays, jnp.arange(batch_size)),
+        init_params=model.init_params(first.replace(n_cells=first.size), key_init),
+    )
+
+    def run_epoch(state, order, arrays):
+        def step(carry, xs):
+            i, index = xs
+            new_state, loss = svi.update(carry.state, train.gather(arrays, index))
+            ok = jnp.isfinite(loss) & (carry.failed_step < 0)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+            failed = jnp.where(ok | (carry.failed_step >= 0), carry.failed_step, i)
+            return _Carry(keep(carry.state, carry.previous), keep(new_state, carry.state),
+                          failed), loss
+
+        init = _Carry(state, state, jnp.array(-1, jnp.int32))
+        steps = jnp.arange(order.shape[0], dtype=jnp.int32)
+        return jax.lax.scan(step, init, (steps, order))
+
+    order_shape = jax.ShapeDtypeStruct((steps_per_epoch, batch_size), jnp.int32)
+    started = time.perf_counter()
+    epoch_program = jax.jit(run_epoch).lower(state, order_shape, train.arrays).compile()
+    validate = _validation_program(svi, model, data, val_idx, key_validation)
+    if validate:
+        validate(state)  # compile it now, so epoch times exclude compilation
+    compile_seconds = time.perf_counter() - started
+
+    history = {"epoch": [], "loss": [], "validation_loss": [], "seconds": []}
+    best = (math.inf, state, 0)
+    result = lambda st, **kw: FittedModel(
+        model=model, guide=guide, params=svi.get_params(st), registry=data.registry,
+        history={**history, "compile_seconds": compile_seconds, "steps_per_epoch":
+                 steps_per_epoch, "batch_size": batch_size, "n_train": train.n_cells},
+        train_index=train_idx, validation_index=val_idx, seed=seed, **kw)
+    bar = tqdm(range(epochs), desc=f"fit {model.name}", disable=not progress, unit="epoch")
+    try:
+        for epoch in bar:
+            t0 = time.perf_counter()
+            order = jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), train.n_cells)
+            order = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+            carry, losses = epoch_program(state, order.astype(jnp.int32), train.arrays)
+            failed_step = int(carry.failed_step)
+            if failed_step >= 0:
+                message = _divergence_message(model, epoch, failed_step, learning_rate)
+                raise FitDivergedError(message, result(carry.previous, diverged=message))
+            state = carry.state
+            val_loss = validate(state) if validate else float("nan")
+            seconds = time.perf_counter() - t0
+            history["epoch"].append(epoch)
+            history["loss"].append(float(jnp.mean(losses)) / train.n_cells)
+            history["validation_loss"].append(val_loss)
+            history["seconds"].append(seconds)
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4g}",
+                            val=f"{val_loss:.4g}",
+                            cells_per_s=f"{steps_per_epoch * batch_size / seconds:.3g}")
+            if early_stopping_patience is not None and validate:
+                if val_loss < best[0]:
+                    best = (val_loss, state, epoch)
+                elif epoch - best[2] >= early_stopping_patience:
+                    state = best[1]
+                    break
+    except KeyboardInterrupt:
+        warnings.warn(f"fit interrupted; keeping the parameters of epoch {len(history['epoch'])}")
+        return result(state, interrupted=True)
+    finally:
+        bar.close()
+    return result(state)
+
+
+def _check_model_accepts(model, data):
+    if model.data_kind == "counts" and (data.registry.kind != "counts" or data.registry.transform != "none"):
+        raise ValueError(
+            f"{model.name} models raw counts but the data were registered as "
+            f"kind={data.registry.kind!r}, transform={data.registry.transform!r}; "
+            "register raw counts with transform='none'"
+        )
+    if model.data_kind == "binary" and data.registry.kind != "binary":
+        raise ValueError(f"{model.name} models binary data; register it with kind='binary'")
+
+
+def _split(n_cells, validation_fraction, seed):
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    order = np.random.default_rng(seed).permutation(n_cells)
+    n_val = int(round(validation_fraction * n_cells))
+    if n_cells - n_val < 1:
+        raise ValueError("no training cells left; lower validation_fraction")
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _validation_program(svi, model, data, val_idx, key, chunk=4096):
+    """Per-cell validation loss (-ELBO), compiled once per chunk shape."""
+    if len(val_idx) == 0:
+        return None
+    source = DeviceSource(data.subset(val_idx))
+    chunks = [np.arange(i, min(i + chunk, len(val_idx))) for i in range(0, len(val_idx), chunk)]
+    batches = [source.full_batch(c) for c in chunks]
+    loss = jax.jit(lambda state, batch: svi.evaluate(state._replace(rng_key=key), batch))
+
+    def validate(state):
+        return sum(float(loss(state, b)) for b in batches) / len(val_idx)
+
+    return validate
+
+
+def _divergence_message(model, epoch, step, learning_rate):
+    return (
+        f"{model.name}: the loss became NaN/inf at epoch {epoch}, step {step}; "
+        "the parameters from the last step with a finite loss were kept. "
+        f"Try a lower learning rate (now {learning_rate:g}), a larger batch size, "
+        "or check the data for extreme values."
+    )

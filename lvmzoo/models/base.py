@@ -1,0 +1,98 @@
+"""The model interface: what a zoo model is, and the one plate every model uses.
+
+A zoo model is a frozen dataclass holding only hyperparameters (no arrays, no
+data) with
+
+* ``model(batch)`` – the NumPyro generative program, top to bottom, with named
+  sites and ``with cell_plate(batch):`` around everything per cell;
+* ``guide(batch)`` – its default variational family (same site names);
+* ``latent(params, batch, key)`` – the per-cell representation it reports;
+* optionally ``log_likelihood(params, batch)`` – the exact per-cell marginal
+  ``log p(x)`` where the model has one in closed form, and
+  ``init_params(batch, key)`` – data-dependent initial values.
+
+The SVI driver (:func:`lvmzoo.fit`) needs nothing else, so adding a model never
+touches it.  ``params`` are always the *constrained* values keyed by site name.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+import jax
+import numpyro
+from numpyro import handlers
+from numpyro.infer import ELBO, Trace_ELBO
+
+from lvmzoo.data.source import Batch
+
+Params = dict[str, Any]
+
+
+def cell_plate(batch: Batch) -> numpyro.plate:
+    """The ``"cells"`` plate over ``batch.n_cells`` cells, subsampled to this minibatch.
+
+    The plate's indices are the minibatch's own ``batch.index`` (substituted
+    rather than drawn), so log-densities are scaled by ``n_cells / B`` (an
+    unbiased estimate of the full-data ELBO) and any per-cell parameter
+    declared inside the plate (e.g. by ``AutoNormal``) is indexed by the cells
+    actually in the minibatch.
+    """
+    with handlers.substitute(data={"cells": batch.index}):
+        return numpyro.plate("cells", batch.n_cells, subsample_size=batch.size, dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentModel(abc.ABC):
+    """Base class of zoo models; subclasses are frozen dataclasses of hyperparameters.
+
+    Class attributes a subclass sets:
+      name: short name used by the CLI, in saved runs and in ``obsm["X_<name>"]``.
+      data_kind: ``"counts"``, ``"continuous"`` or ``"binary"`` — what ``batch.x``
+        must hold after the data transform.
+      default_transform: transform the CLI applies to count input by default.
+      default_learning_rate: Adam step size the CLI uses by default.
+    """
+
+    name: ClassVar[str] = "model"
+    data_kind: ClassVar[str] = "continuous"
+    default_transform: ClassVar[str] = "none"
+    default_learning_rate: ClassVar[float] = 1e-3
+
+    @abc.abstractmethod
+    def model(self, batch: Batch) -> None:
+        """The generative program for one minibatch."""
+
+    @abc.abstractmethod
+    def guide(self, batch: Batch) -> None:
+        """The default variational family for one minibatch."""
+
+    def elbo(self) -> ELBO:
+        """The ELBO estimator the driver optimises (override for enumeration)."""
+        return Trace_ELBO()
+
+    def init_params(self, batch: Batch, key: jax.Array) -> Optional[Params]:
+        """Initial values of some params from a sample of cells; ``None`` = model defaults."""
+        return None
+
+    @abc.abstractmethod
+    def latent(self, params: Params, batch: Batch, key: jax.Array) -> jax.Array:
+        """Per-cell representation, ``(B, n_latent)``."""
+
+    def log_likelihood(self, params: Params, batch: Batch) -> Optional[jax.Array]:
+        """Exact per-cell ``log p(x)``, ``(B,)``; ``None`` when there is no closed form."""
+        return None
+
+    def annotate(self, adata, params: Params, latent, data) -> list[str]:
+        """Write model-specific outputs into ``adata`` (already a copy); return their keys.
+
+        ``latent`` is the ``(n_cells, n_latent)`` array the caller stores in
+        ``obsm["X_<name>"]``; ``data`` the CellData of ``adata``.  The default adds
+        nothing more.
+        """
+        return []
+
+    def config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

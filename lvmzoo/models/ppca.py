@@ -1,0 +1,63 @@
+"""Probabilistic PCA (Tipping & Bishop, 1999).
+
+Generative story, for each cell::
+
+    z ~ N(0, I_K)
+    x | z ~ N(W z + mu, sigma^2 I_G)
+
+``W``, ``mu`` and ``sigma`` are point-estimated (maximum likelihood, as
+scikit-learn's ``PCA`` does); ``z`` is a local latent with the amortised linear
+guide of :mod:`lvmzoo.models.linear_gaussian`.  Reports the exact posterior
+mean of ``z`` and the exact marginal log-likelihood.
+
+References:
+  Tipping, M. E. & Bishop, C. M. (1999). Probabilistic principal component
+  analysis. JRSS B 61(3). https://doi.org/10.1111/1467-9868.00196
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpyro
+from numpyro.distributions import constraints
+
+from lvmzoo.data.source import Batch
+from lvmzoo.models import linear_gaussian as lg
+from lvmzoo.models.base import LatentModel
+
+
+@dataclasses.dataclass(frozen=True)
+class PPCA(LatentModel):
+    """Probabilistic PCA with ``n_latent`` components."""
+
+    n_latent: int = 10
+
+    name: ClassVar[str] = "ppca"
+    data_kind: ClassVar[str] = "continuous"
+    default_transform: ClassVar[str] = "log1p_cp10k"
+    default_learning_rate: ClassVar[float] = 1e-2
+
+    def model(self, batch: Batch) -> None:
+        n_genes = batch.x.shape[-1]
+        W = numpyro.param("W", jnp.zeros((n_genes, self.n_latent)))
+        mu = numpyro.param("mu", jnp.zeros(n_genes))
+        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+        lg.generative_story(batch, self.n_latent, sigma, W, mu)
+
+    def guide(self, batch: Batch) -> None:
+        lg.linear_encoder_guide(batch, self.n_latent)
+
+    def init_params(self, batch: Batch, key: jax.Array) -> dict:
+        start = lg.init_from_data(batch, self.n_latent, key)
+        return {"W": start["W"], "mu": start["mu"], "sigma": jnp.sqrt(start["variance"].mean())}
+
+    def latent(self, params, batch: Batch, key: jax.Array) -> jax.Array:
+        mean, _ = lg.posterior(batch.x, params["W"], params["mu"], params["sigma"] ** 2)
+        return mean
+
+    def log_likelihood(self, params, batch: Batch) -> jax.Array:
+        return lg.marginal_log_likelihood(batch.x, params["W"], params["mu"], params["sigma"] ** 2)
