@@ -100,7 +100,7 @@ def fit(
         init_params=model.init_params(first.replace(n_cells=first.size), key_init),
     )
 
-    def run_epoch(state, order, arrays):
+    def run_epoch(previous, state, order, arrays):
         def step(carry, xs):
             i, index = xs
             new_state, loss = svi.update(carry.state, train.gather(arrays, index))
@@ -110,13 +110,13 @@ def fit(
             return _Carry(keep(carry.state, carry.previous), keep(new_state, carry.state),
                           failed), loss
 
-        init = _Carry(state, state, jnp.array(-1, jnp.int32))
+        init = _Carry(previous, state, jnp.array(-1, jnp.int32))
         steps = jnp.arange(order.shape[0], dtype=jnp.int32)
         return jax.lax.scan(step, init, (steps, order))
 
     order_shape = jax.ShapeDtypeStruct((steps_per_epoch, batch_size), jnp.int32)
     started = time.perf_counter()
-    epoch_program = jax.jit(run_epoch).lower(state, order_shape, train.arrays).compile()
+    epoch_program = jax.jit(run_epoch).lower(state, state, order_shape, train.arrays).compile()
     validate = _validation_program(svi, model, data, val_idx, key_validation)
     if validate:
         validate(state)  # compile it now, so epoch times exclude compilation
@@ -124,6 +124,7 @@ def fit(
 
     history = {"epoch": [], "loss": [], "validation_loss": [], "seconds": []}
     best = (math.inf, state, 0)
+    previous = state
     result = lambda st, **kw: FittedModel(
         model=model, guide=guide, params=svi.get_params(st), registry=data.registry,
         history={**history, "compile_seconds": compile_seconds, "steps_per_epoch":
@@ -135,12 +136,12 @@ def fit(
             t0 = time.perf_counter()
             order = jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), train.n_cells)
             order = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-            carry, losses = epoch_program(state, order.astype(jnp.int32), train.arrays)
+            carry, losses = epoch_program(previous, state, order.astype(jnp.int32), train.arrays)
             failed_step = int(carry.failed_step)
             if failed_step >= 0:
                 message = _divergence_message(model, epoch, failed_step, learning_rate)
                 raise FitDivergedError(message, result(carry.previous, diverged=message))
-            state = carry.state
+            previous, state = carry.previous, carry.state
             val_loss = validate(state) if validate else float("nan")
             seconds = time.perf_counter() - t0
             history["epoch"].append(epoch)
