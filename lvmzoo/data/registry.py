@@ -247,7 +247,8 @@ def query_anndata(adata: ad.AnnData, registry: DataRegistry) -> CellData:
         raise DataError("var_names are not unique; call adata.var_names_make_unique() first")
     adata = adata[:, list(registry.gene_names)]
     x = _observations(adata, registry.layer)
-    _check_values(x, registry.kind)
+    # A gene can be legitimately absent from a few query cells; only training needs it seen.
+    _check_values(x, registry.kind, require_observed_genes=False)
     batch, _ = _codes(
         adata, registry.batch_key, "batch_key", allow_missing=False,
         categories=registry.batch_categories if registry.batch_key else None,
@@ -308,7 +309,7 @@ def _check_kind_and_transform(kind, transform):
         raise DataError("transform 'log1p_cp10k' needs raw counts (kind='counts')")
 
 
-def _check_values(x, kind):
+def _check_values(x, kind, require_observed_genes=True):
     values = x.data if sp.issparse(x) else x
     if not np.issubdtype(values.dtype, np.number) and values.dtype != bool:
         raise DataError(f"observations have non-numeric dtype {values.dtype}")
@@ -341,7 +342,7 @@ def _check_values(x, kind):
         )
     per_gene = np.asarray(abs(x).sum(axis=0)).ravel()
     n_unobserved = int(np.count_nonzero(per_gene == 0))
-    if n_unobserved:
+    if n_unobserved and require_observed_genes:
         raise DataError(
             f"{n_unobserved} genes are zero in every cell; remove them first "
             "(e.g. scanpy.pp.filter_genes(adata, min_cells=1))"

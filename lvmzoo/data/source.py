@@ -35,6 +35,8 @@ class Batch:
       batch: ``(B,)`` int32 batch codes.
       labels: ``(B,)`` int32 label codes, ``-1`` when unlabelled.
       covariates: ``(B, n_covariates)`` float32.
+      epoch: ``()`` float32, the driver's current epoch (0-based), for
+        schedules such as KL warm-up; 0 outside training.
       n_cells: total number of cells the minibatch is drawn from (static);
         the plate rescales log-densities by ``n_cells / B``.
       n_batches / n_labels: numbers of categories (static).
@@ -47,6 +49,7 @@ class Batch:
     labels: jax.Array
     covariates: jax.Array
     n_cells: int = struct.field(pytree_node=False)
+    epoch: Any = 0.0
     n_batches: int = struct.field(pytree_node=False, default=1)
     n_labels: int = struct.field(pytree_node=False, default=0)
     training: bool = struct.field(pytree_node=False, default=True)

@@ -100,10 +100,11 @@ def fit(
         init_params=model.init_params(first.replace(n_cells=first.size), key_init),
     )
 
-    def run_epoch(previous, state, order, arrays):
+    def run_epoch(previous, state, order, arrays, epoch):
         def step(carry, xs):
             i, index = xs
-            new_state, loss = svi.update(carry.state, train.gather(arrays, index))
+            batch = train.gather(arrays, index).replace(epoch=epoch)
+            new_state, loss = svi.update(carry.state, batch)
             ok = jnp.isfinite(loss) & (carry.failed_step < 0)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
             failed = jnp.where(ok | (carry.failed_step >= 0), carry.failed_step, i)
@@ -116,7 +117,8 @@ def fit(
 
     order_shape = jax.ShapeDtypeStruct((steps_per_epoch, batch_size), jnp.int32)
     started = time.perf_counter()
-    epoch_program = jax.jit(run_epoch).lower(state, state, order_shape, train.arrays).compile()
+    epoch_program = jax.jit(run_epoch).lower(
+        state, state, order_shape, train.arrays, jax.ShapeDtypeStruct((), jnp.float32)).compile()
     validate = _validation_program(svi, model, data, val_idx, key_validation)
     if validate:
         validate(state)  # compile it now, so epoch times exclude compilation
@@ -136,7 +138,8 @@ def fit(
             t0 = time.perf_counter()
             order = jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), train.n_cells)
             order = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-            carry, losses = epoch_program(previous, state, order.astype(jnp.int32), train.arrays)
+            carry, losses = epoch_program(previous, state, order.astype(jnp.int32),
+                                          train.arrays, jnp.float32(epoch))
             failed_step = int(carry.failed_step)
             if failed_step >= 0:
                 message = _divergence_message(model, epoch, failed_step, learning_rate)

@@ -1,0 +1,470 @@
+"""The ``lvmzoo`` command: fit a zoo model, evaluate a saved one, list data sets.
+
+A thin layer over the Python API; every step is a call a notebook could make::
+
+    lvmzoo fit ppca data.h5ad --out runs/ppca     # setup_anndata → fit → save_model
+    lvmzoo evaluate runs/ppca new.h5ad            # load_model → query_anndata → evaluate
+    lvmzoo datasets                               # datasets.list_datasets()
+
+``lvmzoo fit`` writes into ``--out``:
+
+* ``model/`` – the saved model (:func:`lvmzoo.io.save_model`);
+* ``history.json`` – per-epoch ``loss``, ``validation_loss`` (``null`` without
+  a validation set) and wall ``seconds``, plus ``compile_seconds``;
+* ``loss.png`` – the loss curves;
+* ``result.h5ad`` – a copy of the input with only the additions of
+  :meth:`FittedModel.annotate`: ``obsm["X_<model>"]`` and the model's
+  documented extras;
+* ``metrics.json`` – ``{"train": ..., "validation": ... or null}``, each the
+  dict of :meth:`FittedModel.evaluate` on those cells.
+
+Exit status: 0 on success; 2 for a usage or data error (one line
+``lvmzoo: error: ...`` on stderr); 1 when the fit diverged (the last finite
+parameters are saved); 130 when interrupted with Ctrl-C (the model so far is
+saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+PROG = "lvmzoo"
+EXIT_USAGE = 2
+EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130
+# Hyperparameters the CLI exposes, passed only to models whose dataclass has them.
+MODEL_OPTIONS = ("n_latent", "n_components")
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the input files; reported in one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are exceptions (one line, no usage dump)."""
+
+    def error(self, message):  # noqa: D102 - argparse hook
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``lvmzoo`` command line; returns the exit status.
+
+    Args:
+      argv: arguments without the program name; ``None`` reads ``sys.argv``.
+    """
+    parser = build_parser()
+    try:
+        args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
+        return args.run(args)
+    except SystemExit as exit_:  # --help and --version exit through argparse
+        return int(exit_.code or 0)
+    except UsageError as err:
+        return _usage_error(err)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        from lvmzoo.data.registry import DataError
+
+        if isinstance(err, DataError):
+            return _usage_error(err)
+        raise  # a genuine bug: keep the traceback
+
+
+def _usage_error(err: Exception) -> int:
+    message = " ".join(str(err).split())  # always exactly one line
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, allowing options before optional positionals (``fit M --epochs 3 D``).
+
+    Plain argparse binds ``fit``'s optional ``DATA`` as soon as it meets ``MODEL``
+    and then rejects a ``DATA`` given after an option; the command's arguments
+    are then parsed again with ``parse_intermixed_args``, which has no such limit.
+    """
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = args.command
+        args = args.command_parser.parse_intermixed_args(argv[argv.index(command) + 1:])
+        args.command = command
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lvmzoo`` and its subcommands."""
+    from lvmzoo import __version__
+    from lvmzoo.models import MODELS
+
+    parser = _Parser(
+        prog=PROG,
+        description="Fit and evaluate latent-variable models of single-cell RNA-seq data "
+        "(a JAX / NumPyro model zoo).",
+        epilog="Run 'lvmzoo COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_fit(commands, MODELS)
+    _add_evaluate(commands)
+    listing = commands.add_parser(
+        "datasets", help="list the bundled data sets",
+        description="List the data sets bundled with lvmzoo, with their shapes.",
+    )
+    listing.set_defaults(run=_datasets, command_parser=listing)
+    return parser
+
+
+def _add_fit(commands, models) -> None:
+    from lvmzoo.data.registry import KINDS
+    from lvmzoo.data.transforms import TRANSFORMS
+    from lvmzoo.datasets import DEFAULT_DATASET
+
+    model_lines = "\n".join(
+        f"  {name:<8} {_first_line(cls.__doc__)}" for name, cls in sorted(models.items())
+    )
+    fit = commands.add_parser(
+        "fit",
+        help="fit a model to an .h5ad file and save model, latent, metrics and plots",
+        description=textwrap.fill(
+            "Fit MODEL to DATA by stochastic variational inference and write into --out: "
+            "model/ (the saved model), history.json (losses and seconds per epoch), loss.png, "
+            "result.h5ad (the input plus obsm['X_<MODEL>'] and the model's documented extras) "
+            "and metrics.json (train and validation log-likelihood and ELBO)."
+        ),
+        epilog=f"models:\n{model_lines}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument("model", metavar="MODEL",
+                     help=f"model to fit, one of: {', '.join(sorted(models))}")
+    fit.add_argument("data", metavar="DATA", nargs="?", default=None,
+                     help="cells × genes .h5ad file (default: the bundled "
+                          f"'{DEFAULT_DATASET}' data set)")
+    fit.add_argument("--out", required=True, metavar="DIR",
+                     help="output directory (created if needed; earlier outputs are replaced)")
+    fit.add_argument("--layer", metavar="L", default=None,
+                     help="AnnData layer with the observations (default: .X)")
+    fit.add_argument("--batch-key", metavar="K", default=None,
+                     help="categorical obs column of batches (default: one batch)")
+    fit.add_argument("--labels-key", metavar="K", default=None,
+                     help="categorical obs column of cell labels (default: none)")
+    fit.add_argument("--n-latent", type=int, metavar="N", default=None,
+                     help="latent dimensions, for models that have them (default: the model's)")
+    fit.add_argument("--n-components", type=int, metavar="N", default=None,
+                     help="mixture components, for mixture models (default: the model's)")
+    fit.add_argument("--epochs", type=int, metavar="N", default=100,
+                     help="passes over the training cells (default: %(default)s)")
+    fit.add_argument("--batch-size", type=int, metavar="N", default=128,
+                     help="cells per optimisation step (default: %(default)s)")
+    fit.add_argument("--lr", type=float, metavar="X", default=None,
+                     help="Adam learning rate (default: the model's default_learning_rate)")
+    fit.add_argument("--seed", type=int, metavar="S", default=0,
+                     help="random seed; a fit is reproducible for a given seed "
+                          "(default: %(default)s)")
+    fit.add_argument("--no-progress", action="store_true",
+                     help="do not show the per-epoch progress bar")
+    fit.add_argument("--validation-fraction", type=float, metavar="F", default=0.1,
+                     help="share of cells held out for the validation loss and metrics, "
+                          "in [0, 1); 0 holds none out (default: %(default)s)")
+    fit.add_argument("--transform", choices=sorted(TRANSFORMS), default=None,
+                     help="transform of the input before fitting: log1p_cp10k = "
+                          "log(1 + 1e4 * x / cell total), none = as is (default: the model's "
+                          "default_transform for count input — log1p_cp10k for Gaussian "
+                          "models, none for count models — and none otherwise)")
+    fit.add_argument("--kind", choices=KINDS, default=None,
+                     help="what the input values are: raw counts, continuous values or 0/1 "
+                          "(default: binary for binary models, counts otherwise)")
+    fit.set_defaults(run=_fit, command_parser=fit)
+
+
+def _first_line(doc: Optional[str]) -> str:
+    lines = (doc or "").strip().splitlines()
+    return lines[0].replace("``", "") if lines else ""
+
+
+def _add_evaluate(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a saved model on an .h5ad file (log-likelihood, ELBO)",
+        description="Load the model saved in RUN_DIR, register DATA against its saved genes, "
+        "categories and transform, and print its average per-cell log-likelihood (exact "
+        "where the model has one, else importance-sampled) and ELBO as JSON.",
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR",
+                          help="a saved model: the --out directory of 'lvmzoo fit' "
+                               "or its model/ subdirectory")
+    evaluate.add_argument("data", metavar="DATA",
+                          help=".h5ad file with the model's genes (extra genes are ignored)")
+    evaluate.add_argument("--out", metavar="FILE", default=None,
+                          help="also write the metrics JSON to FILE")
+    evaluate.add_argument("--n-samples", type=int, metavar="K", default=100,
+                          help="importance samples per cell when there is no exact "
+                               "log-likelihood (default: %(default)s)")
+    evaluate.add_argument("--seed", type=int, metavar="S", default=0,
+                          help="random seed of the importance samples (default: %(default)s)")
+    evaluate.set_defaults(run=_evaluate, command_parser=evaluate)
+
+
+# --------------------------------------------------------------------------
+# lvmzoo fit
+# --------------------------------------------------------------------------
+
+
+def _fit(args) -> int:
+    from lvmzoo import datasets
+    from lvmzoo.data.registry import setup_anndata
+    from lvmzoo.infer.svi import FitDivergedError, fit
+
+    cls = _model_class(args.model)
+    try:
+        model = cls(**_hyperparameters(cls, args))
+    except ValueError as err:  # the model's own check of its hyperparameters
+        raise UsageError(f"{args.model}: {err}") from None
+    _check_fit_ranges(args)
+    # data_kind / default_transform may depend on the instance (e.g. a VAE's likelihood).
+    kind = args.kind or ("binary" if model.data_kind == "binary" else "counts")
+    transform = args.transform or (model.default_transform if kind == "counts" else "none")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
+
+    if args.data is None:
+        source = f"bundled data set '{datasets.DEFAULT_DATASET}'"
+        adata = datasets.load(datasets.DEFAULT_DATASET)
+    else:
+        source = args.data
+        adata = _read_h5ad(args.data)
+    data = setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
+                         labels_key=args.labels_key, kind=kind, transform=transform)
+    _check_model_accepts(model, data)
+    out = _output_dir(args.out)
+    settings = {
+        "epochs": args.epochs, "requested_batch_size": args.batch_size,
+        "learning_rate": model.default_learning_rate if args.lr is None else args.lr,
+        "validation_fraction": args.validation_fraction, "data": source,
+    }
+
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            # The CLI reports an interrupted fit itself (below); skip the driver's warning.
+            warnings.filterwarnings("ignore", message="fit interrupted", category=UserWarning)
+            fitted = fit(model, data, learning_rate=settings["learning_rate"],
+                         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                         validation_fraction=args.validation_fraction,
+                         progress=not args.no_progress)
+    except FitDivergedError as err:
+        _save_fit(out, err.result, settings)
+        print(f"{PROG}: error: {' '.join(str(err).split())} "
+              f"The model with those parameters is saved in {out / 'model'}.", file=sys.stderr)
+        return EXIT_DIVERGED
+    if fitted.interrupted:
+        _save_fit(out, fitted, settings)
+        print(f"{PROG}: interrupted after {len(fitted.history['epoch'])} epochs; the model so "
+              f"far is saved in {out / 'model'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    fit_seconds = time.perf_counter() - started
+
+    _save_fit(out, fitted, settings)
+    annotated, added = fitted.annotate(adata, data)
+    _write_h5ad(out / "result.h5ad", annotated)
+    metrics = _fit_metrics(fitted, data)
+    _write_json(out / "metrics.json", metrics)
+    print(_summary(fitted, data, source, metrics, added, out, fit_seconds))
+    return 0
+
+
+def _model_class(name: str):
+    from lvmzoo.models import MODELS
+
+    if name not in MODELS:
+        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def _hyperparameters(cls, args) -> dict[str, Any]:
+    """The CLI's hyperparameter options that were given, checked against the model."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    chosen = {}
+    for name in MODEL_OPTIONS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if name not in fields:
+            raise UsageError(f"model {cls.name!r} has no {option} option "
+                             f"(its hyperparameters: {', '.join(fields) or 'none'})")
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}")
+        chosen[name] = value
+    return chosen
+
+
+def _check_fit_ranges(args) -> None:
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise UsageError(
+            f"--validation-fraction must be in [0, 1), got {args.validation_fraction}"
+        )
+
+
+def _check_model_accepts(model, data) -> None:
+    # The driver's own check, run before anything is written; its ValueError
+    # is a mismatch between --kind/--transform and the model: a usage error.
+    from lvmzoo.infer.svi import _check_model_accepts as check
+
+    try:
+        check(model, data)
+    except ValueError as err:
+        raise UsageError(f"{err} (set --kind and --transform accordingly)") from None
+
+
+def _output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create --out directory {path}: {err.strerror}") from None
+    return out
+
+
+def _save_fit(out: Path, fitted, settings) -> None:
+    from lvmzoo.io import save_model
+    from lvmzoo.plotting import save_loss_plot
+
+    save_model(fitted, out / "model", fit_settings=settings)
+    _write_json(out / "history.json", fitted.history)
+    save_loss_plot(fitted.history, out / "loss.png", title=fitted.model.name)
+
+
+def _fit_metrics(fitted, data) -> dict[str, Any]:
+    validation = None
+    if len(fitted.validation_index):
+        validation = fitted.evaluate(data.subset(fitted.validation_index))
+    return {"train": fitted.evaluate(data.subset(fitted.train_index)), "validation": validation}
+
+
+def _summary(fitted, data, source, metrics, added, out, seconds) -> str:
+    history = fitted.history
+    registry = data.registry
+    n_epochs = len(history["epoch"])
+    val_loss = history["validation_loss"][-1] if n_epochs else math.nan
+    lines = [
+        f"{fitted.model.name} fitted to {source}: {data.n_cells:,} cells × {data.n_genes:,} "
+        f"genes (kind {registry.kind}, transform {registry.transform})",
+        f"{n_epochs} epochs in {sum(history['seconds']):.1f} s "
+        f"(+ {history['compile_seconds']:.1f} s compiling; {seconds:.1f} s in all); "
+        f"final loss {history['loss'][-1]:.4g}"
+        + (f", validation loss {val_loss:.4g}" if math.isfinite(val_loss) else ""),
+        f"log-likelihood per cell ({metrics['train']['method']}): "
+        f"train {metrics['train']['avg_log_likelihood']:.4g}"
+        + (f", validation {metrics['validation']['avg_log_likelihood']:.4g}"
+           if metrics["validation"] else ""),
+        f"wrote {out}/: model/, history.json, loss.png, metrics.json, "
+        f"result.h5ad (added {', '.join(added)})",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# lvmzoo evaluate
+# --------------------------------------------------------------------------
+
+
+def _evaluate(args) -> int:
+    from lvmzoo.data.registry import query_anndata
+    from lvmzoo.io import MODEL_FILE, load_model
+
+    if args.n_samples < 1:
+        raise UsageError(f"--n-samples must be at least 1, got {args.n_samples}")
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise UsageError(f"RUN_DIR {args.run_dir} is not a directory; give the --out "
+                         "directory of 'lvmzoo fit'")
+    if not (run / MODEL_FILE).is_file() and (run / "model" / MODEL_FILE).is_file():
+        run = run / "model"
+    try:
+        fitted = load_model(run)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"cannot load a model from {args.run_dir}: {err}") from None
+    adata = _read_h5ad(args.data)
+    metrics = fitted.evaluate(query_anndata(adata, fitted.registry),
+                              n_samples=args.n_samples, seed=args.seed)
+    if args.out:
+        _write_json(Path(args.out), metrics)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------
+# lvmzoo datasets
+# --------------------------------------------------------------------------
+
+
+def _datasets(args) -> int:
+    from lvmzoo.datasets import list_datasets
+
+    for row in list_datasets():
+        default = " (default)" if row["default"] else ""
+        print(f"{row['name']}{default}: {row['n_obs']} cells × {row['n_vars']} genes")
+        print(f"    {row['description']}")
+        if row["obs_columns"]:
+            print(f"    obs columns: {', '.join(row['obs_columns'])}")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+
+
+def _read_h5ad(path: str):
+    import anndata as ad
+
+    file = Path(path)
+    if not file.exists():
+        raise UsageError(f"DATA file {path} does not exist")
+    if file.is_dir() or file.suffix.lower() != ".h5ad":
+        raise UsageError(
+            f"DATA {path} is not an .h5ad file; convert it first, e.g. "
+            "anndata.read_csv(...).write_h5ad('data.h5ad')"
+        )
+    try:
+        return ad.read_h5ad(file)
+    except OSError as err:  # h5py: not an HDF5 file, truncated, unreadable
+        raise UsageError(f"cannot read {path} as .h5ad: {err}") from None
+
+
+def _write_json(path: Path, obj) -> None:
+    from lvmzoo.io import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+def _write_h5ad(path: Path, adata) -> None:
+    from lvmzoo.io import atomic_write_file
+
+    atomic_write_file(path, adata.write_h5ad)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The ``lvmzoo`` command line, run in-process through ``main``."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import lvmzoo
+from lvmzoo import cli, datasets, io
+from lvmzoo.infer import svi
+
+
+@pytest.fixture(scope="module")
+def fit_run(tmp_path_factory):
+    """One tiny ``lvmzoo fit ppca`` on the bundled data, shared by the tests below."""
+    out = tmp_path_factory.mktemp("fit") / "run"
+    capture = _Capture()
+    with capture:
+        rc = cli.main(["fit", "ppca", "--out", str(out), "--epochs", "2", "--no-progress",
+                       "--n-latent", "3", "--batch-size", "512", "--seed", "1"])
+    return out, rc, capture.out, capture.err
+
+
+def test_fit_writes_every_output(fit_run):
+    out, rc, stdout, stderr = fit_run
+    assert rc == 0, stderr
+    for name in ("history.json", "loss.png", "result.h5ad", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "model").iterdir()) == sorted(io.RUN_FILES)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ppca fitted to bundled data set 'mouse_10k': 9,999 cells × 715 genes" in stdout
+    assert 'obsm["X_ppca"]' in stdout
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_fit_history_and_saved_model(fit_run):
+    out = fit_run[0]
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss"]) == len(history["validation_loss"]) == 2
+    assert len(history["seconds"]) == 2 and history["compile_seconds"] > 0
+    fitted = io.load_model(out / "model")
+    assert fitted.model == lvmzoo.models.PPCA(n_latent=3)
+    assert fitted.seed == 1
+    assert fitted.history["loss"] == history["loss"]
+    assert fitted.registry.transform == "log1p_cp10k"  # PPCA's default for counts
+
+
+def test_fit_result_h5ad_adds_only_the_latent(fit_run):
+    out = fit_run[0]
+    original = datasets.load(datasets.DEFAULT_DATASET)
+    result = ad.read_h5ad(out / "result.h5ad")
+    assert set(result.obsm) - set(original.obsm) == {"X_ppca"}
+    assert result.obsm["X_ppca"].shape == (original.n_obs, 3)
+    for attr in ("layers", "uns", "varm", "obsp", "varp"):
+        assert set(getattr(result, attr)) == set(getattr(original, attr)), attr
+    pd.testing.assert_frame_equal(result.obs, original.obs)
+    pd.testing.assert_frame_equal(result.var, original.var)
+    assert (result.X != original.X).nnz == 0
+    # The stored latent is the saved model's latent of those cells.
+    fitted = io.load_model(out / "model")
+    data = lvmzoo.setup_anndata(original, transform="log1p_cp10k")
+    np.testing.assert_array_equal(result.obsm["X_ppca"], fitted.latent(data))
+
+
+def test_fit_metrics_json(fit_run):
+    out = fit_run[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"train", "validation"}
+    keys = {"n_cells", "avg_log_likelihood", "method", "n_samples", "elbo"}
+    assert set(metrics["train"]) == set(metrics["validation"]) == keys
+    assert metrics["train"]["n_cells"] == 8999  # --validation-fraction 0.1 by default
+    assert metrics["validation"]["n_cells"] == 1000
+    assert metrics["train"]["method"] == "exact"
+    assert np.isfinite(metrics["validation"]["avg_log_likelihood"])
+
+
+def test_evaluate_a_saved_run(fit_run, tmp_path, capsys):
+    out = fit_run[0]
+    cells = datasets.load(datasets.DEFAULT_DATASET)[:300].copy()
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    rc = cli.main(["evaluate", str(out), str(tmp_path / "cells.h5ad"),
+                   "--out", str(tmp_path / "m.json")])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    metrics = json.loads(printed)
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+    assert set(metrics) == {"n_cells", "avg_log_likelihood", "method", "n_samples", "elbo"}
+    assert metrics["n_cells"] == 300
+    # Same numbers as the Python API (the saved transform is re-applied).
+    fitted = io.load_model(out / "model")
+    expected = fitted.evaluate(lvmzoo.query_anndata(cells, fitted.registry))
+    assert metrics["avg_log_likelihood"] == pytest.approx(expected["avg_log_likelihood"])
+
+
+def test_datasets_lists_the_bundled_data(capsys):
+    assert cli.main(["datasets"]) == 0
+    printed = capsys.readouterr().out
+    assert "mouse_10k (default): 9999 cells × 715 genes" in printed
+    assert "wu2020: 200 cells × 2599 genes" in printed
+
+
+HELP = {
+    (): ["fit", "evaluate", "datasets", "--version"],
+    ("fit",): ["MODEL", "DATA", "--out", "--layer", "--batch-key", "--labels-key",
+               "--n-latent", "--n-components", "--epochs", "--batch-size", "--lr", "--seed",
+               "--no-progress", "--validation-fraction", "--transform", "--kind",
+               "ppca", "fa", "log1p_cp10k"],
+    ("evaluate",): ["RUN_DIR", "DATA", "--out", "--n-samples", "--seed"],
+    ("datasets",): ["bundled"],
+}
+
+
+@pytest.mark.parametrize("command", list(HELP))
+def test_help_mentions_every_option(command, capsys):
+    assert cli.main([*command, "--help"]) == 0
+    printed = capsys.readouterr().out
+    for option in HELP[command]:
+        assert option in printed, option
+
+
+def test_fit_help_lists_every_registered_model(capsys):
+    cli.main(["fit", "--help"])
+    printed = capsys.readouterr().out
+    for name in lvmzoo.models.MODELS:
+        assert name in printed
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "cells.txt").write_text("gene\tcell1\n")
+    (tmp_path / "broken.h5ad").write_text("not hdf5")
+    return tmp_path
+
+
+ERRORS = {
+    "missing file": (["fit", "ppca", "{tmp}/nope.h5ad", "--out", "{tmp}/o"],
+                     "does not exist"),
+    "txt file": (["fit", "ppca", "{tmp}/cells.txt", "--out", "{tmp}/o"],
+                 "not an .h5ad file"),
+    "unreadable h5ad": (["fit", "ppca", "{tmp}/broken.h5ad", "--out", "{tmp}/o"],
+                        "cannot read"),
+    "unknown model": (["fit", "pca9", "--out", "{tmp}/o"], "unknown model 'pca9'; choose one of"),
+    "unknown batch key": (["fit", "ppca", "--out", "{tmp}/o", "--batch-key", "donor"],
+                          "batch_key 'donor' is not a column"),
+    "negative epochs": (["fit", "ppca", "--out", "{tmp}/o", "--epochs", "-3"],
+                        "--epochs must be at least 1"),
+    "validation fraction": (["fit", "ppca", "--out", "{tmp}/o", "--validation-fraction", "1"],
+                            "--validation-fraction must be in [0, 1)"),
+    "option the model lacks": (["fit", "ppca", "--out", "{tmp}/o", "--n-components", "4"],
+                               "model 'ppca' has no --n-components option"),
+    "bad number": (["fit", "ppca", "--out", "{tmp}/o", "--epochs", "ten"],
+                   "invalid int value: 'ten'"),
+    "missing --out": (["fit", "ppca"], "the following arguments are required: --out"),
+    "no command": ([], "the following arguments are required: COMMAND"),
+    "missing run dir": (["evaluate", "{tmp}/no_run", "{tmp}/cells.txt"],
+                        "RUN_DIR {tmp}/no_run is not a directory"),
+    "run dir without a model": (["evaluate", "{tmp}", "{tmp}/cells.txt"],
+                                "cannot load a model"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_user_errors_print_one_line_and_exit_2(case, files, capsys):
+    argv, expected = ERRORS[case]
+    rc = cli.main([a.format(tmp=files) for a in argv])
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("lvmzoo: error: ")
+    assert expected.format(tmp=files) in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_evaluate_rejects_data_without_the_models_genes(fit_run, tmp_path, capsys):
+    cells = datasets.load(datasets.DEFAULT_DATASET)[:50, :100].copy()
+    cells.write_h5ad(tmp_path / "few_genes.h5ad")
+    rc = cli.main(["evaluate", str(fit_run[0]), str(tmp_path / "few_genes.h5ad")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "lacks 615 of the model's 715 genes" in err
+
+
+def test_a_diverged_fit_is_saved_and_exits_1(fit_run, tmp_path, monkeypatch, capsys):
+    last_finite = io.load_model(fit_run[0] / "model")
+
+    def diverging_fit(model, data, **kwargs):
+        raise svi.FitDivergedError("ppca: the loss became NaN/inf at epoch 1, step 3;\n"
+                                   "try a lower learning rate", last_finite)
+
+    monkeypatch.setattr(svi, "fit", diverging_fit)
+    rc = cli.main(["fit", "ppca", _small_h5ad(tmp_path), "--out", str(tmp_path / "o"),
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.splitlines() == [err.strip()]  # one line
+    assert "loss became NaN/inf at epoch 1, step 3; try a lower learning rate" in err
+    np.testing.assert_array_equal(io.load_model(tmp_path / "o" / "model").params["W"],
+                                  last_finite.params["W"])
+
+
+def test_an_interrupted_fit_is_saved_and_exits_130(fit_run, tmp_path, monkeypatch, capsys):
+    so_far = io.load_model(fit_run[0] / "model")
+    so_far.interrupted = True
+    monkeypatch.setattr(svi, "fit", lambda model, data, **kwargs: so_far)
+    # DATA may also follow the options.
+    rc = cli.main(["fit", "ppca", "--out", str(tmp_path / "o"), "--no-progress",
+                   _small_h5ad(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert "interrupted after 2 epochs" in err
+    assert io.load_model(tmp_path / "o" / "model").interrupted
+    assert (tmp_path / "o" / "history.json").is_file()
+
+
+def test_installed_console_script_runs():
+    script = shutil.which("lvmzoo", path=str(Path(sys.executable).parent))
+    assert script, "install the package: pip install -e . (declares the lvmzoo script)"
+    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "fit" in done.stdout and "evaluate" in done.stdout and "datasets" in done.stdout
+
+
+def _small_h5ad(tmp_path):
+    """200 random count cells with every gene observed, as an .h5ad path."""
+    rng = np.random.default_rng(0)
+    x = rng.poisson(2.0, size=(200, 20)).astype(np.float32) + np.eye(200, 20, dtype=np.float32)
+    x[:, 0] += 1
+    path = tmp_path / "small.h5ad"
+    ad.AnnData(X=sp.csr_matrix(x)).write_h5ad(path)
+    return str(path)
+
+
+class _Capture:
+    """Collect stdout/stderr of an in-process run inside a module-scoped fixture."""
+
+    def __enter__(self):
+        import contextlib
+        import io as stdio
+
+        self._out, self._err = stdio.StringIO(), stdio.StringIO()
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(contextlib.redirect_stdout(self._out))
+        self._stack.enter_context(contextlib.redirect_stderr(self._err))
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        self.out, self.err = self._out.getvalue(), self._err.getvalue()
+        return False
