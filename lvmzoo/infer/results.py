@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import anndata as ad
@@ -15,6 +16,27 @@ from lvmzoo.infer.evaluate import importance_sampled_scores
 from lvmzoo.models.base import LatentModel
 
 EVAL_CHUNK = 1024
+
+# Models and guides are static (hashable) arguments and params are traced, so
+# each program compiles once per model and chunk shape, not once per call.
+@functools.partial(jax.jit, static_argnames=("model",))
+def _latent(model, params, batch, key):
+    return model.latent(params, batch, key)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _exact_log_likelihood(model, params, batch):
+    return model.log_likelihood(params, batch)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "guide", "n_samples"))
+def _sampled_log_likelihood(model, guide, params, batch, key, n_samples):
+    return importance_sampled_scores(model.model, guide, params, batch, key, n_samples)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "guide"))
+def _elbo(model, guide, params, batch, key):
+    return -model.elbo().loss(key, params, model.model, guide, batch)
 
 
 @dataclasses.dataclass
@@ -51,16 +73,14 @@ class FittedModel:
 
     def latent(self, data: CellData, seed: int = 0) -> np.ndarray:
         """Per-cell representation ``(n_cells, n_latent)`` (posterior mean, or responsibilities)."""
-        latent = jax.jit(self.model.latent)
         key = jax.random.PRNGKey(seed)
         return np.concatenate(
-            [np.asarray(latent(self.params, b, key)) for b in self._chunks(data)]
+            [np.asarray(_latent(self.model, self.params, b, key)) for b in self._chunks(data)]
         )
 
     def log_likelihood(self, data: CellData) -> Optional[np.ndarray]:
         """Exact per-cell ``log p(x)`` ``(n_cells,)``, or ``None`` without a closed form."""
-        exact = jax.jit(self.model.log_likelihood)
-        chunks = [exact(self.params, b) for b in self._chunks(data)]
+        chunks = [_exact_log_likelihood(self.model, self.params, b) for b in self._chunks(data)]
         if chunks[0] is None:
             return None
         return np.concatenate([np.asarray(c) for c in chunks])
@@ -72,23 +92,14 @@ class FittedModel:
         importance-sampled (IWAE) estimate with ``n_samples`` draws from the guide.
         """
         key = jax.random.PRNGKey(seed)
-        scores = jax.jit(
-            lambda b, k: importance_sampled_scores(
-                self.model.model, self.guide, self.params, b, k, n_samples
-            )
-        )
-        elbo_loss = self.model.elbo()
-        neg_elbo = jax.jit(
-            lambda b, k: elbo_loss.loss(k, self.params, self.model.model, self.guide, b)
-        )
         exact = self.log_likelihood(data)
         sampled, elbo = [], 0.0
         for i, batch in enumerate(self._chunks(data)):
             k = jax.random.fold_in(key, i)
             if exact is None:
-                ll, _ = scores(batch, k)
-                sampled.append(np.asarray(ll))
-            elbo -= float(neg_elbo(batch, k))
+                sampled.append(np.asarray(_sampled_log_likelihood(
+                    self.model, self.guide, self.params, batch, k, n_samples)))
+            elbo += float(_elbo(self.model, self.guide, self.params, batch, k))
         log_likelihood = exact if exact is not None else np.concatenate(sampled)
         return {
             "n_cells": int(data.n_cells),

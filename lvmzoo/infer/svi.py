@@ -128,7 +128,7 @@ def fit(
     best = (math.inf, state, 0)
     previous = state
     result = lambda st, **kw: FittedModel(
-        model=model, guide=guide, params=svi.get_params(st), registry=data.registry,
+        model=model, guide=guide, params=_all_params(svi, st), registry=data.registry,
         history={**history, "compile_seconds": compile_seconds, "steps_per_epoch":
                  steps_per_epoch, "batch_size": batch_size, "n_train": train.n_cells},
         train_index=train_idx, validation_index=val_idx, seed=seed, **kw)
@@ -196,12 +196,20 @@ def _validation_program(svi, model, data, val_idx, key, chunk=4096):
     source = DeviceSource(data.subset(val_idx))
     chunks = [np.arange(i, min(i + chunk, len(val_idx))) for i in range(0, len(val_idx), chunk)]
     batches = [source.full_batch(c) for c in chunks]
-    loss = jax.jit(lambda state, batch: svi.evaluate(state._replace(rng_key=key), batch))
+    elbo = model.elbo()
+    loss = jax.jit(
+        lambda state, batch: elbo.loss(key, _all_params(svi, state), svi.model, svi.guide, batch)
+    )
 
     def validate(state):
         return sum(float(loss(state, b)) for b in batches) / len(val_idx)
 
     return validate
+
+
+def _all_params(svi, state):
+    """Constrained params plus mutable state (e.g. Flax batch-norm statistics)."""
+    return {**svi.get_params(state), **(state.mutable_state or {})}
 
 
 def _divergence_message(model, epoch, step, learning_rate):

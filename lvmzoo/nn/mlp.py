@@ -1,0 +1,128 @@
+"""Flax Linen building blocks shared by the zoo's neural models.
+
+Every neural model (VAE, scVI, ...) is built from two pieces:
+
+* :class:`MLP` – a stack of ``Dense -> [BatchNorm | LayerNorm] -> activation ->
+  Dropout`` layers, with an optional linear output layer and an optional
+  covariate (e.g. a one-hot batch code) concatenated to the input;
+* :class:`GaussianEncoder` – an MLP body with two heads giving the mean and the
+  (positive) standard deviation of a diagonal Gaussian, ``q(z | x)``.
+
+Every ``__call__`` takes ``training``: ``True`` turns dropout on (the caller
+must then pass ``rngs={"dropout": key}``) and makes batch norm use, and
+update, minibatch statistics; ``False`` (evaluation) makes both deterministic.
+Inside a NumPyro program wrap the modules with
+``numpyro.contrib.module.flax_module`` (see :mod:`lvmzoo.models.vae`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Floor on the encoder's standard deviation: keeps log q(z | x) finite when the
+# network drives the pre-activation very negative.
+MIN_SCALE = 1e-4
+
+
+def _with_covariate(x: jax.Array, covariate: Optional[jax.Array]) -> jax.Array:
+    """``[x, covariate]`` along features; ``x`` is ``(..., D)``, ``covariate`` ``(..., C)``."""
+    if covariate is None:
+        return x
+    covariate = jnp.broadcast_to(covariate, x.shape[:-1] + covariate.shape[-1:])
+    return jnp.concatenate([x, covariate.astype(x.dtype)], axis=-1)
+
+
+class MLP(nn.Module):
+    """Fully connected network ``(..., D [+ C]) -> (..., n_out or hidden[-1])``.
+
+    Attributes:
+      hidden: width of each hidden layer, e.g. ``(128,)`` or ``(256, 128)``;
+        ``()`` makes the network a single linear map (``n_out`` required).
+      n_out: size of a final linear layer (no activation); ``None`` returns the
+        last hidden layer, for callers that add their own heads.
+      dropout_rate: dropout probability after each hidden layer (training only).
+      batch_norm: batch-normalise each hidden layer before the activation; the
+        running statistics live in the ``"batch_stats"`` collection, so wrap
+        with ``flax_module(..., mutable=["batch_stats"])``.
+      layer_norm: layer-normalise each hidden layer before the activation.
+      activation: elementwise non-linearity of the hidden layers.
+    """
+
+    hidden: Sequence[int] = (128,)
+    n_out: Optional[int] = None
+    dropout_rate: float = 0.0
+    batch_norm: bool = False
+    layer_norm: bool = False
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, covariate: Optional[jax.Array] = None, training: bool = False
+    ) -> jax.Array:
+        """Apply the network.
+
+        Args:
+          x: ``(..., D)`` inputs.
+          covariate: optional ``(..., C)`` extra inputs (e.g. ``jax.nn.one_hot``
+            of batch codes), concatenated to ``x`` at the first layer.
+          training: dropout on and batch statistics from this minibatch.
+        """
+        if not self.hidden and self.n_out is None:
+            raise ValueError("an MLP with no hidden layers needs n_out")
+        h = _with_covariate(x, covariate)
+        for width in self.hidden:
+            h = nn.Dense(width)(h)
+            if self.batch_norm:
+                h = nn.BatchNorm(use_running_average=not training, momentum=0.99)(h)
+            if self.layer_norm:
+                h = nn.LayerNorm()(h)
+            h = self.activation(h)
+            if self.dropout_rate > 0:
+                h = nn.Dropout(self.dropout_rate, deterministic=not training)(h)
+        if self.n_out is not None:
+            h = nn.Dense(self.n_out)(h)
+        return h
+
+
+class GaussianEncoder(nn.Module):
+    """Amortised diagonal Gaussian ``q(z | x) = N(loc(x), diag(scale(x)^2))``.
+
+    An :class:`MLP` body followed by two linear heads; the scale is
+    ``softplus(.) + MIN_SCALE`` so it is positive with gradients that neither
+    vanish nor explode as it shrinks (unlike ``exp``).
+
+    Attributes:
+      n_latent: dimension ``K`` of ``z``.
+      hidden: hidden-layer widths of the body; ``()`` gives linear heads.
+      dropout_rate, dropout_rate, batch_norm, layer_norm, activation: as in :class:`MLP`.
+    """
+
+    n_latent: int
+    hidden: Sequence[int] = (128,)
+    dropout_rate: float = 0.0
+    batch_norm: bool = False
+    layer_norm: bool = False
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, covariate: Optional[jax.Array] = None, training: bool = False
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(loc, scale)``, each ``(..., n_latent)``; arguments as in :class:`MLP`."""
+        h = _with_covariate(x, covariate)
+        if self.hidden:  # otherwise linear heads: an amortised linear encoder
+            body = MLP(
+                hidden=self.hidden,
+                dropout_rate=self.dropout_rate,
+                batch_norm=self.batch_norm,
+                layer_norm=self.layer_norm,
+                activation=self.activation,
+            )
+            h = body(h, training=training)
+        loc = nn.Dense(self.n_latent, name="loc")(h)
+        scale = nn.softplus(nn.Dense(self.n_latent, name="scale")(h)) + MIN_SCALE
+        return loc, scale
