@@ -5,10 +5,13 @@
 
 from lvmzoo.models.base import LatentModel, cell_plate
 from lvmzoo.models.factor_analysis import FactorAnalysis
+from lvmzoo.models.gmm import GaussianMixture
 from lvmzoo.models.ppca import PPCA
+from lvmzoo.models.scvi import SCVI
+from lvmzoo.models.vae import VAE
 
 MODELS: dict[str, type[LatentModel]] = {
-    cls.name: cls for cls in (PPCA, FactorAnalysis)
+    cls.name: cls for cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI)
 }
 
 
@@ -19,4 +22,4 @@ def get_model(name: str) -> type[LatentModel]:
     return MODELS[name]
 
 
-__all__ = ["MODELS", "FactorAnalysis", "LatentModel", "PPCA", "cell_plate", "get_model"]
+__all__ = ["MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "PPCA", "SCVI", "VAE", "cell_plate", "get_model"]

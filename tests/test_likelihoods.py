@@ -1,0 +1,141 @@
+"""Count likelihoods against scipy's reference densities.
+
+Inputs: a seeded grid over counts 0 .. 50,000, means 1e-3 .. 1e5 and inverse
+dispersions 1e-3 .. 1e4 (small theta and large counts included) plus 500
+random NB draws, evaluated in float32 and compared with scipy in float64.
+
+Tolerance: rtol 1e-5 (absolute floor 1e-5 nats for log-densities near 0).
+Where both the count and theta are large (``min(x, theta) >= 100``) the
+log-pmf is a small difference of terms of size ``~x log(1 + theta / x)``
+(thousands of nats), which float32 cannot resolve to 1e-5 relative; there the
+bound is 8 float32 ulps of the largest term (measured: at most 7.1e-5 relative).
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+from scipy.special import expit, gammaln
+
+from lvmzoo.models.likelihoods import (
+    COUNT_LIKELIHOODS,
+    NegativeBinomial,
+    ZeroInflatedNegativeBinomial,
+    log_fraction,
+)
+
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _grid(seed=0):
+    """Every combination of a few counts, means and thetas, plus random draws; float64."""
+    counts = [0, 1, 2, 7, 30, 250, 1000, 50_000]
+    means = [1e-3, 0.1, 1.0, 13.0, 900.0, 1e5]
+    thetas = [1e-3, 0.05, 1.0, 20.0, 1e4]
+    x, mu, theta = map(np.array, zip(*itertools.product(counts, means, thetas)))
+    rng = np.random.default_rng(seed)
+    n = 500
+    mu_r = np.exp(rng.uniform(np.log(1e-3), np.log(1e4), n))
+    theta_r = np.exp(rng.uniform(np.log(1e-3), np.log(1e3), n))
+    x_r = rng.negative_binomial(theta_r, theta_r / (theta_r + mu_r)).astype(float)
+    return (np.concatenate([x, x_r]).astype(float), np.concatenate([mu, mu_r]),
+            np.concatenate([theta, theta_r]))
+
+
+def _scipy_nb(x, mu, theta):
+    return stats.nbinom.logpmf(x, theta, theta / (theta + mu))
+
+
+def _f32(*arrays):
+    return [jnp.asarray(a, jnp.float32) for a in arrays]
+
+
+def _nb_term(x, theta):
+    """Size of the largest summand of the NB log-pmf, ``~ x log(1 + theta / x)``."""
+    return np.abs(gammaln(x + theta) - gammaln(theta) - gammaln(x + 1))
+
+
+def _check(ours, reference, x, term, both_large):
+    """``both_large``: points whose log-pmf is a small difference of large terms ``term``."""
+    ours = np.asarray(ours, np.float64)
+    assert np.all(np.isfinite(ours))
+    tolerance = np.where(both_large, 8 * np.finfo(np.float32).eps * term, 0.0)
+    tolerance = np.maximum(tolerance, np.maximum(RTOL * np.abs(reference), ATOL))
+    error = np.abs(ours - reference)
+    assert np.all(error <= tolerance), (
+        f"{np.sum(error > tolerance)} points off; worst at x={x[np.argmax(error / tolerance)]}"
+    )
+    assert np.max(error[~both_large] / np.maximum(np.abs(reference[~both_large]), 1.0)) <= RTOL
+
+
+def test_negative_binomial_matches_scipy():
+    x, mu, theta = _grid()
+    ours = jax.jit(lambda *a: NegativeBinomial(a[1], a[2]).log_prob(a[0]))(*_f32(x, mu, theta))
+    _check(ours, _scipy_nb(x, mu, theta), x, _nb_term(x, theta), np.minimum(x, theta) >= 100)
+
+
+@pytest.mark.parametrize("logit", [-6.0, -0.5, 0.0, 2.0, 8.0])
+def test_zero_inflated_negative_binomial_matches_hand_mixture(logit):
+    x, mu, theta = _grid(seed=1)
+    pi = expit(logit)
+    nb = np.exp(_scipy_nb(x, mu, theta))
+    # A point mass at 0 with weight pi, NB with weight 1 - pi.
+    with np.errstate(divide="ignore"):  # log 0 at x > 0, replaced on the next line
+        reference = np.log(np.where(x == 0, pi, 0.0) + (1 - pi) * nb)
+    reference = np.where(x > 0, np.log1p(-pi) + _scipy_nb(x, mu, theta), reference)
+    ours = jax.jit(
+        lambda x, mu, theta: ZeroInflatedNegativeBinomial(mu, theta, logit).log_prob(x)
+    )(*_f32(x, mu, theta))
+    _check(ours, reference, x, _nb_term(x, theta), np.minimum(x, theta) >= 100)
+
+
+def test_poisson_matches_scipy():
+    x, mu, _ = _grid(seed=2)
+    build = COUNT_LIKELIHOODS["poisson"].build
+    ours = jax.jit(lambda x, mu: build(mu, None, None).log_prob(x))(*_f32(x, mu))
+    # NumPyro's Poisson: x log mu - mu - log x! cancels the same way for large x and mu.
+    term = np.abs(x * np.log(mu)) + mu
+    _check(ours, stats.poisson.logpmf(x, mu), x, term, np.minimum(x, mu) >= 100)
+
+
+def test_registry_builds_each_likelihood_with_the_right_inputs():
+    mu, theta, logits = jnp.full((3, 4), 2.0), jnp.full(4, 0.5), jnp.zeros((3, 4))
+    x = jnp.ones((3, 4))
+    for name, entry in COUNT_LIKELIHOODS.items():
+        d = entry.build(mu, theta if entry.needs_dispersion else None,
+                        logits if entry.needs_dropout else None)
+        assert d.batch_shape == (3, 4), name
+        assert np.all(np.isfinite(d.log_prob(x)))
+    assert [n for n, e in COUNT_LIKELIHOODS.items() if e.needs_dropout] == ["zinb"]
+    assert [n for n, e in COUNT_LIKELIHOODS.items() if not e.needs_dispersion] == ["poisson"]
+
+
+def test_log_fraction_is_accurate_at_extreme_ratios():
+    a = np.array([1e-30, 1e-3, 1.0, 1e3, 1e30])
+    b = np.array([1.0, 1e3, 1.0, 1e-3, 1.0])
+    reference = np.log(a) - np.logaddexp(np.log(a), np.log(b))
+    ours = np.asarray(log_fraction(*_f32(a, b)), np.float64)
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-12)
+
+
+def test_gradients_are_finite_for_small_theta_and_large_counts():
+    x, mu, theta = _f32([0.0, 50_000.0, 3.0], [1e-3, 1e5, 0.5], [1e-3, 1e-3, 1e4])
+    grads = jax.grad(
+        lambda mu, theta: ZeroInflatedNegativeBinomial(mu, theta, -1.0).log_prob(x).sum(),
+        argnums=(0, 1),
+    )(mu, theta)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_samples_have_the_distribution_mean_and_variance():
+    mu, theta = 4.0, 0.7
+    draws = np.asarray(NegativeBinomial(jnp.full(50_000, mu), theta).sample(jax.random.PRNGKey(0)))
+    assert abs(draws.mean() - mu) < 0.05
+    assert abs(draws.var() / (mu + mu**2 / theta) - 1) < 0.05
+    zinb = ZeroInflatedNegativeBinomial(jnp.full(50_000, mu), theta, 0.0)
+    zero = np.mean(np.asarray(zinb.sample(jax.random.PRNGKey(1))) == 0)
+    expected_zero = 0.5 + 0.5 * stats.nbinom.pmf(0, theta, theta / (theta + mu))
+    assert abs(zero - expected_zero) < 0.01
