@@ -330,7 +330,7 @@ def _check_fit_ranges(args) -> None:
 def _check_model_accepts(model, data) -> None:
     # The driver's own check, run before anything is written; its ValueError
     # is a mismatch between --kind/--transform and the model: a usage error.
-    from lvmzoo.infer.svi import _check_model_accepts as check
+    from lvmzoo.infer.svi import check_data_kind as check
 
     try:
         check(model, data)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from numpyro.infer import SVI
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: tqdm.auto warns in Jupyter without ipywidgets
 
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import DeviceSource
@@ -82,7 +82,7 @@ def fit(
       FitDivergedError: the loss became NaN/inf; ``err.result`` holds the last
         finite parameters.
     """
-    _check_model_accepts(model, data)
+    check_data_kind(model, data)
     learning_rate = model.default_learning_rate if learning_rate is None else learning_rate
     optimizer = optax.adam(learning_rate) if optimizer is None else optimizer
     guide = model.guide if guide is None else guide
@@ -168,7 +168,8 @@ def fit(
     return result(state)
 
 
-def _check_model_accepts(model, data):
+def check_data_kind(model, data):
+    """Raise ValueError if ``model`` cannot be fitted to data of this kind and transform."""
     if model.data_kind == "counts" and (data.registry.kind != "counts" or data.registry.transform != "none"):
         raise ValueError(
             f"{model.name} models raw counts but the data were registered as "
