@@ -93,27 +93,8 @@ def fit(
 
     svi = SVI(model.model, guide, optimizer, loss=model.elbo())
     key_init, key_shuffle, key_validation = jax.random.split(jax.random.PRNGKey(seed), 3)
-    first = train.gather(train.arrays, jnp.arange(min(train.n_cells, 2048)))
-    state = svi.init(
-        key_init,
-        train.gather(train.arrays, jnp.arange(batch_size)),
-        init_params=model.init_params(first.replace(n_cells=first.size), key_init),
-    )
-
-    def run_epoch(previous, state, order, arrays, epoch):
-        def step(carry, xs):
-            i, index = xs
-            batch = train.gather(arrays, index).replace(epoch=epoch)
-            new_state, loss = svi.update(carry.state, batch)
-            ok = jnp.isfinite(loss) & (carry.failed_step < 0)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-            failed = jnp.where(ok | (carry.failed_step >= 0), carry.failed_step, i)
-            return _Carry(keep(carry.state, carry.previous), keep(new_state, carry.state),
-                          failed), loss
-
-        init = _Carry(previous, state, jnp.array(-1, jnp.int32))
-        steps = jnp.arange(order.shape[0], dtype=jnp.int32)
-        return jax.lax.scan(step, init, (steps, order))
+    state = initial_state(svi, model, train, batch_size, key_init)
+    run_epoch = epoch_function(svi, train)
 
     order_shape = jax.ShapeDtypeStruct((steps_per_epoch, batch_size), jnp.int32)
     started = time.perf_counter()
@@ -136,10 +117,9 @@ def fit(
     try:
         for epoch in bar:
             t0 = time.perf_counter()
-            order = jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), train.n_cells)
-            order = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-            carry, losses = epoch_program(previous, state, order.astype(jnp.int32),
-                                          train.arrays, jnp.float32(epoch))
+            order = epoch_order(key_shuffle, epoch, train.n_cells, steps_per_epoch, batch_size)
+            carry, losses = epoch_program(previous, state, order, train.arrays,
+                                          jnp.float32(epoch))
             failed_step = int(carry.failed_step)
             if failed_step >= 0:
                 message = _divergence_message(model, epoch, failed_step, learning_rate)
@@ -166,6 +146,48 @@ def fit(
     finally:
         bar.close()
     return result(state)
+
+
+def initial_state(svi, model, source, batch_size, key):
+    """``svi.init`` on a first minibatch, with the model's data-dependent start values."""
+    first = source.gather(source.arrays, jnp.arange(min(source.n_cells, 2048)))
+    return svi.init(
+        key,
+        source.gather(source.arrays, jnp.arange(batch_size)),
+        init_params=model.init_params(first.replace(n_cells=first.size), key),
+    )
+
+
+def epoch_function(svi, source):
+    """``run_epoch(previous, state, order, arrays, epoch) -> (_Carry, losses)``.
+
+    ``order`` is ``(n_steps, batch_size)`` cell indices; one ``svi.update`` per
+    row, inside ``lax.scan``.  After the first non-finite loss the parameters
+    stop changing and ``previous`` keeps the last state whose loss was finite.
+    """
+
+    def run_epoch(previous, state, order, arrays, epoch):
+        def step(carry, xs):
+            i, index = xs
+            batch = source.gather(arrays, index).replace(epoch=epoch)
+            new_state, loss = svi.update(carry.state, batch)
+            ok = jnp.isfinite(loss) & (carry.failed_step < 0)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+            failed = jnp.where(ok | (carry.failed_step >= 0), carry.failed_step, i)
+            return _Carry(keep(carry.state, carry.previous), keep(new_state, carry.state),
+                          failed), loss
+
+        init = _Carry(previous, state, jnp.array(-1, jnp.int32))
+        steps = jnp.arange(order.shape[0], dtype=jnp.int32)
+        return jax.lax.scan(step, init, (steps, order))
+
+    return run_epoch
+
+
+def epoch_order(key, epoch, n_cells, steps_per_epoch, batch_size):
+    """This epoch's shuffled cell indices, ``(steps_per_epoch, batch_size)`` int32."""
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), n_cells)
+    return order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(jnp.int32)
 
 
 def check_data_kind(model, data):
