@@ -18,16 +18,26 @@ the negative marginal log-likelihood
 Reports the responsibilities ``p(c = k | x)`` per cell and the exact marginal
 log-likelihood above.
 
-Scales are kept above ``min_scale`` (default 0.1).  With diagonal
-covariances a cluster whose cells all share one value of a gene (log-normalised
-data has many exact zeros) would otherwise let that variance collapse and the
-likelihood diverge; and stochastic gradients cannot resolve a scale much below
-their step on the means anyway (with a floor of 1e-3, as scikit-learn's
-default ``reg_covar = 1e-6``, Adam's jitter on a collapsed component's mean
-pushes its cells out and components die).  On log1p_cp10k data a cell's
-smallest non-zero value is ``log1p(1e4 / library) >= 0.28`` for libraries of
-up to 30,000 counts, so 0.1 sits below the gap between zero and one count.  Compare with scikit-learn at
-``reg_covar = min_scale**2``.
+Parameterisation.  The optimised values are ``weights``, ``scales`` and
+``whitened_means`` ``u = m / s``; the model computes ``means = u * scales``.
+Adam moves every unconstrained coordinate by about the learning rate per
+step, whatever the curvature; with ``means`` as the parameter a mean would
+move by ``lr`` (0.05) even where its scale is 1e-3, i.e. by 50 standard
+deviations, which throws that component's cells out and kills it.  In
+whitened units a step moves a mean by ``lr * s``, a fixed fraction of its
+own spread, and ``scales`` (``min_scale + exp(theta)``) move multiplicatively,
+so a component can settle on a gene that is exactly zero in all its cells
+(``u = 0``, ``s`` at the floor).  Rescaling ``s`` at fixed ``u`` also moves
+the mean (by ``u ds``), which the gradient accounts for; in practice it
+converges in a few hundred steps.
+
+Scales are kept above ``min_scale`` (default 1e-3, variance 1e-6 as
+scikit-learn's default ``reg_covar``): with diagonal covariances a cluster
+whose cells all share one value of a gene (log-normalised data has many
+exact zeros) would otherwise let that variance collapse and the likelihood
+diverge.  scikit-learn adds ``reg_covar`` to every variance, this model floors
+each scale, so at ``reg_covar = min_scale**2`` the two agree up to how near
+to the floor a variance sits.
 
 References:
   Bishop, C. M. (2006). Pattern Recognition and Machine Learning, §9.2.
@@ -66,7 +76,7 @@ class GaussianMixture(LatentModel):
     """
 
     n_components: int = 10
-    min_scale: float = 0.1
+    min_scale: float = 1e-3
     n_lloyd_iterations: int = 10
 
     name: ClassVar[str] = "gmm"
@@ -78,10 +88,13 @@ class GaussianMixture(LatentModel):
         n_genes = batch.x.shape[-1]
         k = self.n_components
         weights = numpyro.param("weights", jnp.full(k, 1.0 / k), constraint=constraints.simplex)
-        means = numpyro.param("means", jnp.zeros((k, n_genes)))
         scales = numpyro.param(
             "scales", jnp.ones((k, n_genes)), constraint=constraints.greater_than(self.min_scale)
         )
+        # Means in units of their own scale, so optimiser steps are relative
+        # to each component's spread (see the module docstring).
+        whitened_means = numpyro.param("whitened_means", jnp.zeros((k, n_genes)))
+        means = whitened_means * scales
         with cell_plate(batch):
             # Enumerated: c has shape (K, 1) under TraceEnum_ELBO, (B,) otherwise.
             c = numpyro.sample(
@@ -99,9 +112,10 @@ class GaussianMixture(LatentModel):
     def init_params(self, batch: Batch, key: jax.Array) -> dict:
         """k-means++ seeding and Lloyd iterations on ``batch.x`` ``(N, G)``.
 
-        Means are the cluster centres, scales the within-cluster standard
-        deviations (the global spread for empty clusters) just above
-        ``min_scale``, weights the cluster sizes (plus one cell, so none is zero).
+        Means are the cluster centres (returned whitened, divided by the
+        scales), scales the within-cluster standard deviations (the global
+        spread for empty clusters) just above ``min_scale``, weights the
+        cluster sizes (plus one cell, so none is zero).
         """
         x = batch.x
         centres = kmeans_plus_plus(x, self.n_components, key)
@@ -118,16 +132,26 @@ class GaussianMixture(LatentModel):
         # min_scale would be -inf.
         scales = jnp.maximum(jnp.sqrt(variance), 1.5 * self.min_scale)
         weights = (sizes + 1.0) / (sizes.sum() + self.n_components)
-        return {"weights": weights, "means": means, "scales": scales}
+        return {"weights": weights, "scales": scales, "whitened_means": means / scales}
+
+    @staticmethod
+    def mixture(params) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(weights (K,), means (K, G), scales (K, G))`` from fitted ``params``.
+
+        ``params`` as :func:`lvmzoo.fit` returns them (``weights``, ``scales``,
+        ``whitened_means``); ``means = whitened_means * scales``.
+        """
+        scales = params["scales"]
+        return params["weights"], params["whitened_means"] * scales, scales
 
     def latent(self, params, batch: Batch, key: jax.Array) -> jax.Array:
         """Responsibilities ``p(c = k | x)``, ``(B, K)``; rows sum to one."""
-        joint = component_log_joint(batch.x, params["weights"], params["means"], params["scales"])
+        joint = component_log_joint(batch.x, *self.mixture(params))
         return jax.nn.softmax(joint, axis=-1)
 
     def log_likelihood(self, params, batch: Batch) -> jax.Array:
         """``log sum_k w_k N(x | m_k, diag(s_k^2))`` per cell, ``(B,)``."""
-        joint = component_log_joint(batch.x, params["weights"], params["means"], params["scales"])
+        joint = component_log_joint(batch.x, *self.mixture(params))
         return logsumexp(joint, axis=-1)
 
     def annotate(self, adata, params, latent, data) -> list[str]:
