@@ -4,6 +4,8 @@ A thin layer over the Python API; every step is a call a notebook could make::
 
     lvmzoo fit ppca data.h5ad --out runs/ppca     # setup_anndata → fit → save_model
     lvmzoo evaluate runs/ppca new.h5ad            # load_model → query_anndata → evaluate
+    lvmzoo de runs/scvi --groupby cell_type --group1 B --out de.csv
+                                                  # load_model → differential_expression
     lvmzoo datasets                               # datasets.list_datasets()
 
 ``lvmzoo fit`` writes into ``--out``:
@@ -42,7 +44,10 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
 # Hyperparameters the CLI exposes, passed only to models whose dataclass has them.
-MODEL_OPTIONS = ("n_latent", "n_components")
+MODEL_OPTIONS = ("n_latent", "n_components", "n_hidden", "n_layers", "likelihood", "dispersion",
+                 "latent_library")
+# Smallest accepted value of the integer options (1 for those not listed).
+_MINIMUM = {"n_layers": 0}
 
 
 class UsageError(Exception):
@@ -122,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_fit(commands, MODELS)
     _add_evaluate(commands)
+    _add_de(commands)
     listing = commands.add_parser(
         "datasets", help="list the bundled data sets",
         description="List the data sets bundled with lvmzoo, with their shapes.",
@@ -167,6 +173,20 @@ def _add_fit(commands, models) -> None:
                      help="latent dimensions, for models that have them (default: the model's)")
     fit.add_argument("--n-components", type=int, metavar="N", default=None,
                      help="mixture components, for mixture models (default: the model's)")
+    fit.add_argument("--n-hidden", type=int, metavar="N", default=None,
+                     help="width of the hidden layers, for neural models (default: the model's)")
+    fit.add_argument("--n-layers", type=int, metavar="N", default=None,
+                     help="hidden layers per network, for neural models; 0 = linear "
+                          "(default: the model's)")
+    fit.add_argument("--likelihood", metavar="NAME", default=None,
+                     help="observation model, for models that offer several, e.g. "
+                          "zinb, nb or poisson for scvi (default: the model's)")
+    fit.add_argument("--dispersion", metavar="NAME", default=None,
+                     help="what the NB dispersion depends on, for scvi: gene, gene-batch, "
+                          "gene-label or gene-cell (default: the model's)")
+    fit.add_argument("--latent-library", action=argparse.BooleanOptionalAction, default=None,
+                     help="make the library size latent rather than observed, for scvi "
+                          "(default: the model's)")
     fit.add_argument("--epochs", type=int, metavar="N", default=100,
                      help="passes over the training cells (default: %(default)s)")
     fit.add_argument("--batch-size", type=int, metavar="N", default=128,
@@ -218,6 +238,52 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--seed", type=int, metavar="S", default=0,
                           help="random seed of the importance samples (default: %(default)s)")
     evaluate.set_defaults(run=_evaluate, command_parser=evaluate)
+
+
+def _add_de(commands) -> None:
+    de = commands.add_parser(
+        "de",
+        help="differential expression between groups of cells with a saved scvi model",
+        description=textwrap.fill(
+            "Load the model saved in RUN_DIR, register DATA against it, and compare the "
+            "expression of every gene between two groups of cells (Bayesian differential "
+            "expression as in scvi-tools: posterior draws of normalised expression, "
+            "batch-corrected). Writes one CSV row per gene and comparison to --out, sorted by "
+            "Bayes factor (vanilla mode) or probability of DE (change mode), and prints the "
+            "top genes."
+        ),
+    )
+    de.add_argument("run_dir", metavar="RUN_DIR",
+                    help="the --out directory of 'lvmzoo fit' (or its model/ subdirectory)")
+    de.add_argument("data", metavar="DATA", nargs="?", default=None,
+                    help=".h5ad file with the cells and the --groupby column (default: "
+                         "RUN_DIR/result.h5ad, written by 'lvmzoo fit')")
+    de.add_argument("--groupby", required=True, metavar="KEY",
+                    help="categorical obs column defining the groups")
+    de.add_argument("--group1", metavar="G", default=None,
+                    help="group to test (default: every group in turn)")
+    de.add_argument("--group2", metavar="G", default=None,
+                    help="reference group (default: all other cells, 'Rest')")
+    de.add_argument("--mode", choices=("vanilla", "change"), default="vanilla",
+                    help="vanilla: P(expression 1 > expression 2) and its Bayes factor; "
+                         "change: probability that |log2 fold change| > --delta, LFC "
+                         "summaries and FDR-controlled calls (default: %(default)s)")
+    de.add_argument("--delta", type=float, metavar="D", default=0.25,
+                    help="smallest |log2 fold change| that counts as DE, change mode "
+                         "(default: %(default)s)")
+    de.add_argument("--fdr-target", type=float, metavar="F", default=0.05,
+                    help="posterior expected FDR of the is_de_fdr_F calls, change mode "
+                         "(default: %(default)s)")
+    de.add_argument("--n-samples", type=int, metavar="N", default=5000,
+                    help="posterior draws of each group's expression (default: %(default)s)")
+    de.add_argument("--no-batch-correction", action="store_true",
+                    help="decode each cell in its own batch instead of averaging over the "
+                         "batches of the two groups")
+    de.add_argument("--seed", type=int, metavar="S", default=0,
+                    help="random seed of the draws (default: %(default)s)")
+    de.add_argument("--out", required=True, metavar="FILE",
+                    help="CSV file to write (its directory is created if needed)")
+    de.set_defaults(run=_de, command_parser=de)
 
 
 # --------------------------------------------------------------------------
@@ -308,8 +374,9 @@ def _hyperparameters(cls, args) -> dict[str, Any]:
         if name not in fields:
             raise UsageError(f"model {cls.name!r} has no {option} option "
                              f"(its hyperparameters: {', '.join(fields) or 'none'})")
-        if value < 1:
-            raise UsageError(f"{option} must be at least 1, got {value}")
+        minimum = _MINIMUM.get(name, 1)
+        if isinstance(value, int) and not isinstance(value, bool) and value < minimum:
+            raise UsageError(f"{option} must be at least {minimum}, got {value}")
         chosen[name] = value
     return chosen
 
@@ -413,6 +480,95 @@ def _evaluate(args) -> int:
         _write_json(Path(args.out), metrics)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+# --------------------------------------------------------------------------
+# lvmzoo de
+# --------------------------------------------------------------------------
+
+# Columns printed for the top genes of each comparison, per mode.
+_DE_SHOWN = {
+    "vanilla": ["bayes_factor", "proba_m1", "scale1", "scale2"],
+    "change": ["proba_de", "lfc_mean", "bayes_factor", "scale1", "scale2"],
+}
+
+
+def _de(args) -> int:
+    from lvmzoo.analysis.de import differential_expression
+    from lvmzoo.analysis.expression import has_count_decoder
+    from lvmzoo.data.registry import query_anndata
+    from lvmzoo.io import atomic_write_file
+
+    if not args.delta > 0:
+        raise UsageError(f"--delta must be positive, got {args.delta}")
+    if not 0 < args.fdr_target < 1:
+        raise UsageError(f"--fdr-target must be in (0, 1), got {args.fdr_target}")
+    if args.n_samples < 2:
+        raise UsageError(f"--n-samples must be at least 2, got {args.n_samples}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {args.out} is a directory; give a .csv file name")
+    model_dir, fit_dir = _de_run_dirs(args.run_dir)
+    fitted = _load_for_de(model_dir, args.run_dir)
+    if not has_count_decoder(fitted.model):
+        raise UsageError(f"model {fitted.model.name!r} in {args.run_dir} has no decoder of "
+                         "counts; differential expression needs e.g. an scvi model")
+    if args.data is None:
+        default = fit_dir / "result.h5ad"
+        if not default.is_file():
+            raise UsageError(f"no DATA given and {default} does not exist; give the .h5ad "
+                             "file with the cells and the --groupby column")
+        args.data = str(default)
+    adata = _read_h5ad(args.data)
+    data = query_anndata(adata, fitted.registry)
+    table = differential_expression(
+        fitted, data, args.groupby, args.group1, args.group2, adata=adata, mode=args.mode,
+        delta=args.delta, fdr_target=args.fdr_target, n_samples=args.n_samples,
+        batch_correction=not args.no_batch_correction, seed=args.seed)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(
+            f"cannot create the directory of --out {args.out}: {err.strerror}") from None
+    atomic_write_file(out, lambda tmp: table.to_csv(tmp, index_label="gene"))
+    print(_de_summary(table, args, data))
+    return 0
+
+
+def _de_run_dirs(run_dir: str) -> tuple[Path, Path]:
+    """``(model directory, fit output directory)`` of RUN_DIR."""
+    from lvmzoo.io import MODEL_FILE
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UsageError(f"RUN_DIR {run_dir} is not a directory; give the --out "
+                         "directory of 'lvmzoo fit'")
+    if not (run / MODEL_FILE).is_file() and (run / "model" / MODEL_FILE).is_file():
+        return run / "model", run
+    return run, run.parent
+
+
+def _load_for_de(model_dir: Path, run_dir: str):
+    from lvmzoo.io import load_model
+
+    try:
+        return load_model(model_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"cannot load a model from {run_dir}: {err}") from None
+
+
+def _de_summary(table, args, data, top: int = 10) -> str:
+    lines = [f"differential expression ({args.mode} mode) of {data.n_genes:,} genes over "
+             f"{data.n_cells:,} cells by {args.groupby!r}; wrote {args.out}"]
+    calls = f"is_de_fdr_{args.fdr_target}"
+    for comparison, rows in table.groupby("comparison", sort=False):
+        called = ""
+        if calls in rows:
+            called = f"; {int(rows[calls].sum())} genes DE at FDR {args.fdr_target}"
+        lines.append(f"\n{comparison}{called}; top {min(top, len(rows))}:")
+        shown = rows[_DE_SHOWN[args.mode]].head(top)
+        lines.append(shown.to_string(float_format="{:.4g}".format))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------

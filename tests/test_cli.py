@@ -107,12 +107,16 @@ def test_datasets_lists_the_bundled_data(capsys):
 
 
 HELP = {
-    (): ["fit", "evaluate", "datasets", "--version"],
+    (): ["fit", "evaluate", "de", "datasets", "--version"],
     ("fit",): ["MODEL", "DATA", "--out", "--layer", "--batch-key", "--labels-key",
                "--n-latent", "--n-components", "--epochs", "--batch-size", "--lr", "--seed",
                "--no-progress", "--validation-fraction", "--transform", "--kind",
-               "ppca", "fa", "log1p_cp10k"],
+               "--n-hidden", "--n-layers", "--likelihood", "--dispersion", "--latent-library",
+               "ppca", "fa", "scvi", "log1p_cp10k"],
     ("evaluate",): ["RUN_DIR", "DATA", "--out", "--n-samples", "--seed"],
+    ("de",): ["RUN_DIR", "DATA", "--groupby", "--group1", "--group2", "--mode", "--delta",
+              "--fdr-target", "--n-samples", "--no-batch-correction", "--seed", "--out",
+              "result.h5ad"],
     ("datasets",): ["bundled"],
 }
 
@@ -163,6 +167,18 @@ ERRORS = {
                         "RUN_DIR {tmp}/no_run is not a directory"),
     "run dir without a model": (["evaluate", "{tmp}", "{tmp}/cells.txt"],
                                 "cannot load a model"),
+    "option only scvi has": (["fit", "ppca", "--out", "{tmp}/o", "--likelihood", "nb"],
+                             "model 'ppca' has no --likelihood option"),
+    "negative layers": (["fit", "scvi", "--out", "{tmp}/o", "--n-layers", "-1"],
+                        "--n-layers must be at least 0"),
+    "unknown dispersion": (["fit", "scvi", "--out", "{tmp}/o", "--dispersion", "cell"],
+                           "scvi: unknown dispersion 'cell'; choose one of gene, gene-batch"),
+    "de without --groupby": (["de", "{tmp}", "--out", "{tmp}/de.csv"],
+                             "the following arguments are required: --groupby"),
+    "de delta": (["de", "{tmp}", "--groupby", "g", "--delta", "0", "--out", "{tmp}/de.csv"],
+                 "--delta must be positive"),
+    "de run dir without a model": (["de", "{tmp}", "--groupby", "g", "--out", "{tmp}/de.csv"],
+                                   "cannot load a model"),
 }
 
 
@@ -255,3 +271,98 @@ class _Capture:
         self._stack.close()
         self.out, self.err = self._out.getvalue(), self._err.getvalue()
         return False
+
+
+# --------------------------------------------------------------------------
+# lvmzoo fit: scvi options; lvmzoo de
+# --------------------------------------------------------------------------
+
+
+def test_scvi_options_reach_only_the_model_fields():
+    args = cli.parse_args(cli.build_parser(), [
+        "fit", "scvi", "--out", "o", "--likelihood", "nb", "--dispersion", "gene-batch",
+        "--n-hidden", "32", "--n-layers", "0", "--latent-library"])
+    chosen = cli._hyperparameters(lvmzoo.models.SCVI, args)
+    assert chosen == {"likelihood": "nb", "dispersion": "gene-batch", "n_hidden": 32,
+                      "n_layers": 0, "latent_library": True}
+    assert lvmzoo.models.SCVI(**chosen).latent_library
+    args = cli.parse_args(cli.build_parser(), ["fit", "scvi", "--out", "o", "--no-latent-library"])
+    assert cli._hyperparameters(lvmzoo.models.SCVI, args) == {"latent_library": False}
+
+
+@pytest.fixture(scope="module")
+def scvi_run(tmp_path_factory):
+    """A tiny scvi run laid out as 'lvmzoo fit' writes it (model/, result.h5ad), fitted in-process."""
+    out = tmp_path_factory.mktemp("de") / "run"
+    adata = datasets.simulate_counts(n_cells=200, n_genes=60, n_de_genes_per_type=10, seed=1)
+    data = lvmzoo.setup_anndata(adata, batch_key="batch", kind="counts")
+    model = lvmzoo.models.SCVI(n_hidden=16, n_latent=3, n_epochs_kl_warmup=None)
+    fitted = lvmzoo.fit(model, data, epochs=3, batch_size=100, learning_rate=1e-2,
+                        progress=False)
+    io.save_model(fitted, out / "model")
+    fitted.annotate(adata, data)[0].write_h5ad(out / "result.h5ad")
+    return out
+
+
+def test_de_writes_one_row_per_gene_and_prints_the_top_genes(scvi_run, tmp_path, capsys):
+    csv = tmp_path / "tables" / "de.csv"  # the directory is created
+    rc = cli.main(["de", str(scvi_run), "--groupby", "cell_type", "--group1", "type0",
+                   "--mode", "change", "--n-samples", "200", "--out", str(csv)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    table = pd.read_csv(csv, index_col="gene")
+    assert len(table) == 60 and table.index.is_unique
+    assert {"proba_de", "lfc_mean", "bayes_factor", "is_de_fdr_0.05"} <= set(table.columns)
+    assert (table["comparison"] == "type0 vs Rest").all()
+    assert "type0 vs Rest" in printed and f"wrote {csv}" in printed
+    assert table.index[0] in printed  # the top gene is shown
+    # The numbers are the Python API's on result.h5ad (the default DATA).
+    adata = ad.read_h5ad(scvi_run / "result.h5ad")
+    fitted = io.load_model(scvi_run / "model")
+    expected = lvmzoo.analysis.differential_expression(
+        fitted, lvmzoo.query_anndata(adata, fitted.registry), "cell_type", "type0",
+        adata=adata, mode="change", n_samples=200)
+    np.testing.assert_allclose(table["proba_de"], expected["proba_de"])
+    np.testing.assert_allclose(table["lfc_mean"], expected["lfc_mean"], rtol=1e-6)
+
+
+def test_de_with_explicit_data_model_dir_and_group2(scvi_run, tmp_path, capsys):
+    data = tmp_path / "cells.h5ad"
+    ad.read_h5ad(scvi_run / "result.h5ad").write_h5ad(data)
+    rc = cli.main(["de", str(scvi_run / "model"), str(data), "--groupby", "cell_type",
+                   "--group1", "type1", "--group2", "type2", "--n-samples", "200",
+                   "--out", str(tmp_path / "de.csv")])
+    assert rc == 0, capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "de.csv", index_col="gene")
+    assert (table["comparison"] == "type1 vs type2").all()
+    assert "bayes_factor" in table and "proba_de" not in table  # vanilla by default
+
+
+DE_ERRORS = {
+    "unknown column": (["--groupby", "donor"], "groupby 'donor' is not a column of adata.obs"),
+    "unknown group": (["--groupby", "cell_type", "--group1", "type9"],
+                      "group 'type9' is not in cell_type; its groups: type0, type1"),
+    "unknown reference": (["--groupby", "batch", "--group1", "batch0", "--group2", "b7"],
+                          "group 'b7' is not in batch"),
+}
+
+
+@pytest.mark.parametrize("case", list(DE_ERRORS))
+def test_de_usage_errors_print_one_line_and_exit_2(case, scvi_run, tmp_path, capsys):
+    options, expected = DE_ERRORS[case]
+    rc = cli.main(["de", str(scvi_run), *options, "--out", str(tmp_path / "de.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert expected in err
+    assert not (tmp_path / "de.csv").exists()
+
+
+def test_de_needs_a_count_model_and_data(fit_run, scvi_run, tmp_path, capsys):
+    rc = cli.main(["de", str(fit_run[0]), "--groupby", "g", "--out", str(tmp_path / "de.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model 'ppca'" in err and "has no decoder of counts" in err
+    bare = tmp_path / "bare"
+    shutil.copytree(scvi_run / "model", bare / "model")  # a run without result.h5ad
+    rc = cli.main(["de", str(bare), "--groupby", "cell_type", "--out", str(tmp_path / "d.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"no DATA given and {bare / 'result.h5ad'} does not exist" in err

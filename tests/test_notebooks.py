@@ -43,6 +43,8 @@ CELL_TIMEOUT_S = 600
 # notebook file name -> {setting: value}; values are written with repr().
 SMALL_SETTINGS: dict[str, dict[str, object]] = {
     "01_classical_models.ipynb": {"EPOCHS": 2, "N_CELLS": 1000, "BATCH_SIZE": 128},
+    "02_scvi.ipynb": {"EPOCHS": 3, "KL_WARMUP_EPOCHS": 2, "N_CELLS": 300, "N_GENES": 100,
+                      "N_HIDDEN": 16, "DE_SAMPLES": 200},
 }
 
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=", re.MULTILINE)

@@ -18,11 +18,33 @@ amortised: ``q(z | x) = N(loc, diag(scale^2))`` from an encoder MLP on
 hidden layers while training, and with a latent library a second encoder
 gives ``q(log l | x)``.  The latent representation is the encoder mean.
 
-Differences from scvi-tools' ``SCVI`` (same defaults otherwise): no batch
-normalisation (the zoo's driver does not carry Flax mutable state), the batch
+Training objective.  While fitting, the ``z`` term of the ELBO,
+``E_q[log p(z) - log q(z | x)]`` (minus the KL divergence), is weighted by
+scvi-tools' linear warm-up ``w(e) = kl_weight * min(1, e / n_epochs_kl_warmup)``
+at 0-based epoch ``e`` (``Batch.epoch``): ``w = 0`` in the first epoch,
+``kl_weight`` from epoch ``n_epochs_kl_warmup`` on.  The weight is a
+``numpyro.handlers.scale`` on the ``z`` site in *both* the model and the guide,
+so ``log p(z)`` and ``log q(z | x)`` are scaled alike and the loss is
+``reconstruction + w * KL_z (+ KL_library)``.  As in scvi-tools the library
+KL is never warmed up.  Every evaluation (``batch.training=False``: validation
+loss, ``FittedModel.evaluate``, the IWAE bound) uses the ELBO itself, ``w = 1``.
+
+Batch normalisation (``use_batch_norm``, on by default as scvi-tools'
+``use_batch_norm="both"``) normalises every hidden layer of the encoder(s)
+and the decoder; its running statistics (momentum 0.99 / epsilon 1e-3 in
+Flax's convention, torch's ``BatchNorm1d(momentum=0.01, eps=1e-3)``) are
+Flax mutable state, which the driver keeps in the fitted params
+(``"encoder$state"``, ``"decoder$state"``, ...).  Training uses minibatch
+statistics and updates the running ones; evaluation uses the running ones, so
+it is deterministic.
+
+Differences from scvi-tools' ``SCVI`` (same defaults otherwise): the batch
 code enters the decoder's first layer only (identical for ``n_layers=1``),
-the gene-cell dispersion is ``softplus`` of a decoder head rather than ``exp``,
-and the KL term is weighted by a constant ``kl_weight`` (no warm-up schedule).
+the gene-cell dispersion is ``softplus`` of a decoder head rather than
+``exp``, the encoder scale is ``softplus(.) + 1e-4`` rather than
+``sqrt(exp(.) + 1e-4)``, batch norm's running variance is the biased
+minibatch variance (torch keeps the unbiased one), and the validation loss is
+the unweighted ELBO (scvi-tools applies the current warm-up weight).
 
 References:
   Lopez, R., Regier, J., Cole, M. B., Jordan, M. I. & Yosef, N. (2018). Deep
@@ -32,7 +54,9 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import ClassVar, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -55,6 +79,31 @@ DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 MIN_DISPERSION = 1e-4
 NORMALIZED_LAYER = "scvi_normalized"
 NORMALIZED_SCALE = 1e4  # layers["scvi_normalized"] is rho per 10,000 counts
+# NumPyro refuses a concrete scale of 0 (e.g. when SVI.init runs the model at
+# epoch 0.0); the smallest normal float32 changes no loss value.
+_SMALLEST_SCALE = float(jnp.finfo(jnp.float32).tiny)
+
+
+def kl_warmup_weight(epoch, n_epochs_kl_warmup: Optional[int], max_weight: float = 1.0):
+    """scvi-tools' KL warm-up: ``max_weight * min(1, epoch / n_epochs_kl_warmup)``.
+
+    Matches ``scvi.train._trainingplans._compute_kl_weight`` with
+    ``min_kl_weight=0``, evaluated at Lightning's 0-based ``current_epoch``:
+    0 at epoch 0, 0.5 at epoch 200 of a 400-epoch warm-up, ``max_weight``
+    from epoch 400 on; ``None`` or ``0`` epochs means no warm-up.
+
+    Args:
+      epoch: 0-based epoch, a Python number or a traced ``()`` array.
+      n_epochs_kl_warmup: length of the warm-up in epochs.
+      max_weight: the weight once warmed up.
+
+    Returns:
+      ``()`` float32 array.
+    """
+    epoch = jnp.asarray(epoch, jnp.float32)
+    if not n_epochs_kl_warmup:
+        return jnp.full_like(epoch, max_weight)
+    return max_weight * jnp.minimum(epoch / n_epochs_kl_warmup, 1.0)
 
 
 class DecoderOutput(NamedTuple):
@@ -63,6 +112,37 @@ class DecoderOutput(NamedTuple):
     expression_logits: jax.Array  # softmax gives rho
     dispersion: Optional[jax.Array]  # inverse dispersion (gene-cell only)
     dropout_logits: Optional[jax.Array]  # zero-inflation logits (zinb only)
+
+
+class Posterior(NamedTuple):
+    """The guide's Gaussians for ``B`` cells.
+
+    Attributes:
+      z_loc, z_scale: ``(B, K)`` mean and sd of ``q(z | x)``.
+      library_loc, library_scale: ``(B,)`` of ``q(log l | x)``, or ``None``
+        when the library is observed.
+    """
+
+    z_loc: jax.Array
+    z_scale: jax.Array
+    library_loc: Optional[jax.Array]
+    library_scale: Optional[jax.Array]
+
+
+class Generative(NamedTuple):
+    """What the decoder says about the counts, each broadcastable to ``(..., B, G)``.
+
+    Attributes:
+      rho: expression frequencies (each cell's row sums to 1).
+      mean: expected counts ``l * rho``.
+      inverse_dispersion: ``theta``; ``None`` for Poisson.
+      dropout_logits: zero-inflation logits; ``None`` unless zinb.
+    """
+
+    rho: jax.Array
+    mean: jax.Array
+    inverse_dispersion: Optional[jax.Array]
+    dropout_logits: Optional[jax.Array]
 
 
 class Decoder(nn.Module):
@@ -74,14 +154,15 @@ class Decoder(nn.Module):
 
     n_genes: int
     hidden: Sequence[int] = (128,)
+    batch_norm: bool = False
     dispersion_head: bool = False
     dropout_head: bool = False
 
     @nn.compact
-    def __call__(self, z, covariate=None) -> DecoderOutput:
+    def __call__(self, z, covariate=None, training: bool = False) -> DecoderOutput:
         h = z if covariate is None else jnp.concatenate([z, covariate], axis=-1)
         if self.hidden:  # no hidden layers: the heads are linear in [z, s]
-            h = MLP(hidden=self.hidden)(h)
+            h = MLP(hidden=self.hidden, batch_norm=self.batch_norm)(h, training=training)
         dispersion = dropout = None
         if self.dispersion_head:
             dispersion = nn.softplus(nn.Dense(self.n_genes, name="dispersion")(h)) + MIN_DISPERSION
@@ -111,9 +192,14 @@ class SCVI(LatentModel):
         variance are the empirical ones of the cells the driver passes to
         :meth:`init_params`.
       encode_batch: also give the encoder(s) the one-hot batch code.
-      kl_weight: constant weight of the ``z`` KL term in the training
-        objective (``1`` is the ELBO).  scvi-tools warms it up from 0 to 1
-        over 400 epochs; that needs the epoch inside the model and is not done.
+      use_batch_norm: batch-normalise every hidden layer of every network
+        (scvi-tools' default ``use_batch_norm="both"``).
+      n_epochs_kl_warmup: epochs over which the weight of the ``z`` KL term
+        rises linearly from 0 to ``kl_weight`` during training (scvi-tools'
+        default 400); ``None`` or ``0``: no warm-up.
+      kl_weight: the weight of the ``z`` KL term once warmed up (scvi-tools'
+        ``max_kl_weight``); ``1`` trains on the ELBO.  Evaluation always
+        uses the ELBO.
     """
 
     n_latent: int = 10
@@ -124,6 +210,8 @@ class SCVI(LatentModel):
     dispersion: str = "gene"
     latent_library: bool = False
     encode_batch: bool = False
+    use_batch_norm: bool = True
+    n_epochs_kl_warmup: Optional[int] = 400
     kl_weight: float = 1.0
 
     name: ClassVar[str] = "scvi"
@@ -144,6 +232,9 @@ class SCVI(LatentModel):
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not self.kl_weight >= 0.0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.n_epochs_kl_warmup is not None and not self.n_epochs_kl_warmup >= 0:
+            raise ValueError(
+                f"n_epochs_kl_warmup must be None or >= 0, got {self.n_epochs_kl_warmup}")
 
     @property
     def _hidden(self) -> tuple[int, ...]:
@@ -153,42 +244,70 @@ class SCVI(LatentModel):
     def _needs_dispersion(self) -> bool:
         return COUNT_LIKELIHOODS[self.likelihood].needs_dispersion
 
+    @property
+    def _mutable(self) -> Optional[list[str]]:
+        """Flax collections the networks update: batch-norm statistics, if any layer has them."""
+        return ["batch_stats"] if self.use_batch_norm and self.n_layers > 0 else None
+
     # ------------------------------------------------------------------
     # Generative model
     # ------------------------------------------------------------------
 
     def model(self, batch: Batch) -> None:
         n_genes = batch.x.shape[-1]
-        likelihood = COUNT_LIKELIHOODS[self.likelihood]
         theta_table = self._dispersion_table(batch, n_genes)  # global: outside the plate
         library_prior = self._library_prior(batch) if self.latent_library else None
         with cell_plate(batch):
-            with handlers.scale(scale=self.kl_weight):
+            with self._kl_warmup(batch):
                 z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([self.n_latent]).to_event(1))
             if library_prior is None:
                 log_library = jnp.log(batch.x.sum(-1))
             else:
                 log_library = numpyro.sample("log_library", dist.Normal(*library_prior))
-            heads = self._decode(z, _batch_code(batch), n_genes)
-            mean = jnp.exp(log_library[..., None] + jax.nn.log_softmax(heads.expression_logits))
-            theta = self._inverse_dispersion(theta_table, heads, batch)
-            numpyro.sample(
-                "x", likelihood.build(mean, theta, heads.dropout_logits).to_event(1), obs=batch.x
-            )
+            out = self._generate(z, log_library, batch, batch.batch, theta_table, batch.training)
+            numpyro.sample("x", self.observation(out).to_event(1), obs=batch.x)
 
-    def _decode(self, z: jax.Array, code: Optional[jax.Array], n_genes: int) -> DecoderOutput:
+    def _kl_warmup(self, batch: Batch):
+        """Context scaling the ``z`` site by the warm-up weight while training.
+
+        Used around ``z`` in both model and guide, so ``log p(z) - log q(z | x)``
+        (the KL term) is scaled as a whole; evaluation leaves the ELBO unscaled.
+        """
+        if not batch.training:
+            return contextlib.nullcontext()
+        weight = kl_warmup_weight(batch.epoch, self.n_epochs_kl_warmup, self.kl_weight)
+        return handlers.scale(scale=jnp.maximum(weight, _SMALLEST_SCALE))
+
+    def _generate(self, z, log_library, batch: Batch, codes, theta_table, training: bool):
+        """Decoder outputs for ``z`` ``(..., B, K)``, ``log_library`` ``(..., B)`` and ``codes``."""
+        heads = self._decode(z, _one_hot(codes, batch.n_batches), batch.x.shape[-1], training)
+        log_rho = jax.nn.log_softmax(heads.expression_logits)
+        mean = jnp.exp(log_library[..., None] + log_rho)
+        theta = self._inverse_dispersion(theta_table, heads, codes, batch.labels)
+        return Generative(jnp.exp(log_rho), mean, theta, heads.dropout_logits)
+
+    def observation(self, out: Generative) -> dist.Distribution:
+        """``p(x | z, l)``, batch shape ``(..., B, G)``, from the decoder outputs."""
+        build = COUNT_LIKELIHOODS[self.likelihood].build
+        return build(out.mean, out.inverse_dispersion, out.dropout_logits)
+
+    def _decode(self, z, code, n_genes: int, training: bool) -> DecoderOutput:
         """The decoder heads for latent ``z`` ``(..., K)`` and batch one-hot ``code``."""
         module = Decoder(
             n_genes,
             hidden=self._hidden,
+            batch_norm=self.use_batch_norm,
             dispersion_head=self._needs_dispersion and self.dispersion == "gene-cell",
             dropout_head=COUNT_LIKELIHOODS[self.likelihood].needs_dropout,
         )
         example_code = None if code is None else jnp.zeros((1, code.shape[-1]))
-        decoder = flax_module("decoder", module, jnp.zeros((1, self.n_latent)), example_code)
-        if code is not None:
-            code = jnp.broadcast_to(code, z.shape[:-1] + code.shape[-1:])
-        return decoder(z, code)
+        decoder = flax_module("decoder", module, jnp.zeros((1, self.n_latent)), example_code,
+                              mutable=self._mutable)
+        if code is not None:  # e.g. z (S, B, K) with codes of several counterfactual batches
+            cells = jnp.broadcast_shapes(z.shape[:-1], code.shape[:-1])
+            z = jnp.broadcast_to(z, cells + z.shape[-1:])
+            code = jnp.broadcast_to(code, cells + code.shape[-1:])
+        return decoder(z, code, training=training)
 
     def _dispersion_table(self, batch: Batch, n_genes: int) -> Optional[jax.Array]:
         """Global inverse-dispersion parameter: ``(G,)``, ``(n_batches, G)`` or ``(n_labels + 1, G)``."""
@@ -198,17 +317,17 @@ class SCVI(LatentModel):
         shape = rows[self.dispersion] + (n_genes,)
         return numpyro.param("inverse_dispersion", jnp.ones(shape), constraint=constraints.positive)
 
-    def _inverse_dispersion(self, table, heads: DecoderOutput, batch: Batch):
-        """Per-cell ``theta``, broadcastable to ``(B, G)``; ``None`` for Poisson."""
+    def _inverse_dispersion(self, table, heads: DecoderOutput, codes, labels):
+        """Per-cell ``theta``, broadcastable to ``(..., B, G)``; ``None`` for Poisson."""
         if not self._needs_dispersion:
             return None
         if self.dispersion == "gene-cell":
             return heads.dispersion
         if self.dispersion == "gene-batch":
-            return table[batch.batch]
+            return table[codes]
         if self.dispersion == "gene-label":
             # Unlabelled cells have code -1, which indexes the extra last row.
-            return table[batch.labels]
+            return table[labels]
         return table
 
     def _library_prior(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -252,7 +371,7 @@ class SCVI(LatentModel):
         if self.latent_library:
             library_loc, library_scale = self._encode(batch, "library_encoder", 1)
         with cell_plate(batch):
-            with handlers.scale(scale=self.kl_weight):
+            with self._kl_warmup(batch):
                 numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
             if self.latent_library:
                 numpyro.sample("log_library", dist.Normal(library_loc[..., 0], library_scale[..., 0]))
@@ -260,22 +379,70 @@ class SCVI(LatentModel):
     def _encode(self, batch: Batch, name: str, n_out: int) -> tuple[jax.Array, jax.Array]:
         """``(loc, scale)``, each ``(B, n_out)``, from ``log(1 + x)``; dropout iff training."""
         x = jnp.log1p(batch.x)  # counts span orders of magnitude; the network sees logs
-        code = _batch_code(batch) if self.encode_batch else None
-        module = GaussianEncoder(n_out, hidden=self._hidden, dropout_rate=self.dropout_rate)
-        encoder = flax_module(name, module, x, code, apply_rng=["dropout"])
+        code = _one_hot(batch.batch, batch.n_batches) if self.encode_batch else None
+        module = GaussianEncoder(n_out, hidden=self._hidden, dropout_rate=self.dropout_rate,
+                                 batch_norm=self.use_batch_norm)
+        encoder = flax_module(name, module, x, code, apply_rng=["dropout"], mutable=self._mutable)
         if batch.training:
             return encoder(x, code, training=True, rngs={"dropout": numpyro.prng_key()})
         return encoder(x, code, training=False)
 
     # ------------------------------------------------------------------
-    # Outputs
+    # Outputs: pure functions of fitted params, evaluation mode (no dropout,
+    # batch norm with running statistics), traceable under jit.
     # ------------------------------------------------------------------
 
     def latent(self, params, batch: Batch, key: jax.Array) -> jax.Array:
         """Encoder mean ``E_q[z | x]``, ``(B, n_latent)``."""
-        encode = handlers.seed(handlers.substitute(self._encode, data=params), key)
-        loc, _ = encode(batch, "encoder", self.n_latent)
-        return loc
+        return self.posterior(params, batch).z_loc
+
+    def posterior(self, params, batch: Batch) -> Posterior:
+        """The guide's ``q(z | x)`` (and ``q(log l | x)``) for the cells of ``batch``."""
+        batch = batch.replace(training=False)
+        encode = _with_params(self._encode, params)
+        z_loc, z_scale = encode(batch, "encoder", self.n_latent)
+        if not self.latent_library:
+            return Posterior(z_loc, z_scale, None, None)
+        library_loc, library_scale = encode(batch, "library_encoder", 1)
+        return Posterior(z_loc, z_scale, library_loc[..., 0], library_scale[..., 0])
+
+    def sample_posterior(
+        self, params, batch: Batch, key: jax.Array, n_samples: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """``n_samples`` draws per cell from the guide.
+
+        Returns:
+          ``(z, log_library)``: ``(n_samples, B, K)`` and ``(n_samples, B)``; an
+          observed library is the cell's log total count in every draw.
+        """
+        q = self.posterior(params, batch)
+        key_z, key_library = jax.random.split(key)
+        z = q.z_loc + q.z_scale * jax.random.normal(key_z, (n_samples,) + q.z_loc.shape)
+        if q.library_loc is None:
+            log_library = jnp.broadcast_to(jnp.log(batch.x.sum(-1)), (n_samples, batch.size))
+        else:
+            noise = jax.random.normal(key_library, (n_samples, batch.size))
+            log_library = q.library_loc + q.library_scale * noise
+        return z, log_library
+
+    def generative(
+        self, params, batch: Batch, z: jax.Array, log_library: jax.Array,
+        codes: Optional[jax.Array] = None,
+    ) -> Generative:
+        """Decoder outputs for latents ``z`` ``(..., B, K)`` and ``log_library`` ``(..., B)``.
+
+        Args:
+          codes: batch codes to decode the cells as, broadcastable to ``(..., B)``
+            (a counterfactual batch); ``None`` uses each cell's own.
+        """
+        batch = batch.replace(training=False)
+        codes = batch.batch if codes is None else codes
+
+        def decode():
+            table = self._dispersion_table(batch, batch.x.shape[-1])
+            return self._generate(z, log_library, batch, codes, table, False)
+
+        return _with_params(decode, params)()
 
     def expression(
         self,
@@ -283,54 +450,68 @@ class SCVI(LatentModel):
         batch: Batch,
         key: jax.Array,
         n_samples: int = 25,
-        transform_batch: Optional[int] = None,
+        transform_batch=None,
         library_size: Optional[float] = 1.0,
     ) -> jax.Array:
         """Denoised expression ``E_q[rho(z, s)] * library_size``, ``(B, G)``.
 
         Averages the decoder's frequencies ``rho`` over ``n_samples`` draws of
-        ``z ~ q(z | x)`` (encoder without dropout).
+        ``z ~ q(z | x)`` (evaluation mode).
 
         Args:
           params: fitted params.
           batch: cells to decode.
           key: PRNG key of the draws.
           n_samples: posterior draws per cell.
-          transform_batch: batch code to decode every cell *as if* it came
-            from (batch-corrected expression); ``None`` keeps each cell's own.
+          transform_batch: batch code, or ``(n,)`` codes, to decode every cell
+            *as if* it came from (averaging ``rho`` over the ``n`` batches);
+            ``None`` keeps each cell's own.
           library_size: scale of the frequencies (``1.0``: ``rho`` itself);
-            ``None`` uses each cell's observed total count, giving ``mu``.
+            ``None`` gives ``mu``: ``rho`` times each cell's library (its
+            observed total count, or a draw from ``q(log l | x)`` when latent).
         """
-        n_genes = batch.x.shape[-1]
-        key_seed, key_draw = jax.random.split(key)
-        substituted = lambda fn: handlers.seed(handlers.substitute(fn, data=params), key_seed)
-        loc, scale = substituted(self._encode)(batch.replace(training=False), "encoder",
-                                               self.n_latent)
-        z = loc + scale * jax.random.normal(key_draw, (n_samples,) + loc.shape)
-        if transform_batch is not None:
-            batch = batch.replace(batch=jnp.full_like(batch.batch, transform_batch))
-        heads = substituted(self._decode)(z, _batch_code(batch), n_genes)
-        rho = jax.nn.softmax(heads.expression_logits, axis=-1).mean(0)
-        scale_by = batch.x.sum(-1, keepdims=True) if library_size is None else library_size
-        return rho * scale_by
+        z, log_library = self.sample_posterior(params, batch, key, n_samples)
+        if transform_batch is None:
+            codes = batch.batch
+        else:
+            # (n_codes, 1, 1): one decoding of every draw per counterfactual batch.
+            codes = jnp.reshape(jnp.asarray(transform_batch, jnp.int32), (-1, 1, 1))
+            z, log_library = z[None], log_library[None]
+        out = self.generative(params, batch, z, log_library, codes)
+        value = out.rho if library_size is not None else out.mean
+        value = value.reshape((-1,) + value.shape[-2:]).mean(0)
+        return value if library_size is None else value * library_size
 
     def annotate(self, adata, params, latent, data) -> list[str]:
         """Adds ``layers["scvi_normalized"]``: ``rho`` per 10,000 counts (10 draws per cell)."""
         source = DeviceSource(data)
-        expression = jax.jit(lambda b, k: self.expression(params, b, k, n_samples=10))
         key = jax.random.PRNGKey(0)
         chunks = []
         for start in range(0, data.n_cells, 1024):
             batch = source.full_batch(np.arange(start, min(start + 1024, data.n_cells)))
-            chunks.append(np.asarray(expression(batch, jax.random.fold_in(key, start))))
+            rho = _expression_program(self, params, batch, jax.random.fold_in(key, start))
+            chunks.append(np.asarray(rho))
         adata.layers[NORMALIZED_LAYER] = (np.concatenate(chunks) * NORMALIZED_SCALE).astype(
             np.float32
         )
         return [f'layers["{NORMALIZED_LAYER}"]']
 
 
-def _batch_code(batch: Batch) -> Optional[jax.Array]:
-    """One-hot batch code ``(B, n_batches)``; ``None`` with a single batch (it carries nothing)."""
-    if batch.n_batches <= 1:
+# Params are a traced argument (not a closure), so this compiles once per model
+# and chunk shape, and batch-norm state updates cannot leak tracers out of it.
+@functools.partial(jax.jit, static_argnames=("model",))
+def _expression_program(model: SCVI, params, batch: Batch, key: jax.Array) -> jax.Array:
+    return model.expression(params, batch, key, n_samples=10)
+
+
+def _with_params(fn, params):
+    """``fn`` with its ``numpyro.param`` / Flax sites read from fitted ``params``."""
+    # No seed handler: evaluation-mode networks draw no randomness.
+    return handlers.substitute(fn, data=params)
+
+
+def _one_hot(codes: jax.Array, n_batches: int) -> Optional[jax.Array]:
+    """One-hot batch codes ``(..., n_batches)``; ``None`` with a single batch (nothing to carry)."""
+    if n_batches <= 1:
         return None
-    return jax.nn.one_hot(batch.batch, batch.n_batches)
+    return jax.nn.one_hot(codes, n_batches)

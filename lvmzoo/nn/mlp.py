@@ -77,7 +77,9 @@ class MLP(nn.Module):
         for width in self.hidden:
             h = nn.Dense(width)(h)
             if self.batch_norm:
-                h = nn.BatchNorm(use_running_average=not training, momentum=0.99)(h)
+                # torch's BatchNorm1d(momentum=0.01, eps=1e-3), as scvi-tools uses.
+                h = nn.BatchNorm(use_running_average=not training, momentum=0.99,
+                                 epsilon=1e-3)(h)
             if self.layer_norm:
                 h = nn.LayerNorm()(h)
             h = self.activation(h)

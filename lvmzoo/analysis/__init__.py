@@ -1,0 +1,23 @@
+"""Downstream analysis of fitted models: per-cell outputs and differential expression.
+
+All functions take a :class:`~lvmzoo.infer.results.FittedModel` and the
+:class:`~lvmzoo.data.registry.CellData` of the cells to describe, and return
+numpy arrays or pandas DataFrames; none writes to an AnnData.
+"""
+
+from lvmzoo.analysis.de import differential_expression, posterior_fdr_calls
+from lvmzoo.analysis.expression import (
+    batch_codes,
+    cell_scores,
+    latent_representation,
+    likelihood_parameters,
+    normalized_expression,
+    posterior_predictive_sample,
+    reconstruction_error,
+)
+
+__all__ = [
+    "batch_codes", "cell_scores", "differential_expression", "latent_representation",
+    "likelihood_parameters", "normalized_expression", "posterior_fdr_calls",
+    "posterior_predictive_sample", "reconstruction_error",
+]
