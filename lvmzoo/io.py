@@ -230,6 +230,7 @@ def _model_description(fitted: FittedModel, fit_settings) -> dict[str, Any]:
         "config": model.config(),
         "guide": guide_name(fitted),
         "guide_qualname": getattr(fitted.guide, "__qualname__", type(fitted.guide).__name__),
+        **_named_guide_description(fitted.guide),
         "seed": int(fitted.seed),
         "fit": {
             **(fit_settings or {}),
@@ -248,10 +249,26 @@ def _model_description(fitted: FittedModel, fit_settings) -> dict[str, Any]:
 
 
 def guide_name(fitted: FittedModel) -> str:
-    """``"default"`` if ``fitted`` used its model's own guide, else ``"custom"``."""
+    """``"default"`` if ``fitted`` used its model's own guide, the name of a guide
+    from :func:`lvmzoo.infer.guides.make_guide`, else ``"custom"``."""
+    from lvmzoo.infer.guides import NamedGuide
+
+    if isinstance(fitted.guide, NamedGuide):
+        return fitted.guide.name
     own = fitted.model.guide
     # Bound methods compare equal when they wrap the same function of the same model.
     return DEFAULT_GUIDE if fitted.guide == own else CUSTOM_GUIDE
+
+
+def _named_guide_description(guide) -> dict[str, Any]:
+    """Options and training cells (rows of per-cell params) of a named guide."""
+    from lvmzoo.infer.guides import NamedGuide
+
+    if not isinstance(guide, NamedGuide):
+        return {}
+    cells = guide.training_cells
+    return {"guide_options": guide.options,
+            "guide_cells": None if cells is None else [str(c) for c in cells]}
 
 
 def params_to_bytes(params: dict[str, Any]) -> bytes:
@@ -278,7 +295,8 @@ def load_model(path: PathLike, *, guide: Optional[Callable] = None) -> FittedMod
       path: the run directory.
       guide: the variational family, required when the model was fitted with
         a custom guide (guides are code and are not saved); ``None`` uses the
-        model's own guide.
+        model's own guide, or rebuilds the named guide (``make_guide``) the
+        run recorded, with its training cells.
 
     Returns:
       A :class:`FittedModel` equal to the saved one: same model config,
@@ -299,6 +317,8 @@ def load_model(path: PathLike, *, guide: Optional[Callable] = None) -> FittedMod
         )
     description = json.loads((path / MODEL_FILE).read_text("utf-8"))
     model = _build_model(description["model"], description["config"])
+    if guide is None and description["guide"] in _guide_names():
+        guide = _named_guide(description, model)
     if guide is None:
         if description["guide"] != DEFAULT_GUIDE:
             raise ValueError(
@@ -321,6 +341,21 @@ def load_model(path: PathLike, *, guide: Optional[Callable] = None) -> FittedMod
         diverged=description.get("diverged"),
         interrupted=bool(description.get("interrupted", False)),
     )
+
+
+def _guide_names():
+    from lvmzoo.infer.guides import GUIDES
+
+    return GUIDES
+
+
+def _named_guide(description: dict[str, Any], model):
+    from lvmzoo.infer.guides import make_guide
+
+    guide = make_guide(description["guide"], model, **description.get("guide_options", {}))
+    cells = description.get("guide_cells")
+    guide.training_cells = None if cells is None else np.asarray(cells, dtype=object)
+    return guide
 
 
 def _build_model(name: str, config: dict[str, Any]):

@@ -71,35 +71,61 @@ class FittedModel:
         for start in range(0, data.n_cells, EVAL_CHUNK):
             yield source.full_batch(np.arange(start, min(start + EVAL_CHUNK, data.n_cells)))
 
+    def _evaluation(self, data: CellData, cells: bool = True):
+        """``(batch, params, guide)`` per chunk; guides from ``make_guide`` get the
+        per-cell params of exactly these cells (see :mod:`lvmzoo.infer.guides`)."""
+        from lvmzoo.infer.guides import NamedGuide, evaluation_chunks
+
+        if isinstance(self.guide, NamedGuide):
+            return evaluation_chunks(self, data, EVAL_CHUNK, cells=cells)
+        return ((b, self.params, self.guide) for b in self._chunks(data))
+
     def latent(self, data: CellData, seed: int = 0) -> np.ndarray:
         """Per-cell representation ``(n_cells, n_latent)`` (posterior mean, or responsibilities)."""
+        from lvmzoo.infer.guides import NamedGuide, guide_mean, latent_needs_guide
+
         key = jax.random.PRNGKey(seed)
-        return np.concatenate(
-            [np.asarray(_latent(self.model, self.params, b, key)) for b in self._chunks(data)]
-        )
+        chunks = []
+        for b, params, guide in self._evaluation(data):
+            # An encoder-based latent (VAE) with a non-amortised guide: the guide's mean of z.
+            if isinstance(self.guide, NamedGuide) and latent_needs_guide(self.model, params, b):
+                chunks.append(np.asarray(guide_mean(guide, params, b, key)))
+            else:
+                chunks.append(np.asarray(_latent(self.model, params, b, key)))
+        return np.concatenate(chunks)
 
     def log_likelihood(self, data: CellData) -> Optional[np.ndarray]:
         """Exact per-cell ``log p(x)`` ``(n_cells,)``, or ``None`` without a closed form."""
-        chunks = [_exact_log_likelihood(self.model, self.params, b) for b in self._chunks(data)]
+        chunks = [_exact_log_likelihood(self.model, p, b)
+                  for b, p, _ in self._evaluation(data, cells=False)]
         if chunks[0] is None:
             return None
         return np.concatenate([np.asarray(c) for c in chunks])
 
-    def evaluate(self, data: CellData, n_samples: int = 100, seed: int = 0) -> dict[str, Any]:
+    def evaluate(self, data: CellData, n_samples: int = 100, seed: int = 0,
+                 method: str = "auto") -> dict[str, Any]:
         """Average per-cell log-likelihood and ELBO on ``data``.
 
-        Exact where the model has a closed-form marginal, otherwise the
-        importance-sampled (IWAE) estimate with ``n_samples`` draws from the guide.
+        Args:
+          method: ``"auto"``: exact where the model has a closed-form marginal,
+            otherwise the importance-sampled (IWAE) estimate with ``n_samples``
+            draws from the guide; ``"importance_sampling"``: always the estimate
+            (to score the guide as a proposal).
         """
+        if method not in ("auto", "importance_sampling"):
+            raise ValueError(f"method must be 'auto' or 'importance_sampling', got {method!r}")
         key = jax.random.PRNGKey(seed)
-        exact = self.log_likelihood(data)
+        exact = self.log_likelihood(data) if method == "auto" else None
+        if exact is None and getattr(self.guide, "joint_over_cells", False):
+            raise ValueError("importance sampling per cell needs a guide that factorises over "
+                             f"cells; {self.guide.name!r} is joint over all cells")
         sampled, elbo = [], 0.0
-        for i, batch in enumerate(self._chunks(data)):
+        for i, (batch, params, guide) in enumerate(self._evaluation(data)):
             k = jax.random.fold_in(key, i)
             if exact is None:
                 sampled.append(np.asarray(_sampled_log_likelihood(
-                    self.model, self.guide, self.params, batch, k, n_samples)))
-            elbo += float(_elbo(self.model, self.guide, self.params, batch, k))
+                    self.model, guide, params, batch, k, n_samples)))
+            elbo += float(_elbo(self.model, guide, params, batch, k))
         log_likelihood = exact if exact is not None else np.concatenate(sampled)
         return {
             "n_cells": int(data.n_cells),

@@ -24,6 +24,7 @@ from tqdm import tqdm  # plain bars: tqdm.auto warns in Jupyter without ipywidge
 
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import DeviceSource
+from lvmzoo.infer.guides import NamedGuide, make_guide
 from lvmzoo.infer.results import FittedModel
 from lvmzoo.models.base import LatentModel
 
@@ -61,7 +62,10 @@ def fit(
     Args:
       model: a zoo model (any :class:`~lvmzoo.models.base.LatentModel`).
       data: validated cells from :func:`lvmzoo.data.setup_anndata`.
-      guide: variational family; ``None`` uses ``model.guide``.
+      guide: variational family; ``None`` uses ``model.guide``; a name from
+        :data:`lvmzoo.infer.guides.GUIDES` (e.g. ``"mean_field"``) is built by
+        :func:`~lvmzoo.infer.guides.make_guide`.  Joint families need
+        ``batch_size >=`` the number of training cells.
       optimizer: an optax transformation; default ``optax.adam(learning_rate)``.
       learning_rate: default ``model.default_learning_rate``.
       epochs: passes over the training cells; each is one compiled call.
@@ -86,7 +90,14 @@ def fit(
     learning_rate = model.default_learning_rate if learning_rate is None else learning_rate
     optimizer = optax.adam(learning_rate) if optimizer is None else optimizer
     guide = model.guide if guide is None else guide
+    if isinstance(guide, str):
+        guide = make_guide(guide, model)
+    if isinstance(guide, NamedGuide):
+        # A new one, owned by this fit: autoguides take their shapes from it.
+        guide = make_guide(guide.name, model, **guide.options)
     train_idx, val_idx = _split(data.n_cells, validation_fraction, seed)
+    if isinstance(guide, NamedGuide):
+        guide.training_cells = np.asarray(data.obs_names)[train_idx]  # rows of per-cell params
     train = DeviceSource(data.subset(train_idx))
     batch_size = min(batch_size, train.n_cells)
     steps_per_epoch = train.n_cells // batch_size
@@ -100,7 +111,10 @@ def fit(
     started = time.perf_counter()
     epoch_program = jax.jit(run_epoch).lower(
         state, state, order_shape, train.arrays, jax.ShapeDtypeStruct((), jnp.float32)).compile()
-    validate = _validation_program(svi, model, data, val_idx, key_validation)
+    # Held-out cells have no per-cell guide params (lvmzoo.infer.guides.refit_local
+    # fits them after training), so such guides report no validation loss.
+    per_cell = getattr(guide, "per_cell", False)
+    validate = None if per_cell else _validation_program(svi, model, data, val_idx, key_validation)
     if validate:
         validate(state)  # compile it now, so epoch times exclude compilation
     compile_seconds = time.perf_counter() - started
@@ -187,6 +201,10 @@ def epoch_function(svi, source):
 def epoch_order(key, epoch, n_cells, steps_per_epoch, batch_size):
     """This epoch's shuffled cell indices, ``(steps_per_epoch, batch_size)`` int32."""
     order = jax.random.permutation(jax.random.fold_in(key, epoch), n_cells)
+    if batch_size == n_cells:
+        # A full batch: a plate that does not subsample does not index per-cell
+        # params by batch.index either, so the cells must stay in order.
+        order = jnp.arange(n_cells)
     return order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(jnp.int32)
 
 

@@ -10,6 +10,16 @@ scikit-learn's ``PCA`` does); ``z`` is a local latent with the amortised linear
 guide of :mod:`lvmzoo.models.linear_gaussian`.  Reports the exact posterior
 mean of ``z`` and the exact marginal log-likelihood.
 
+With ``global_prior_scale = s`` the globals are random too, so that MCMC
+(:func:`lvmzoo.infer.mcmc.run_nuts`) can sample them::
+
+    W_gk ~ N(0, s^2),   mu_g ~ N(0, s^2),   sigma ~ HalfNormal(s)
+
+(``latent`` / ``log_likelihood`` then need point values of them in ``params``;
+fits with a guide from :func:`lvmzoo.infer.guides.make_guide` plug in their
+posterior means, and the model's own guide covers ``z`` only, so fit it by
+name, ``guide="amortized"``, which adds mean-field Normals for the globals.)
+
 References:
   Tipping, M. E. & Bishop, C. M. (1999). Probabilistic principal component
   analysis. JRSS B 61(3). https://doi.org/10.1111/1467-9868.00196
@@ -18,11 +28,12 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpyro
+import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from lvmzoo.data.source import Batch
@@ -32,9 +43,16 @@ from lvmzoo.models.base import LatentModel
 
 @dataclasses.dataclass(frozen=True)
 class PPCA(LatentModel):
-    """Probabilistic PCA with ``n_latent`` components."""
+    """Probabilistic PCA with ``n_latent`` components.
+
+    Attributes:
+      n_latent: number of components ``K``.
+      global_prior_scale: ``None`` (default) point-estimates ``W``, ``mu``,
+        ``sigma``; a float ``s`` gives them the priors in the module docstring.
+    """
 
     n_latent: int = 10
+    global_prior_scale: Optional[float] = None
 
     name: ClassVar[str] = "ppca"
     data_kind: ClassVar[str] = "continuous"
@@ -43,10 +61,22 @@ class PPCA(LatentModel):
 
     def model(self, batch: Batch) -> None:
         n_genes = batch.x.shape[-1]
-        W = numpyro.param("W", jnp.zeros((n_genes, self.n_latent)))
-        mu = numpyro.param("mu", jnp.zeros(n_genes))
-        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+        s = self.global_prior_scale
+        if s is None:  # maximum likelihood
+            W = numpyro.param("W", jnp.zeros((n_genes, self.n_latent)))
+            mu = numpyro.param("mu", jnp.zeros(n_genes))
+            sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+        else:
+            W = numpyro.sample("W", dist.Normal(0.0, s).expand([n_genes, self.n_latent]).to_event(2))
+            mu = numpyro.sample("mu", dist.Normal(0.0, s).expand([n_genes]).to_event(1))
+            sigma = numpyro.sample("sigma", dist.HalfNormal(s))
         lg.generative_story(batch, self.n_latent, sigma, W, mu)
+
+    def config(self) -> dict:
+        config = super().config()
+        if self.global_prior_scale is None:  # runs saved before the option read the same
+            del config["global_prior_scale"]
+        return config
 
     def guide(self, batch: Batch) -> None:
         lg.linear_encoder_guide(batch, self.n_latent)

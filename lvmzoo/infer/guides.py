@@ -1,0 +1,617 @@
+"""Variational families by name: ``make_guide(name, model)`` and what they need.
+
+:func:`lvmzoo.fit` accepts ``guide="mean_field"`` (or any name in
+:data:`GUIDES`, or a guide function of your own).  The families differ in how
+they treat the *per-cell* latents (sites inside the ``"cells"`` plate, such as
+PPCA's ``z``) and so in how they train and are evaluated:
+
+``amortized``
+    The model's own guide (an encoder: ``q(z_i | x_i)`` is a function of the
+    cell's data), so new cells need nothing fitted.  Global latents the model
+    guide does not cover (e.g. ``PPCA(global_prior_scale=...)``'s ``W``) get a
+    mean-field Normal.
+
+``mean_field`` / ``map`` (per-cell parameters)
+    :class:`~numpyro.infer.autoguide.AutoNormal` / ``AutoDelta``: each cell has
+    its own variational parameters (``z_auto_loc`` is ``(n_cells, K)``).  They
+    train with minibatches: the guide's ``"cells"`` plate is
+    :func:`~lvmzoo.models.base.cell_plate`, whose indices are the minibatch's
+    ``batch.index``, so each step reads and updates exactly the rows of the
+    cells in the minibatch.  (NumPyro's default autoguide plate draws its *own*
+    random indices, and the model, replaying them, would pair cells with the
+    wrong rows.)  With momentum optimisers (Adam) rows of cells seen earlier
+    keep moving on their momentum between visits; rows never visited stay at
+    their initial value.  Held-out cells have no rows: :func:`refit_local` fits
+    theirs with the global parameters frozen.
+
+``low_rank`` / ``full_rank`` / ``flow`` / ``laplace`` (joint)
+    One distribution over the flattened vector of *all* continuous latents, per-
+    cell ones included, so correlations between any two entries are modelled.
+    NumPyro's joint autoguides cannot subsample a plate (the flat vector has one
+    fixed length), so they train on the full batch only
+    (``batch_size >= n_cells``) and raise otherwise.  ``full_rank`` has
+    ``O(D^2)`` parameters for ``D`` latent entries: small problems only.
+    ``laplace`` trains as MAP and is evaluated as the Gaussian with the inverse
+    Hessian of ``-log p`` at the MAP point as covariance.  With
+    ``make_guide(name, model, local="mean_field")`` the joint family covers the
+    *global* latents only and an AutoNormal the per-cell ones, which then train
+    with minibatches again.
+
+Enumerated discrete sites (the GMM's ``component``) are never in a guide: the
+model's ``TraceEnum_ELBO`` sums them out.
+
+Point-mass guides (``map``, and ``laplace`` during training) are not proposals
+for importance sampling: for a model without a closed-form marginal,
+``FittedModel.evaluate`` then reports ``log p(x, z_MAP)``, which is not a
+bound on ``log p(x)``.
+
+Evaluation (``FittedModel.latent/log_likelihood/evaluate``) of a guide from
+:func:`make_guide` goes through :func:`evaluation_chunks`: global latents are
+held at their posterior mean (plug-in, as :mod:`lvmzoo.infer.evaluate` assumes),
+per-cell parameters are looked up by cell name for training cells and refitted
+(:func:`refit_local`) for the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Iterator, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import optax
+import pandas as pd
+from numpyro import handlers
+from numpyro.infer import Trace_ELBO, autoguide
+
+from lvmzoo.data.registry import CellData
+from lvmzoo.data.source import Batch, DeviceSource
+from lvmzoo.models.base import LatentModel, cell_plate
+
+GUIDES: dict[str, str] = {
+    "amortized": "the model's own guide (encoder q(z | x)); held-out cells need no fitting",
+    "mean_field": "AutoNormal: independent Normal per latent entry; per-cell parameters, minibatches",
+    "low_rank": "AutoLowRankMultivariateNormal over all latents jointly; full batch only",
+    "full_rank": "AutoMultivariateNormal over all latents jointly, O(D^2) parameters; full batch, small problems",
+    "flow": "AutoIAFNormal (inverse autoregressive flow) over all latents jointly; full batch only",
+    "map": "AutoDelta: MAP point estimates of all latents; per-cell parameters, minibatches",
+    "laplace": "AutoLaplaceApproximation: MAP, then Gaussian with the inverse Hessian; full batch only",
+}
+JOINT = ("low_rank", "full_rank", "flow", "laplace")
+_JOINT_CLASSES = {
+    "low_rank": autoguide.AutoLowRankMultivariateNormal,
+    "full_rank": autoguide.AutoMultivariateNormal,
+    "flow": autoguide.AutoIAFNormal,
+    "laplace": autoguide.AutoLaplaceApproximation,
+}
+LATENT_SITE = "z"  # the zoo's per-cell representation, reported when model.latent cannot be
+
+
+def make_guide(name: Union[str, Callable], model: LatentModel, **options) -> Callable:
+    """The variational family ``name`` for ``model``.
+
+    Args:
+      name: a key of :data:`GUIDES`, or a guide function ``guide(batch)`` of your
+        own (returned unchanged).
+      model: the zoo model the guide approximates the posterior of.
+      **options: ``local="joint"`` (default) or ``"mean_field"`` for the joint
+        families (see the module docstring); other keyword arguments go to the
+        NumPyro autoguide (``init_scale``, ``rank``, ``num_flows``, ...).  They
+        must be JSON-serialisable, as saved runs record them.
+
+    Returns:
+      A callable ``guide(batch)``; for names a :class:`NamedGuide`.
+
+    Raises:
+      ValueError: unknown name, or ``"amortized"`` for a model without a guide.
+    """
+    if callable(name):
+        return name
+    if name not in GUIDES:
+        raise ValueError(f"unknown guide {name!r}; choose one of {', '.join(GUIDES)} "
+                         "or pass a guide function")
+    if name == "amortized" and not callable(getattr(model, "guide", None)):
+        others = ", ".join(g for g in GUIDES if g != "amortized")
+        raise ValueError(f"{getattr(model, 'name', type(model).__name__)} has no guide of its "
+                         f"own to amortise inference; use one of {others}")
+    local = options.get("local", "joint")
+    if local not in ("joint", "mean_field"):
+        raise ValueError(f"local must be 'joint' or 'mean_field', got {local!r}")
+    if local == "mean_field" and name not in JOINT:
+        raise ValueError(f"local='mean_field' applies to the joint guides {', '.join(JOINT)}")
+    if local == "mean_field" and name == "laplace":
+        raise ValueError("laplace cannot be split: its Hessian needs the per-cell latents; "
+                         "use local='joint' (full batch) or another family")
+    return NamedGuide(name, model, options)
+
+
+class NamedGuide:
+    """A guide from :func:`make_guide`, built on its first call.
+
+    The first call traces the model once to sort its latent sites into
+    per-cell, global and enumerated ones, then builds the autoguide(s) on the
+    model with the sites they do not cover hidden.
+
+    Attributes:
+      name, options: how it was made (saved with a run).
+      training_cells: ``obs_names`` of the cells whose per-cell parameters it
+        holds, in row order (set by :func:`lvmzoo.fit`).
+      local_sites / global_sites: latent site names, once built.
+    """
+
+    def __init__(self, name: str, model: LatentModel, options: dict[str, Any]):
+        self.name = name
+        self.model = model
+        self.options = dict(options)
+        self.training_cells: Optional[np.ndarray] = None
+        self.local_sites: Optional[tuple[str, ...]] = None
+        self.global_sites: Optional[tuple[str, ...]] = None
+        self._parts: Optional[list[Callable]] = None
+        self._evaluation_guide: Optional[Callable] = None
+        self._refits: dict = {}  # (cell names, seed) -> refit_local result, for evaluation
+
+    def __repr__(self):
+        return f"NamedGuide({self.name!r}, {type(self.model).__name__}, {self.options})"
+
+    @property
+    def joint_over_cells(self) -> bool:
+        """One distribution over every cell's latents: full batch only."""
+        return (self.name in JOINT and self.options.get("local", "joint") == "joint"
+                and bool(self.local_sites))
+
+    @property
+    def per_cell(self) -> bool:
+        """Holds parameters per training cell (so cells outside training need a refit)."""
+        return self.name != "amortized" and bool(self.local_sites)
+
+    def __call__(self, batch: Batch):
+        if self._parts is None:
+            self._build(batch)
+        if self.joint_over_cells and batch.size < batch.n_cells:
+            raise ValueError(
+                f"guide {self.name!r} is one joint distribution over every cell's latents and "
+                f"NumPyro's joint autoguides cannot subsample the cells plate (minibatch of "
+                f"{batch.size} of {batch.n_cells} cells): fit with batch_size >= the number of "
+                f"training cells, or make_guide({self.name!r}, model, local='mean_field') to "
+                "keep it for the global latents and use AutoNormal for the per-cell ones")
+        result = {}
+        for part in self._parts:
+            result.update(part(batch) or {})
+        return result
+
+    # -- construction ---------------------------------------------------------
+
+    def _build(self, batch: Batch) -> None:
+        local, global_, enumerated = classify_sites(self.model, batch)
+        self.local_sites, self.global_sites = tuple(local), tuple(global_)
+        kwargs = {k: v for k, v in self.options.items() if k != "local"}
+        every = set(local) | set(global_) | set(enumerated)
+
+        def only(names):  # the model with every other latent hidden from the autoguide
+            hidden = every - set(names)
+            return handlers.block(self.model.model, hide_fn=lambda msg: msg["type"] == "sample"
+                                  and msg["name"] in hidden)
+
+        if self.name == "amortized":
+            covered = guide_sites(self.model.guide, batch)
+            missing_local = [s for s in local if s not in covered]
+            if missing_local:
+                raise ValueError(f"the model's guide does not cover the per-cell site(s) "
+                                 f"{missing_local}; use another guide name")
+            missing = [s for s in global_ if s not in covered]
+            self._parts = [self.model.guide]
+            if missing:  # e.g. priors on the globals: mean-field Normal for them
+                self._parts.insert(0, _AutoNormal(only(missing)))
+        elif self.name in ("mean_field", "map"):
+            cls = _AutoNormal if self.name == "mean_field" else _AutoDelta
+            self._parts = [cls(only(local + global_), **kwargs)]
+        else:
+            joint_sites = global_ if self.options.get("local", "joint") == "mean_field" else (
+                local + global_)
+            self._parts = []
+            if joint_sites:
+                self._parts.append(_JOINT_CLASSES[self.name](only(joint_sites), **kwargs))
+            if self.options.get("local") == "mean_field" and local:
+                self._parts.append(_AutoNormal(only(local)))
+            if not self._parts:
+                raise ValueError(f"guide {self.name!r} found no continuous latent sites in "
+                                 f"{self.model.name} (point-estimated globals are params, "
+                                 "enumerated sites are summed out); use 'mean_field' or the "
+                                 "model's own guide")
+
+    # -- evaluation -----------------------------------------------------------
+
+    def evaluation_guide(self, params: dict, batch: Batch) -> tuple[Callable, dict]:
+        """``(guide, params)`` to draw posterior samples from on ``batch``.
+
+        The same guide, except for ``laplace``: training fits its MAP point (a
+        Delta); here the Gaussian ``N(MAP, H^{-1})``, ``H`` the Hessian of the
+        negative log joint (in unconstrained space) at the MAP point on
+        ``batch`` (all training cells), expressed as an
+        ``AutoMultivariateNormal`` over the same flattened latent vector.
+        ``params`` must not hold plug-in values of latent sites.
+        """
+        if self.name != "laplace":
+            return self, params
+        laplace = self._parts[0]
+        if self._evaluation_guide is None:
+            self._evaluation_guide = autoguide.AutoMultivariateNormal(
+                laplace.model, prefix=laplace.prefix)
+            ensure_built(self._evaluation_guide, batch)
+        loc_name = f"{laplace.prefix}_loc"
+
+        def negative_log_joint(loc):  # the Delta guide makes the ELBO exactly this
+            return Trace_ELBO().loss(jax.random.PRNGKey(0), {**params, loc_name: loc},
+                                     laplace.model, laplace, batch)
+
+        precision = jax.hessian(negative_log_joint)(params[loc_name])
+        covariance = jnp.linalg.inv(0.5 * (precision + precision.T))
+        scale_tril = jnp.linalg.cholesky(0.5 * (covariance + covariance.T))
+        return self._evaluation_guide, {**params, f"{laplace.prefix}_scale_tril": scale_tril}
+
+
+# --------------------------------------------------------------------------
+# Site bookkeeping
+# --------------------------------------------------------------------------
+
+
+class _CellPlates:
+    """Autoguide mixin: its cells plate is the model's ``cell_plate(batch)``.
+
+    So the per-cell parameters it declares inside the plate are indexed by
+    ``batch.index`` (NumPyro's default plate would draw its own random
+    indices).  Overrides ``_create_plates`` rather than passing
+    ``create_plates=``, whose type check rejects the enumeration-aware plate
+    that ``TraceEnum_ELBO`` substitutes (e.g. for the GMM).
+    """
+
+    def _create_plates(self, batch):
+        plates = {"cells": cell_plate(batch)}
+        for name, frame in self._prototype_frames.items():
+            if name not in plates:
+                plates[name] = numpyro.plate(name, self._prototype_frame_full_sizes[name],
+                                             dim=frame.dim, subsample_size=frame.size)
+        return plates
+
+
+class _AutoNormal(_CellPlates, autoguide.AutoNormal):
+    pass
+
+
+class _AutoDelta(_CellPlates, autoguide.AutoDelta):
+    pass
+
+
+def _trace(fn, batch, seed=0):
+    with handlers.block():  # nothing escapes to handlers of an enclosing SVI step
+        return handlers.trace(handlers.seed(fn, jax.random.PRNGKey(seed))).get_trace(batch)
+
+
+def _in_cells(site) -> bool:
+    return any(frame.name == "cells" for frame in site["cond_indep_stack"])
+
+
+def classify_sites(model: LatentModel, batch: Batch) -> tuple[list, list, list]:
+    """Latent sample sites of ``model`` as ``(per_cell, global, enumerated)`` name lists."""
+    local, global_, enumerated = [], [], []
+    for name, site in _trace(model.model, batch).items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        if site["infer"].get("is_auxiliary"):
+            continue
+        if site["infer"].get("enumerate") == "parallel":
+            enumerated.append(name)
+        elif _in_cells(site):
+            local.append(name)
+        else:
+            global_.append(name)
+    return local, global_, enumerated
+
+
+def guide_sites(guide: Callable, batch: Batch) -> set[str]:
+    """Names of the sample sites ``guide`` draws."""
+    return {n for n, s in _trace(guide, batch).items() if s["type"] == "sample"}
+
+
+def ensure_built(guide: Callable, batch: Batch) -> None:
+    """Run ``guide`` once outside any jit, so lazily built autoguides hold no tracers."""
+    _trace(guide, batch)
+
+
+def per_cell_params(guide: Callable, batch: Batch) -> dict[str, int]:
+    """Params declared inside the cells plate, mapped to their cells axis.
+
+    ``batch`` must be shaped like a training minibatch (``n_cells`` = number of
+    training cells), so that full-size parameters pass the plate's checks.
+    """
+    axes = {}
+    for name, site in _trace(guide, batch).items():
+        if site["type"] == "param":
+            for frame in site["cond_indep_stack"]:
+                if frame.name == "cells":
+                    event_dim = site["kwargs"].get("event_dim") or 0
+                    axes[name] = frame.dim - event_dim
+    return axes
+
+
+# --------------------------------------------------------------------------
+# Frozen globals and refitting the per-cell posterior
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrozenGlobals(LatentModel):
+    """``inner`` with some sites held at fixed values (params and global latents).
+
+    The fixed sites are hidden from inference (not optimised, not sampled);
+    ``latent`` and ``log_likelihood`` see them merged into ``params``.  Made by
+    :func:`freeze_globals`; compared by identity.
+    """
+
+    inner: LatentModel
+    values: dict
+    estimator: Any = None  # an ELBO; None: the inner model's
+
+    @property
+    def name(self):
+        return self.inner.name
+
+    @property
+    def data_kind(self):
+        return self.inner.data_kind
+
+    @property
+    def default_learning_rate(self):
+        return self.inner.default_learning_rate
+
+    def model(self, batch: Batch) -> None:
+        fixed = handlers.condition(handlers.substitute(self.inner.model, data=self.values),
+                                   data=self.values)
+        handlers.block(fixed, hide=list(self.values))(batch)
+
+    def guide(self, batch: Batch) -> None:
+        self.inner.guide(batch)
+
+    def elbo(self):
+        return self.inner.elbo() if self.estimator is None else self.estimator
+
+    def latent(self, params, batch, key):
+        return self.inner.latent({**params, **self.values}, batch, key)
+
+    def log_likelihood(self, params, batch):
+        return self.inner.log_likelihood({**params, **self.values}, batch)
+
+    def config(self):
+        return {"inner": self.inner.config(), "frozen": sorted(self.values)}
+
+
+def freeze_globals(model: LatentModel, values: dict, elbo=None) -> FrozenGlobals:
+    """``model`` with the sites in ``values`` (e.g. ``{"W": ..., "mu": ..., "sigma": ...}``) fixed.
+
+    ``elbo`` replaces the model's ELBO estimator, e.g. ``Trace_ELBO(num_particles=8)``
+    for less noisy gradients of a joint guide.
+    """
+    return FrozenGlobals(model, {k: jax.tree.map(jnp.asarray, v) for k, v in values.items()}, elbo)
+
+
+def model_param_values(model: LatentModel, params: dict, batch: Batch) -> dict:
+    """Values in ``params`` of the model's own ``numpyro.param`` sites."""
+    names = [n for n, s in _trace(model.model, batch).items() if s["type"] == "param"]
+    return {n: params[n] for n in names if n in params}
+
+
+def global_point_estimates(guide: Callable, params: dict, batch: Batch, names, *,
+                           n_samples: int = 64, seed: int = 0) -> dict:
+    """Posterior means of the global latent sites ``names`` under ``guide``.
+
+    Monte Carlo over ``n_samples`` guide draws (exact for point-mass guides);
+    ``batch`` is any batch the guide accepts.
+    """
+    names = list(names or ())
+    if not names:
+        return {}
+    # The training-time guide: for laplace its MAP point, the Laplace mean.
+    # Drop any plug-in values of these sites, so the guide draws them.
+    params = {k: v for k, v in params.items() if k not in names}
+
+    def draw(key):
+        tr = handlers.trace(handlers.seed(handlers.substitute(guide, data=params), key)).get_trace(batch)
+        return {n: tr[n]["value"] for n in names}
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), n_samples)
+    draws = jax.lax.map(draw, keys)
+    return {n: jnp.mean(v, axis=0) for n, v in draws.items()}
+
+
+def refit_local(fitted, data: CellData, *, epochs: int = 300, batch_size: Optional[int] = None,
+                learning_rate: Optional[float] = None, seed: int = 0, progress: bool = False):
+    """Fit the per-cell variational parameters of ``data``'s cells, globals frozen.
+
+    The model's parameters and the posterior means of its global latents are
+    taken from ``fitted`` and held fixed (:func:`freeze_globals`); a fresh guide
+    of the same family (its per-cell part: ``mean_field`` for a split joint
+    guide) is fitted to ``data`` by :func:`lvmzoo.fit`.
+
+    Args:
+      fitted: a :class:`~lvmzoo.infer.results.FittedModel` fitted with a
+        per-cell guide from :func:`make_guide`.
+      data: the cells to fit (typically held out).
+      epochs, seed, progress: as in :func:`lvmzoo.fit`.
+      learning_rate: Adam's initial step size (default 0.1; 0.01 for flows),
+        decayed exponentially to 1/20 of it over the refit.
+      batch_size: default all cells (up to 4096, else the fit's own); joint
+        guides always use all cells.
+
+    Returns:
+      The refitted :class:`~lvmzoo.infer.results.FittedModel` (of the frozen
+      model); its params hold the new per-cell parameters, rows in ``data`` order.
+    """
+    from lvmzoo.infer.svi import fit  # svi imports results, which imports this module lazily
+
+    guide = fitted.guide
+    if not isinstance(guide, NamedGuide):
+        raise TypeError("refit_local needs a guide made by lvmzoo.infer.guides.make_guide")
+    template = _training_batch(fitted, data)
+    ensure_built(guide, template)
+    frozen = freeze_globals(fitted.model, _frozen_values(fitted, template))
+    if guide.name in JOINT and guide.options.get("local", "joint") == "mean_field":
+        name, options = "mean_field", {}
+    else:
+        name, options = guide.name, guide.options
+    if guide.joint_over_cells:
+        batch_size = data.n_cells
+    elif batch_size is None:  # the per-cell problems are small: full batches up to 4096 cells
+        batch_size = max(min(data.n_cells, 4096), fitted.history.get("batch_size") or 1)
+    batch_size = min(batch_size, data.n_cells)
+    if learning_rate is None:  # flows are unstable at the step size the others like
+        learning_rate = 0.01 if name == "flow" else 0.1
+    # Decay the step size 20-fold: the per-cell optimum is then reached rather
+    # than circled at the noise level of single-draw gradients.
+    n_steps = epochs * (data.n_cells // batch_size)
+    optimizer = optax.adam(optax.exponential_decay(learning_rate, max(n_steps, 1), 0.05))
+    return fit(frozen, data, guide=make_guide(name, frozen, **options), epochs=epochs,
+               batch_size=batch_size, optimizer=optimizer, seed=seed, progress=progress)
+
+
+def _frozen_values(fitted, batch: Batch) -> dict:
+    guide = fitted.guide
+    values = model_param_values(fitted.model, fitted.params, batch)
+    values.update(global_point_estimates(guide, fitted.params, batch, guide.global_sites,
+                                         seed=fitted.seed))
+    return values
+
+
+def _training_batch(fitted, data: CellData) -> Batch:
+    """A batch of ``data``'s cells shaped like a training minibatch of ``fitted``.
+
+    ``n_cells`` is the number of training cells, so per-cell parameters of the
+    fitted size pass the cells plate's shape checks; its ``index`` are rows
+    ``0..B-1``.  Only shapes matter (it builds autoguides and reads their
+    sites): ``B`` is the full training set for joint guides (which cannot
+    subsample; ``data``'s rows repeat if it has fewer cells) and at most 64
+    cells otherwise.
+    """
+    guide, n_train = fitted.guide, len(fitted.train_index)
+    joint = guide.name in JOINT and guide.options.get("local", "joint") == "joint"
+    size = n_train if joint else min(64, n_train, data.n_cells)
+    source = DeviceSource(data, n_cells=n_train)
+    batch = source.gather(source.arrays, jnp.arange(size) % data.n_cells)
+    return batch.replace(index=jnp.arange(size), training=False)
+
+
+# --------------------------------------------------------------------------
+# Evaluation of a FittedModel whose guide came from make_guide
+# --------------------------------------------------------------------------
+
+
+def evaluation_chunks(fitted, data: CellData, chunk: int, cells: bool = True
+                      ) -> Iterator[tuple[Batch, dict, Callable]]:
+    """``(batch, params, guide)`` per evaluation chunk of ``data``, in cell order.
+
+    * Global latents are held at their posterior means (plug-in) in ``params``.
+    * Per-cell guides: training cells (matched by ``obs_names``) get their
+      trained rows; other cells get rows from :func:`refit_local`.
+    * Joint guides: one chunk of all cells; their trained parameters if
+      ``data`` is the training cells in training order, else a joint refit.
+
+    With ``cells=False`` only the globals are needed (e.g. for the exact
+    marginal likelihood), so nothing is refitted.
+    """
+    guide = fitted.guide
+    template = _training_batch(fitted, data)
+    ensure_built(guide, template)
+    plug_in = global_point_estimates(guide, fitted.params, template, guide.global_sites,
+                                     seed=fitted.seed)
+    source = DeviceSource(data)
+    if not cells:
+        for start in range(0, data.n_cells, chunk):
+            index = np.arange(start, min(start + chunk, data.n_cells))
+            yield source.full_batch(index), {**fitted.params, **plug_in}, guide
+        return
+    if guide.joint_over_cells:
+        batch = source.full_batch()
+        same = guide.training_cells is not None and np.array_equal(
+            np.asarray(guide.training_cells), np.asarray(data.obs_names))
+        if not same:  # no trained parameters for these cells: a joint refit
+            refit = _cached_refit(fitted, data)
+            guide, params, plug_in = refit.guide, {**refit.params, **refit.model.values}, {}
+        else:
+            params = fitted.params
+        eval_guide, params = guide.evaluation_guide(params, batch.replace(training=True))
+        yield batch, {**params, **plug_in}, eval_guide
+        return
+    params = {**fitted.params, **plug_in}
+    local = per_cell_params(guide, template) if guide.per_cell else {}
+    if local:
+        rows = _rows_for(guide, data)
+        cell_values = _cell_values(fitted, data, rows, local)
+        params = {k: v for k, v in params.items() if k not in local}
+    for start in range(0, data.n_cells, chunk):
+        index = np.arange(start, min(start + chunk, data.n_cells))
+        chunk_params = dict(params)
+        for name, axis in local.items():
+            chunk_params[name] = jnp.take(cell_values[name], jnp.asarray(index), axis=axis)
+        yield source.full_batch(index), chunk_params, guide
+
+
+def _rows_for(guide: NamedGuide, data: CellData) -> np.ndarray:
+    """Row of each of ``data``'s cells among the training cells; ``-1`` if not trained."""
+    if guide.training_cells is None:
+        return np.full(data.n_cells, -1)
+    names = pd.Index(np.asarray(guide.training_cells))
+    if not names.is_unique:
+        raise ValueError("per-cell guides find a cell's parameters by obs_name, and the "
+                         "training cells' names are not unique; make them unique "
+                         "(AnnData.obs_names_make_unique) and fit again")
+    return names.get_indexer(np.asarray(data.obs_names))
+
+
+def _cell_values(fitted, data: CellData, rows: np.ndarray, local: dict[str, int]) -> dict:
+    """Per-cell params with one row per cell of ``data`` (trained or refitted)."""
+    trained = rows >= 0
+    values = {n: jnp.take(fitted.params[n], jnp.asarray(np.maximum(rows, 0)), axis=a)
+              for n, a in local.items()}
+    if trained.all():
+        return values
+    unseen = np.flatnonzero(~trained)
+    refit = _cached_refit(fitted, data.subset(unseen))
+    for name, axis in local.items():
+        moved = jnp.moveaxis(values[name], axis, 0)
+        fresh = jnp.moveaxis(refit.params[name], axis, 0)
+        values[name] = jnp.moveaxis(moved.at[jnp.asarray(unseen)].set(fresh), 0, axis)
+    return values
+
+
+def _cached_refit(fitted, data: CellData):
+    """:func:`refit_local` with its defaults, once per set of cells (evaluation reuses it)."""
+    key = (tuple(str(n) for n in data.obs_names), fitted.seed, id(fitted.params))
+    cache = fitted.guide._refits
+    if key not in cache:
+        cache.clear()  # keep one: the latest cells evaluated
+        cache[key] = refit_local(fitted, data, seed=fitted.seed)
+    return cache[key]
+
+
+def latent_needs_guide(model: LatentModel, params: dict, batch: Batch) -> bool:
+    """Whether ``model.latent`` reads params (its encoder's) that ``params`` lacks."""
+    with handlers.block():
+        tr = handlers.trace(handlers.seed(
+            lambda: model.latent(params, batch, jax.random.PRNGKey(0)), jax.random.PRNGKey(0)
+        )).get_trace()
+    return any(s["type"] == "param" and n not in params for n, s in tr.items())
+
+
+@functools.partial(jax.jit, static_argnames=("guide", "n_samples"))
+def guide_mean(guide: Callable, params: dict, batch: Batch, key: jax.Array,
+               n_samples: int = 100) -> jax.Array:
+    """Monte Carlo posterior mean of the per-cell site ``z`` under ``guide``, ``(B, K)``."""
+    def draw(k):
+        tr = handlers.trace(handlers.seed(handlers.substitute(guide, data=params), k)).get_trace(batch)
+        if LATENT_SITE not in tr:
+            raise ValueError(f"the guide has no per-cell site {LATENT_SITE!r} to report")
+        return tr[LATENT_SITE]["value"]
+
+    return jax.lax.map(draw, jax.random.split(key, n_samples)).mean(0)
