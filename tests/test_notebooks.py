@@ -45,6 +45,8 @@ SMALL_SETTINGS: dict[str, dict[str, object]] = {
     "01_classical_models.ipynb": {"EPOCHS": 2, "N_CELLS": 1000, "BATCH_SIZE": 128},
     "02_scvi.ipynb": {"EPOCHS": 3, "KL_WARMUP_EPOCHS": 2, "N_CELLS": 300, "N_GENES": 100,
                       "N_HIDDEN": 16, "DE_SAMPLES": 200},
+    "03_compare_inference.ipynb": {"N_CELLS": 80, "N_GENES": 5, "EPOCHS": 5, "NUTS_DRAWS": 30,
+                                   "METHODS": ["amortized", "mean_field", "map", "nuts"]},
 }
 
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=", re.MULTILINE)
