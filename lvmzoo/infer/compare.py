@@ -226,6 +226,7 @@ def comparison_figure(table: pd.DataFrame):
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import SymmetricalLogLocator
 
     panels = [("heldout_log_likelihood", "held-out log p(x) (nats/cell)"),
               ("gap_to_exact", "log p(x) − ELBO = KL to exact posterior"),
@@ -236,24 +237,23 @@ def comparison_figure(table: pd.DataFrame):
     FigureCanvasAgg(figure)
     models = list(dict.fromkeys(table["model"]))
     methods = list(dict.fromkeys(table["method"]))
-    width = 0.8 / max(len(models), 1)
+    offset = 0.6 / max(len(models), 1)
     for i, (column, title) in enumerate(panels):
         ax = figure.add_subplot(1, len(panels), i + 1)
         for j, model in enumerate(models):
-            values = [table.loc[(table.model == model) & (table.method == m), column].squeeze()
-                      if ((table.model == model) & (table.method == m)).any() else np.nan
-                      for m in methods]
-            positions = np.arange(len(methods)) + (j - (len(models) - 1) / 2) * width
-            ax.barh(positions, np.asarray(values, float), height=width, label=model)
+            chosen = table[table.model == model].set_index("method")[column]
+            values = np.asarray([chosen.get(m, np.nan) for m in methods], float)
+            positions = np.arange(len(methods)) + (j - (len(models) - 1) / 2) * offset
+            # Dots, not bars: log-likelihoods are large negative numbers.
+            ax.plot(values, positions, "o", label=model)
         ax.set_yticks(np.arange(len(methods)), methods)
-        ax.invert_yaxis()
+        ax.set_ylim(len(methods) - 0.5, -0.5)  # first method on top, same rows in every panel
         ax.set_title(title, fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-        if column == "heldout_log_likelihood":
-            finite = table[column].dropna()
-            if len(finite):  # zoom to the spread: all values are large negative numbers
-                spread = max(float(finite.max() - finite.min()), 1.0)
-                ax.set_xlim(float(finite.min()) - 0.2 * spread, float(finite.max()) + 0.2 * spread)
+        ax.grid(alpha=0.3)
+        if column == "gap_to_exact":
+            ax.set_xscale("symlog", linthresh=0.1)  # a diverged fit must not hide the others
+            ax.xaxis.set_major_locator(SymmetricalLogLocator(base=1000, linthresh=0.1))
+            ax.tick_params(axis="x", labelsize=8)
     figure.axes[0].legend(fontsize=8, loc="lower right")
     return figure
 
