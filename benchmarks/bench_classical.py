@@ -48,13 +48,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +62,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lvmzoo  # noqa: E402
+from _machine import hardware, load_average, write_text  # noqa: E402
 from lvmzoo import datasets  # noqa: E402
 from lvmzoo.models import PPCA, FactorAnalysis, GaussianMixture  # noqa: E402
 
@@ -223,58 +220,20 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM, OS, library versions and the date of this run."""
+    """The machine (see ``_machine.hardware``) plus library versions."""
     import jax
     import numpyro
     import sklearn
 
-    cpu, ram_gib = platform.processor() or "unknown", None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram_gib = round(int(line.split()[1]) / 2**20, 1)
-                break
-    except OSError:  # not Linux: keep what platform knows
-        pass
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": ram_gib,
-        "os": platform.platform(),
-        "python": platform.python_version(),
+        **hardware(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
         "numpyro": numpyro.__version__,
         "sklearn": sklearn.__version__,
         "numpy": np.__version__,
         "lvmzoo": lvmzoo.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_at_start": _load_average(),
     }
-
-
-def _load_average():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic write: readers see the old file or the new one, never half of one."""
-    try:
-        from lvmzoo.io import atomic_write_text
-    except ImportError:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        return
-    atomic_write_text(path, text)
 
 
 def _range(stat: dict[str, float], fmt: str) -> str:
@@ -401,7 +360,7 @@ def main(argv=None) -> dict[str, Any]:
         "benchmark": "classical",
         "settings": dataclasses.asdict(settings),
         "data": data_info,
-        "machine": {**machine, "load_average_at_end": _load_average()},
+        "machine": {**machine, "load_average_at_end": load_average()},
         "n_repeats": len(repeat_seconds),
         "repeat_seconds": repeat_seconds,
         "models": {
@@ -416,8 +375,8 @@ def main(argv=None) -> dict[str, Any]:
     print(markdown)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        _write_text(output / "classical.json", json.dumps(report, indent=2) + "\n")
-        _write_text(output / "classical.md", markdown)
+        write_text(output / "classical.json", json.dumps(report, indent=2) + "\n")
+        write_text(output / "classical.md", markdown)
         print(f"wrote {output / 'classical.json'} and {output / 'classical.md'}")
     return report
 

@@ -70,10 +70,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -92,6 +90,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 # Runnable as a script from anywhere in a checkout without installing the package.
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import hardware, load_average, write_text  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_PREFIX = "BENCH_SCVI_RESULT "
@@ -418,7 +418,7 @@ def launch(variant: Variant, path: Path, epochs: int, likelihood: str, kl_warmup
                "--kl-warmup", str(kl_warmup), "--n-samples", str(n_samples),
                "--seed", str(seed), "--lvmzoo-adam", settings.lvmzoo_adam,
                "--torch-threads", str(variant.torch_threads or os.cpu_count() or 1)]
-    load = _load_average()
+    load = load_average()
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                           timeout=settings.worker_timeout)
@@ -472,19 +472,7 @@ def _stat(values: list[float]) -> dict[str, float]:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM, OS, library versions and the date of this run."""
-    cpu, ram_gib = platform.processor() or "unknown", None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram_gib = round(int(line.split()[1]) / 2**20, 1)
-                break
-    except OSError:  # not Linux: keep what platform knows
-        pass
+    """The machine (see ``_machine.hardware``) plus the versions of both stacks."""
     versions = {}
     for package in ("lvmzoo", "jax", "jaxlib", "numpyro", "flax", "optax", "torch",
                     "scvi-tools", "lightning", "anndata", "numpy"):
@@ -492,28 +480,7 @@ def machine_info() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram_gib,
-        "os": platform.platform(), "python": platform.python_version(),
-        "versions": versions,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_at_start": _load_average(),
-    }
-
-
-def _load_average() -> Optional[list[float]]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic write: readers see the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    return {**hardware(), "versions": versions}
 
 
 def _fmt(stat: dict[str, float], fmt: str) -> str:
@@ -728,18 +695,18 @@ def main(argv=None) -> Optional[dict[str, Any]]:
                      "learning_rate": LEARNING_RATE, "adam_eps": ADAM_EPS,
                      "weight_decay": WEIGHT_DECAY, "architecture": ARCHITECTURE,
                      "heldout_fraction": HELDOUT_FRACTION, "split_seed": SPLIT_SEED},
-        "machine": {**machine, "load_average_at_end": _load_average()},
+        "machine": {**machine, "load_average_at_end": load_average()},
         "warmup_runs": warmup_runs,
         "results": results,
         "wall_seconds": time.perf_counter() - started,
     }
     if output is not None:  # the JSON first: it holds every measurement
         output.mkdir(parents=True, exist_ok=True)
-        _write_text(output / "scvi.json", json.dumps(report, indent=2) + "\n")
+        write_text(output / "scvi.json", json.dumps(report, indent=2) + "\n")
     markdown = render_markdown(report)
     print(markdown)
     if output is not None:
-        _write_text(output / "scvi.md", markdown)
+        write_text(output / "scvi.md", markdown)
         print(f"wrote {output / 'scvi.json'} and {output / 'scvi.md'}")
     return report
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lvmzoo  # noqa: E402
-from bench_classical import _write_text, load_data, machine_info  # noqa: E402
+from _machine import write_text  # noqa: E402
+from bench_classical import load_data, machine_info  # noqa: E402
 from lvmzoo.infer.replicates import fit_replicates, replicate_stability  # noqa: E402
 from lvmzoo.models import PPCA, FactorAnalysis  # noqa: E402
 
@@ -108,8 +109,8 @@ def main(argv=None):
         "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    _write_text(args.out / "vmap_seeds.json", json.dumps(report, indent=2))
-    _write_text(args.out / "vmap_seeds.md", render(report))
+    write_text(args.out / "vmap_seeds.json", json.dumps(report, indent=2))
+    write_text(args.out / "vmap_seeds.md", render(report))
     print(render(report))
     return report
 
