@@ -3,9 +3,17 @@
 One epoch is one compiled program: ``lax.scan`` over a ``(n_steps, batch_size)``
 matrix of shuffled cell indices, each step gathering its minibatch from arrays
 already on the device and taking a NumPyro ``SVI.update``.  The program is
-compiled once ahead of time, so epochs never retrace.  A non-finite loss
-freezes the parameters inside the scan; the driver then restores the last
-parameters whose loss was finite and raises :class:`FitDivergedError`.
+compiled once ahead of time, so epochs never retrace.
+
+Divergence costs nothing while a fit is healthy: the epoch program carries no
+per-step guard (selecting between two copies of every parameter and optimiser
+moment at every step costs ~10% of an scVI step).  When an epoch returns a
+non-finite loss, the driver replays that epoch (or the one before, if the
+very first step failed) from its saved start state with a guarded program,
+compiled only then, which freezes the parameters at the first non-finite
+loss; replay is exact because an epoch is a pure function of its start state,
+cell order and epoch number.  The last parameters whose loss was finite are
+returned inside :class:`FitDivergedError`.
 """
 
 from __future__ import annotations
@@ -105,12 +113,12 @@ def fit(
     svi = SVI(model.model, guide, optimizer, loss=model.elbo())
     key_init, key_shuffle, key_validation = jax.random.split(jax.random.PRNGKey(seed), 3)
     state = initial_state(svi, model, train, batch_size, key_init)
-    run_epoch = epoch_function(svi, train)
+    run_epoch = epoch_function(svi, train, guard=False)
 
     order_shape = jax.ShapeDtypeStruct((steps_per_epoch, batch_size), jnp.int32)
     started = time.perf_counter()
     epoch_program = jax.jit(run_epoch).lower(
-        state, state, order_shape, train.arrays, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+        state, order_shape, train.arrays, jax.ShapeDtypeStruct((), jnp.float32)).compile()
     # Held-out cells have no per-cell guide params (lvmzoo.infer.guides.refit_local
     # fits them after training), so such guides report no validation loss.
     per_cell = getattr(guide, "per_cell", False)
@@ -121,7 +129,7 @@ def fit(
 
     history = {"epoch": [], "loss": [], "validation_loss": [], "seconds": []}
     best = (math.inf, state, 0)
-    previous = state
+    last_epoch = None  # (start state, order, epoch) of the previous epoch, for replay
     result = lambda st, **kw: FittedModel(
         model=model, guide=guide, params=_all_params(svi, st), registry=data.registry,
         history={**history, "compile_seconds": compile_seconds, "steps_per_epoch":
@@ -132,13 +140,16 @@ def fit(
         for epoch in bar:
             t0 = time.perf_counter()
             order = epoch_order(key_shuffle, epoch, train.n_cells, steps_per_epoch, batch_size)
-            carry, losses = epoch_program(previous, state, order, train.arrays,
-                                          jnp.float32(epoch))
-            failed_step = int(carry.failed_step)
-            if failed_step >= 0:
+            new_state, losses = epoch_program(state, order, train.arrays, jnp.float32(epoch))
+            finite = np.isfinite(np.asarray(losses))
+            if not finite.all():
+                failed_step = int(np.argmin(finite))
+                good = _last_finite_state(svi, train, (state, order, epoch), last_epoch,
+                                          failed_step)
                 message = _divergence_message(model, epoch, failed_step, learning_rate)
-                raise FitDivergedError(message, result(carry.previous, diverged=message))
-            previous, state = carry.previous, carry.state
+                raise FitDivergedError(message, result(good, diverged=message))
+            last_epoch = (state, order, epoch)
+            state = new_state
             val_loss = validate(state) if validate else float("nan")
             seconds = time.perf_counter() - t0
             history["epoch"].append(epoch)
@@ -172,19 +183,27 @@ def initial_state(svi, model, source, batch_size, key):
     )
 
 
-def epoch_function(svi, source):
-    """``run_epoch(previous, state, order, arrays, epoch) -> (_Carry, losses)``.
+def epoch_function(svi, source, guard: bool = True):
+    """The program of one epoch: one ``svi.update`` per row of ``order``, inside ``lax.scan``.
 
-    ``order`` is ``(n_steps, batch_size)`` cell indices; one ``svi.update`` per
-    row, inside ``lax.scan``.  After the first non-finite loss the parameters
-    stop changing and ``previous`` keeps the last state whose loss was finite.
+    ``order`` is ``(n_steps, batch_size)`` cell indices.
+
+    * ``guard=False``: ``run_epoch(state, order, arrays, epoch) -> (state, losses)``.
+    * ``guard=True``: ``run_epoch(previous, state, order, arrays, epoch) ->
+      (_Carry, losses)``; after the first non-finite loss the parameters stop
+      changing and ``previous`` keeps the last state whose loss was finite.
     """
 
-    def run_epoch(previous, state, order, arrays, epoch):
+    def update(state, arrays, index, epoch):
+        return svi.update(state, source.gather(arrays, index).replace(epoch=epoch))
+
+    def run_epoch(state, order, arrays, epoch):
+        return jax.lax.scan(lambda st, index: update(st, arrays, index, epoch), state, order)
+
+    def run_guarded_epoch(previous, state, order, arrays, epoch):
         def step(carry, xs):
             i, index = xs
-            batch = source.gather(arrays, index).replace(epoch=epoch)
-            new_state, loss = svi.update(carry.state, batch)
+            new_state, loss = update(carry.state, arrays, index, epoch)
             ok = jnp.isfinite(loss) & (carry.failed_step < 0)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
             failed = jnp.where(ok | (carry.failed_step >= 0), carry.failed_step, i)
@@ -195,7 +214,26 @@ def epoch_function(svi, source):
         steps = jnp.arange(order.shape[0], dtype=jnp.int32)
         return jax.lax.scan(step, init, (steps, order))
 
-    return run_epoch
+    return run_guarded_epoch if guard else run_epoch
+
+
+def _last_finite_state(svi, source, this_epoch, last_epoch, failed_step):
+    """The last state whose loss was finite, by replaying an epoch with the guard on.
+
+    ``this_epoch`` / ``last_epoch``: ``(start state, order, epoch)`` of the
+    failed epoch and of the one before (``None`` if there was none).  The loss
+    at step ``i`` is that of the state before step ``i``; so a failure at step
+    ``i > 0`` is resolved within this epoch, and one at step 0 by the last
+    step of the previous epoch.
+    """
+    if failed_step == 0:
+        if last_epoch is None:
+            return this_epoch[0]  # the initial state already had a non-finite loss
+        this_epoch = last_epoch
+    state, order, epoch = this_epoch
+    guarded = jax.jit(epoch_function(svi, source, guard=True))
+    carry, _ = guarded(state, state, order, source.arrays, jnp.float32(epoch))
+    return carry.previous
 
 
 def epoch_order(key, epoch, n_cells, steps_per_epoch, batch_size):

@@ -135,12 +135,14 @@ class Generative(NamedTuple):
     Attributes:
       rho: expression frequencies (each cell's row sums to 1).
       mean: expected counts ``l * rho``.
+      log_mean: ``log l + log rho``, what the likelihood reads (never underflows).
       inverse_dispersion: ``theta``; ``None`` for Poisson.
       dropout_logits: zero-inflation logits; ``None`` unless zinb.
     """
 
     rho: jax.Array
     mean: jax.Array
+    log_mean: jax.Array
     inverse_dispersion: Optional[jax.Array]
     dropout_logits: Optional[jax.Array]
 
@@ -282,14 +284,16 @@ class SCVI(LatentModel):
         """Decoder outputs for ``z`` ``(..., B, K)``, ``log_library`` ``(..., B)`` and ``codes``."""
         heads = self._decode(z, _one_hot(codes, batch.n_batches), batch.x.shape[-1], training)
         log_rho = jax.nn.log_softmax(heads.expression_logits)
-        mean = jnp.exp(log_library[..., None] + log_rho)
+        log_mean = log_library[..., None] + log_rho
         theta = self._inverse_dispersion(theta_table, heads, codes, batch.labels)
-        return Generative(jnp.exp(log_rho), mean, theta, heads.dropout_logits)
+        # rho and mean are for readers; a fit's loss uses log_mean only (the rest is pruned).
+        return Generative(jnp.exp(log_rho), jnp.exp(log_mean), log_mean, theta,
+                          heads.dropout_logits)
 
     def observation(self, out: Generative) -> dist.Distribution:
         """``p(x | z, l)``, batch shape ``(..., B, G)``, from the decoder outputs."""
         build = COUNT_LIKELIHOODS[self.likelihood].build
-        return build(out.mean, out.inverse_dispersion, out.dropout_logits)
+        return build(out.log_mean, out.inverse_dispersion, out.dropout_logits)
 
     def _decode(self, z, code, n_genes: int, training: bool) -> DecoderOutput:
         """The decoder heads for latent ``z`` ``(..., K)`` and batch one-hot ``code``."""
