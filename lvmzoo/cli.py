@@ -316,6 +316,12 @@ def _add_compare(commands) -> None:
                               "(default: %(default)s)")
     compare.add_argument("--n-genes", type=int, metavar="N", default=20,
                          help="most frequently detected genes used (default: %(default)s)")
+    compare.add_argument("--n-latent", type=int, metavar="K", default=2,
+                         help="latent dimensions of models that have n_latent (PPCA, FA, VAE, "
+                              "scVI); small, so NUTS and full-rank guides stay feasible "
+                              "(default: %(default)s)")
+    compare.add_argument("--n-components", type=int, metavar="K", default=3,
+                         help="mixture components of the GMM (default: %(default)s)")
     compare.add_argument("--epochs", type=int, metavar="N", default=300,
                          help="SVI epochs per method (default: %(default)s)")
     compare.add_argument("--batch-size", type=int, metavar="N", default=64,
@@ -357,8 +363,8 @@ def _compare(args) -> int:
     if not methods or unknown:
         raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose "
                          f"from {', '.join([*GUIDES, 'nuts'])}")
-    for option in ("n_cells", "n_genes", "epochs", "batch_size", "n_samples", "num_warmup",
-                   "num_samples", "num_chains"):
+    for option in ("n_cells", "n_genes", "n_latent", "n_components", "epochs", "batch_size",
+                   "n_samples", "num_warmup", "num_samples", "num_chains"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
     adata = datasets.load(datasets.DEFAULT_DATASET) if args.data is None else _read_h5ad(args.data)
@@ -370,7 +376,9 @@ def _compare(args) -> int:
         seed=args.seed)
     tables = []
     for cls in classes:
-        model = cls()
+        fields = {f.name for f in dataclasses.fields(cls)}
+        sizes = {"n_latent": args.n_latent, "n_components": args.n_components}
+        model = cls(**{k: v for k, v in sizes.items() if k in fields})
         kind = "binary" if model.data_kind == "binary" else "counts"
         data = setup_anndata(adata, layer=args.layer, kind=kind,
                              transform=model.default_transform if kind == "counts" else "none")

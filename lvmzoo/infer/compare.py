@@ -6,7 +6,8 @@ same training cells and scores them on the same held-out cells:
 * SVI methods are guide names (:data:`lvmzoo.infer.guides.GUIDES`); each fit
   goes through the one driver, :func:`lvmzoo.fit`.
 * ``"nuts"`` samples the model with NUTS (:func:`lvmzoo.infer.mcmc.run_nuts`):
-  with random globals where the model offers ``global_prior_scale`` (PPCA, FA),
+  with random globals where the model offers ``global_prior_scale`` (PPCA, FA,
+  GMM; the GMM's component is enumerated out),
   otherwise over the per-cell latents with the globals fixed at the amortised
   SVI fit.
 
@@ -15,7 +16,9 @@ Columns (per-cell quantities in nats per cell):
 ``heldout_log_likelihood``
     ``log p(x)`` of held-out cells by importance sampling with the method's
     posterior as proposal (``n_samples`` draws; per-cell guides refit their
-    local parameters with the globals frozen).  For NUTS with random globals:
+    local parameters with the globals frozen; joint guides refit their joint
+    distribution over the held-out cells' latents and are scored with the
+    weights of all held-out cells at once, divided by their number).  For NUTS with random globals:
     ``log mean_s p(x | θ_s)`` over posterior draws with the exact marginal.
 ``heldout_log_likelihood_exact``
     the model's closed-form ``log p(x)`` at the method's fitted globals, where
@@ -27,7 +30,8 @@ Columns (per-cell quantities in nats per cell):
     ``KL(q(z | x) ‖ p(z | x))`` to the exact posterior: the error of the
     variational family alone.
 ``pareto_k_max`` / ``pareto_k_share_ok``
-    PSIS ``k̂`` of each cell's importance weights (ok below 0.7).
+    PSIS ``k̂`` of each held-out cell's importance weights (ok below 0.7); for
+    joint guides the one ``k̂`` of the joint weights.
 ``r_hat_max`` / ``ess_bulk_min`` / ``divergences``
     MCMC convergence (NUTS rows).
 ``seconds`` / ``compile_seconds``
@@ -43,11 +47,13 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pandas as pd
 from jax.scipy.special import logsumexp
 
 from lvmzoo.data.registry import CellData
-from lvmzoo.infer.diagnostics import mcmc_checks, pareto_k_summary, per_cell_pareto_k
+from lvmzoo.infer.diagnostics import (
+    mcmc_checks, pareto_k, pareto_k_summary, per_cell_pareto_k)
 from lvmzoo.infer.mcmc import run_nuts
 from lvmzoo.infer.svi import fit
 from lvmzoo.models import get_model
@@ -64,11 +70,13 @@ class CompareSettings:
       epochs: SVI epochs.
       batch_size: SVI minibatch size; joint guides (low_rank, full_rank,
         flow, laplace) always use the full batch.
-      learning_rate: SVI step size (``None``: the model's default).
+      learning_rate: SVI's step size, decayed 20-fold over the second half of each fit
+        (``None``: the model's default, capped per guide family by
+        :func:`lvmzoo.infer.guides.default_learning_rate`).
       validation_fraction: share of cells held out for scoring.
       n_samples: importance samples per held-out cell.
       num_warmup / num_samples / num_chains: NUTS settings (chains vectorised).
-      global_prior_scale: prior scale of the globals for NUTS (PPCA, FA).
+      global_prior_scale: prior scale of the globals for NUTS (PPCA, FA, GMM).
       seed: one seed for the split and every method.
     """
 
@@ -129,7 +137,7 @@ def _split(data: CellData, settings: CompareSettings):
 
 
 def _svi_row(model, method, data, settings):
-    from lvmzoo.infer.guides import JOINT
+    from lvmzoo.infer.guides import JOINT, default_learning_rate, make_guide
 
     train_idx, held_idx = _split(data, settings)
     train, held = data.subset(train_idx), data.subset(held_idx)
@@ -138,8 +146,20 @@ def _svi_row(model, method, data, settings):
     if method in JOINT:  # full batch: as many updates as the minibatch methods get
         epochs *= train.n_cells // batch_size
         batch_size = train.n_cells
+    # Every method gets the same schedule: Adam at a constant step size for the
+    # first half of the fit, then decayed 20-fold over the second half, so each
+    # ends near its optimum instead of circling it at the noise level of
+    # single-draw gradients (a full-rank guide's D^2 parameters need this most).
+    learning_rate = settings.learning_rate
+    if learning_rate is None:
+        learning_rate = default_learning_rate(make_guide(method, model), model)
+    n_steps = epochs * (train.n_cells // batch_size)
+    half = max(n_steps // 2, 1)
+    schedule = optax.exponential_decay(learning_rate, transition_steps=half, decay_rate=0.05,
+                                       transition_begin=half, end_value=0.05 * learning_rate)
+    optimizer = optax.adam(schedule)
     fitted = fit(model, train, guide=method, epochs=epochs, batch_size=batch_size,
-                 learning_rate=settings.learning_rate, seed=settings.seed, progress=False)
+                 optimizer=optimizer, seed=settings.seed, progress=False)
     row = {"compile_seconds": fitted.history["compile_seconds"],
            "final_loss": fitted.history["loss"][-1] if fitted.history["loss"] else np.nan}
     on_train = fitted.evaluate(train, n_samples=settings.n_samples, seed=settings.seed)
@@ -149,14 +169,16 @@ def _svi_row(model, method, data, settings):
         row["gap_to_exact"] = float(np.mean(exact_train)) - on_train["elbo"]
         row["heldout_log_likelihood_exact"] = float(np.mean(fitted.log_likelihood(held)))
     # A point-mass guide (map) is no proposal: importance sampling needs a density.
-    if method != "map" and not getattr(fitted.guide, "joint_over_cells", False):
+    if method != "map":
         on_held = fitted.evaluate(held, n_samples=settings.n_samples, seed=settings.seed,
                                   method="importance_sampling")
         row["heldout_log_likelihood"] = on_held["avg_log_likelihood"]
-        k = per_cell_pareto_k(fitted, held, n_samples=settings.n_samples)
-        if k is not None:
-            k_summary = pareto_k_summary(k)
-            row["pareto_k_max"], row["pareto_k_share_ok"] = k_summary["max"], k_summary["share_ok"]
+        if "log_weights" in on_held:  # a joint guide: one k̂ for the whole held-out set
+            k = np.atleast_1d(pareto_k(on_held["log_weights"]))
+        else:
+            k = per_cell_pareto_k(fitted, held, n_samples=settings.n_samples)
+        k_summary = pareto_k_summary(k)
+        row["pareto_k_max"], row["pareto_k_share_ok"] = k_summary["max"], k_summary["share_ok"]
     return row
 
 
@@ -187,18 +209,36 @@ def _identifiable(result, random_globals):
 
     With random globals, ``W`` and the per-cell ``z`` are identified only up to a
     rotation (chains may settle in different rotations), so they are replaced by
-    ``W W^T``; other sites are kept.
+    ``W W^T``; mixture components only up to relabelling, so their parameters
+    are replaced by the sorted weights.  Every such model also gets the
+    average per-cell log-likelihood of the training cells under each draw
+    (``mean_log_likelihood``).
     """
     import arviz as az
 
     samples = dict(result.samples)
-    if random_globals and "W" in samples:
-        W = samples.pop("W")  # (chains, draws, genes, K)
-        samples.pop("z", None)
-        samples["WWt"] = np.einsum("cdgk,cdhk->cdgh", W, W)
+    if random_globals:
+        if "W" in samples:
+            W = samples.pop("W")  # (chains, draws, genes, K)
+            samples.pop("z", None)
+            samples["WWt"] = np.einsum("cdgk,cdhk->cdgh", W, W)
+        if "weights" in samples:
+            for name in ("means", "scales", "scales_above_floor"):
+                samples.pop(name, None)
+            samples["weights_sorted"] = np.sort(samples.pop("weights"), axis=-1)
+        samples["mean_log_likelihood"] = _per_draw_log_likelihood(result, result.batch).mean(-1)
     diverging = result.mcmc.get_extra_fields(group_by_chain=True).get("diverging")
     stats = {"diverging": np.asarray(diverging)} if diverging is not None else None
     return az.from_dict(posterior=samples, sample_stats=stats)
+
+
+def _per_draw_log_likelihood(result, batch) -> np.ndarray:
+    """The model's exact ``log p(x_i | globals_s)``, ``(chains, draws, cells)``."""
+    shape = next(iter(result.samples.values())).shape[:2]
+    draws = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in result.samples.items()}
+    per_draw = jax.lax.map(lambda d: result.model.log_likelihood({**result.fixed, **d}, batch),
+                           draws, batch_size=64)
+    return np.asarray(per_draw).reshape(shape + (-1,))
 
 
 def _renamed_checks(checks):
@@ -210,12 +250,9 @@ def _posterior_predictive_log_likelihood(model, result, held: CellData) -> float
     """``mean_i log mean_s p(x_i | θ_s)`` over posterior draws, exact marginal over z."""
     from lvmzoo.data.source import DeviceSource
 
-    batch = DeviceSource(held).full_batch()
-    draws = {k: v.reshape((-1,) + v.shape[2:]) for k, v in result.samples.items()}
-    per_draw = jax.vmap(lambda d: model.log_likelihood({**result.fixed, **d}, batch))(
-        {k: jnp.asarray(v) for k, v in draws.items()})  # (n_draws, n_cells)
-    n_draws = per_draw.shape[0]
-    return float(jnp.mean(logsumexp(per_draw, axis=0) - jnp.log(n_draws)))
+    per_draw = _per_draw_log_likelihood(result, DeviceSource(held).full_batch())
+    per_draw = per_draw.reshape((-1, per_draw.shape[-1]))  # (n_draws, n_cells)
+    return float(np.mean(logsumexp(per_draw, axis=0) - np.log(per_draw.shape[0])))
 
 
 def comparison_figure(table: pd.DataFrame):
@@ -226,7 +263,7 @@ def comparison_figure(table: pd.DataFrame):
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import SymmetricalLogLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter
 
     panels = [("heldout_log_likelihood", "held-out log p(x) (nats/cell)"),
               ("gap_to_exact", "log p(x) − ELBO = KL to exact posterior"),
@@ -250,11 +287,26 @@ def comparison_figure(table: pd.DataFrame):
         ax.set_ylim(len(methods) - 0.5, -0.5)  # first method on top, same rows in every panel
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+        ax.margins(x=0.08)  # no dot on the frame
         if column == "gap_to_exact":
-            ax.set_xscale("symlog", linthresh=0.1)  # a diverged fit must not hide the others
-            ax.xaxis.set_major_locator(SymmetricalLogLocator(base=1000, linthresh=0.1))
+            # symlog: a diverged fit (a gap of 1e6) must not squash the others.
+            ax.set_xscale("symlog", linthresh=0.1, linscale=1.0)
+            gaps = table[column].to_numpy(float)
+            gaps = gaps[np.isfinite(gaps)]
+            top = max(np.max(np.abs(gaps)) if gaps.size else 1.0, 0.1)
+            n_decades = int(np.ceil(np.log10(top))) + 2
+            step = max(1, int(np.ceil(n_decades / 4)))  # at most ~4 labelled decades a side
+            decades = [10.0**e for e in range(-1, n_decades - 1, step)]
+            ticks = sorted({0.0, *decades, *(-d for d in decades)})
+            low, high = (gaps.min(), gaps.max()) if gaps.size else (0.0, 1.0)
+            ticks = [t for t in ticks if low - abs(low) - 0.1 <= t <= high + abs(high) + 0.1]
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.axvline(0.0, color="0.6", lw=0.8)
             ax.tick_params(axis="x", labelsize=8)
-    figure.axes[0].legend(fontsize=8, loc="lower right")
+    handles, labels = figure.axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=max(len(models), 1),
+                  fontsize=9, frameon=False)
     return figure
 
 

@@ -284,6 +284,12 @@ def _chunk_log_weights(model, guide, params, batch, keys):
                        batch_size=16)
 
 
+def pareto_k(log_weights: np.ndarray) -> float:
+    """Pareto ``k̂`` (PSIS, ``az.psislw``) of one set of ``(n_samples,)`` log importance weights."""
+    _, k = az.psislw(np.asarray(log_weights, np.float64))
+    return float(k)
+
+
 def pareto_k_summary(k: np.ndarray) -> dict[str, float]:
     """Share of cells with ``k̂`` in the PSIS bands (good < 0.5 ≤ ok < 0.7 ≤ bad) and the max."""
     k = np.asarray(k)

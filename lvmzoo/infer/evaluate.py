@@ -10,6 +10,13 @@ For a cell ``x`` with local latents ``z`` and a guide ``q(z | x)``,
 a lower bound that tightens as ``K`` grows (the IWAE bound); its ``K = 1``
 expectation is the ELBO.  Only sites inside the ``"cells"`` plate enter the
 per-cell weights; global parameters are held at their fitted values.
+
+A guide that is one joint distribution over every cell's latents (a full-rank
+Gaussian or a flow over all of ``Z``) has no per-cell factor, so its weights
+are those of the whole batch of cells ``X``:
+``log p(X, Z) - log q(Z)`` with ``Z ~ q`` (:func:`joint_log_weights`), and
+``log p(X) = sum_i log p(x_i)`` is estimated the same way; divided by the
+number of cells it is comparable with the per-cell averages.
 """
 
 from __future__ import annotations
@@ -73,3 +80,36 @@ def importance_sampled_scores(
         batch_size=min(n_samples, 16),
     )
     return logsumexp(weights, axis=0) - jnp.log(n_samples), weights.mean(axis=0)
+
+
+def joint_log_weight(
+    model: Callable, guide: Callable, params: dict, batch: Batch, key: jax.Array
+) -> jax.Array:
+    """``log p(X, Z) - log q(Z)`` for one draw ``Z ~ q`` of all cells' latents; shape ``()``.
+
+    The model side counts the sites in the ``"cells"`` plate (globals are
+    plugged in through ``params``); the guide side every sample site of the
+    guide, i.e. the joint density of ``Z`` including the Jacobians of its
+    constraining transforms.
+    """
+    key_guide, key_model = jax.random.split(key)
+    guide_trace = handlers.trace(
+        handlers.seed(handlers.substitute(guide, data=params), key_guide)
+    ).get_trace(batch)
+    model_trace = handlers.trace(
+        handlers.replay(
+            handlers.seed(handlers.substitute(model, data=params), key_model), guide_trace
+        )
+    ).get_trace(batch)
+    log_q = sum(jnp.sum(site["fn"].log_prob(site["value"])) for site in guide_trace.values()
+                if site["type"] == "sample")
+    return jnp.sum(_per_cell_log_prob(model_trace)) - log_q
+
+
+def joint_log_weights(
+    model: Callable, guide: Callable, params: dict, batch: Batch, key: jax.Array, n_samples: int
+) -> jax.Array:
+    """``(n_samples,)`` draws of :func:`joint_log_weight`."""
+    keys = jax.random.split(key, n_samples)
+    return jax.lax.map(lambda k: joint_log_weight(model, guide, params, batch, k), keys,
+                       batch_size=min(n_samples, 16))

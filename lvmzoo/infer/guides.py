@@ -81,6 +81,17 @@ GUIDES: dict[str, str] = {
     "laplace": "AutoLaplaceApproximation: MAP, then Gaussian with the inverse Hessian; full batch only",
 }
 JOINT = ("low_rank", "full_rank", "flow", "laplace")
+# Largest default step size per family.  An inverse autoregressive flow over a
+# few hundred latent dimensions diverged (loss 1e8 and beyond) at Adam step
+# sizes of 3e-3 and 1e-2 that the Gaussian families take in their stride, and
+# trained smoothly at 1e-3 (PPCA, 2 x 240 latent entries; 2026-11-24).
+MAX_DEFAULT_LEARNING_RATE: dict[str, float] = {"flow": 1e-3}
+
+
+def default_learning_rate(guide: Callable, model: LatentModel) -> float:
+    """The step size :func:`lvmzoo.fit` uses when given none: the model's, capped per family."""
+    cap = MAX_DEFAULT_LEARNING_RATE.get(getattr(guide, "name", None), float("inf"))
+    return min(model.default_learning_rate, cap)
 _JOINT_CLASSES = {
     "low_rank": autoguide.AutoLowRankMultivariateNormal,
     "full_rank": autoguide.AutoMultivariateNormal,
@@ -426,7 +437,8 @@ def global_point_estimates(guide: Callable, params: dict, batch: Batch, names, *
     return {n: jnp.mean(v, axis=0) for n, v in draws.items()}
 
 
-def refit_local(fitted, data: CellData, *, epochs: int = 300, batch_size: Optional[int] = None,
+def refit_local(fitted, data: CellData, *, epochs: Optional[int] = None,
+                batch_size: Optional[int] = None,
                 learning_rate: Optional[float] = None, seed: int = 0, progress: bool = False):
     """Fit the per-cell variational parameters of ``data``'s cells, globals frozen.
 
@@ -439,8 +451,11 @@ def refit_local(fitted, data: CellData, *, epochs: int = 300, batch_size: Option
       fitted: a :class:`~lvmzoo.infer.results.FittedModel` fitted with a
         per-cell guide from :func:`make_guide`.
       data: the cells to fit (typically held out).
-      epochs, seed, progress: as in :func:`lvmzoo.fit`.
-      learning_rate: Adam's initial step size (default 0.1; 0.01 for flows),
+      epochs: as in :func:`lvmzoo.fit`; default 300, and 2,000 for a guide
+        joint over all cells (one full-batch step per epoch, and its
+        correlated parameters need more of them than independent per-cell ones).
+      seed, progress: as in :func:`lvmzoo.fit`.
+      learning_rate: Adam's initial step size (default 0.1; 1e-3 for flows),
         decayed exponentially to 1/20 of it over the refit.
       batch_size: default all cells (up to 4096, else the fit's own); joint
         guides always use all cells.
@@ -461,13 +476,15 @@ def refit_local(fitted, data: CellData, *, epochs: int = 300, batch_size: Option
         name, options = "mean_field", {}
     else:
         name, options = guide.name, guide.options
+    if epochs is None:
+        epochs = 2000 if guide.joint_over_cells else 300
     if guide.joint_over_cells:
         batch_size = data.n_cells
     elif batch_size is None:  # the per-cell problems are small: full batches up to 4096 cells
         batch_size = max(min(data.n_cells, 4096), fitted.history.get("batch_size") or 1)
     batch_size = min(batch_size, data.n_cells)
     if learning_rate is None:  # flows are unstable at the step size the others like
-        learning_rate = 0.01 if name == "flow" else 0.1
+        learning_rate = min(0.1, MAX_DEFAULT_LEARNING_RATE.get(name, 0.1))
     # Decay the step size 20-fold: the per-cell optimum is then reached rather
     # than circled at the noise level of single-draw gradients.
     n_steps = epochs * (data.n_cells // batch_size)

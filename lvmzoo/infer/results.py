@@ -12,7 +12,7 @@ import numpy as np
 
 from lvmzoo.data.registry import CellData, DataRegistry
 from lvmzoo.data.source import DeviceSource
-from lvmzoo.infer.evaluate import importance_sampled_scores
+from lvmzoo.infer.evaluate import importance_sampled_scores, joint_log_weights
 from lvmzoo.models.base import LatentModel
 
 EVAL_CHUNK = 1024
@@ -32,6 +32,11 @@ def _exact_log_likelihood(model, params, batch):
 @functools.partial(jax.jit, static_argnames=("model", "guide", "n_samples"))
 def _sampled_log_likelihood(model, guide, params, batch, key, n_samples):
     return importance_sampled_scores(model.model, guide, params, batch, key, n_samples)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "guide", "n_samples"))
+def _joint_log_weights(model, guide, params, batch, key, n_samples):
+    return joint_log_weights(model.model, guide, params, batch, key, n_samples)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "guide"))
@@ -111,14 +116,20 @@ class FittedModel:
             otherwise the importance-sampled (IWAE) estimate with ``n_samples``
             draws from the guide; ``"importance_sampling"``: always the estimate
             (to score the guide as a proposal).
+
+        A guide joint over all cells (``low_rank``, ``full_rank``, ``flow``,
+        ``laplace``; refitted to ``data``'s cells if they are not its training
+        cells) is scored with weights of all cells at once (see
+        :mod:`lvmzoo.infer.evaluate`): ``method`` is then
+        ``"importance_sampling_joint"`` and ``log_weights`` holds the
+        ``(n_samples,)`` weights (e.g. for a Pareto ``k̂``).
         """
         if method not in ("auto", "importance_sampling"):
             raise ValueError(f"method must be 'auto' or 'importance_sampling', got {method!r}")
         key = jax.random.PRNGKey(seed)
         exact = self.log_likelihood(data) if method == "auto" else None
         if exact is None and getattr(self.guide, "joint_over_cells", False):
-            raise ValueError("importance sampling per cell needs a guide that factorises over "
-                             f"cells; {self.guide.name!r} is joint over all cells")
+            return self._evaluate_joint(data, n_samples, key)
         sampled, elbo = [], 0.0
         for i, (batch, params, guide) in enumerate(self._evaluation(data)):
             k = jax.random.fold_in(key, i)
@@ -133,6 +144,27 @@ class FittedModel:
             "method": "exact" if exact is not None else "importance_sampling",
             "n_samples": 0 if exact is not None else int(n_samples),
             "elbo": elbo / data.n_cells,
+        }
+
+    def _evaluate_joint(self, data: CellData, n_samples: int, key) -> dict[str, Any]:
+        if self.guide.global_sites:
+            raise ValueError(
+                f"guide {self.guide.name!r} is joint over the global latents "
+                f"{', '.join(self.guide.global_sites)} and every cell's latents, so the "
+                "globals cannot be held at plug-in values when scoring it; use "
+                f"make_guide({self.guide.name!r}, model, local='mean_field'), or a model "
+                "whose globals are point-estimated")
+        (batch, params, guide), = list(self._evaluation(data))  # joint: one chunk
+        weights = np.asarray(_joint_log_weights(self.model, guide, params, batch, key, n_samples),
+                             np.float64)
+        total = float(np.logaddexp.reduce(weights) - np.log(n_samples))
+        return {
+            "n_cells": int(data.n_cells),
+            "avg_log_likelihood": total / data.n_cells,
+            "method": "importance_sampling_joint",
+            "n_samples": int(n_samples),
+            "elbo": float(np.mean(weights)) / data.n_cells,
+            "log_weights": weights,
         }
 
     def annotate(self, adata: ad.AnnData, data: CellData) -> tuple[ad.AnnData, list[str]]:

@@ -32,7 +32,7 @@ from tqdm import tqdm  # plain bars: tqdm.auto warns in Jupyter without ipywidge
 
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import DeviceSource
-from lvmzoo.infer.guides import NamedGuide, make_guide
+from lvmzoo.infer.guides import NamedGuide, default_learning_rate, make_guide
 from lvmzoo.infer.results import FittedModel
 from lvmzoo.models.base import LatentModel
 
@@ -75,7 +75,9 @@ def fit(
         :func:`~lvmzoo.infer.guides.make_guide`.  Joint families need
         ``batch_size >=`` the number of training cells.
       optimizer: an optax transformation; default ``optax.adam(learning_rate)``.
-      learning_rate: default ``model.default_learning_rate``.
+      learning_rate: default ``model.default_learning_rate`` (capped for
+        guide families that need smaller steps, see
+        :func:`lvmzoo.infer.guides.default_learning_rate`).
       epochs: passes over the training cells; each is one compiled call.
       batch_size: cells per step (capped at the number of training cells); the
         last incomplete minibatch of each shuffled epoch is dropped.
@@ -95,14 +97,15 @@ def fit(
         finite parameters.
     """
     check_data_kind(model, data)
-    learning_rate = model.default_learning_rate if learning_rate is None else learning_rate
-    optimizer = optax.adam(learning_rate) if optimizer is None else optimizer
     guide = model.guide if guide is None else guide
     if isinstance(guide, str):
         guide = make_guide(guide, model)
     if isinstance(guide, NamedGuide):
         # A new one, owned by this fit: autoguides take their shapes from it.
         guide = make_guide(guide.name, model, **guide.options)
+    if learning_rate is None:
+        learning_rate = default_learning_rate(guide, model)
+    optimizer = optax.adam(learning_rate) if optimizer is None else optimizer
     train_idx, val_idx = _split(data.n_cells, validation_fraction, seed)
     if isinstance(guide, NamedGuide):
         guide.training_cells = np.asarray(data.obs_names)[train_idx]  # rows of per-cell params

@@ -18,6 +18,18 @@ the negative marginal log-likelihood
 Reports the responsibilities ``p(c = k | x)`` per cell and the exact marginal
 log-likelihood above.
 
+With ``global_prior_scale = s`` the globals are random too, so that MCMC
+(:func:`lvmzoo.infer.mcmc.run_nuts`, with ``c`` still enumerated out) or a
+guide over them can be used::
+
+    weights ~ Dirichlet(1, ..., 1)
+    means_kg ~ N(0, s^2)
+    scales_kg = min_scale + h_kg,   h_kg ~ HalfNormal(s)
+
+(sample sites ``weights``, ``means`` and ``scales``; the components are
+exchangeable, so only label-invariant summaries such as the per-cell
+log-likelihood are identified across chains).
+
 Parameterisation.  The optimised values are ``weights``, ``scales`` and
 ``whitened_means`` ``u = m / s``; the model computes ``means = u * scales``.
 Adam moves every unconstrained coordinate by about the learning rate per
@@ -48,7 +60,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -73,11 +85,15 @@ class GaussianMixture(LatentModel):
       min_scale: lower bound of every per-gene standard deviation.
       n_lloyd_iterations: k-means refinements after k-means++ seeding in
         :meth:`init_params`.
+      global_prior_scale: ``None`` (default) point-estimates the weights,
+        means and scales; a float ``s`` gives them the priors in the module
+        docstring.
     """
 
     n_components: int = 10
     min_scale: float = 1e-3
     n_lloyd_iterations: int = 10
+    global_prior_scale: Optional[float] = None
 
     name: ClassVar[str] = "gmm"
     data_kind: ClassVar[str] = "continuous"
@@ -87,14 +103,22 @@ class GaussianMixture(LatentModel):
     def model(self, batch: Batch) -> None:
         n_genes = batch.x.shape[-1]
         k = self.n_components
-        weights = numpyro.param("weights", jnp.full(k, 1.0 / k), constraint=constraints.simplex)
-        scales = numpyro.param(
-            "scales", jnp.ones((k, n_genes)), constraint=constraints.greater_than(self.min_scale)
-        )
-        # Means in units of their own scale, so optimiser steps are relative
-        # to each component's spread (see the module docstring).
-        whitened_means = numpyro.param("whitened_means", jnp.zeros((k, n_genes)))
-        means = whitened_means * scales
+        s = self.global_prior_scale
+        if s is None:  # maximum likelihood
+            weights = numpyro.param("weights", jnp.full(k, 1.0 / k), constraint=constraints.simplex)
+            scales = numpyro.param(
+                "scales", jnp.ones((k, n_genes)), constraint=constraints.greater_than(self.min_scale)
+            )
+            # Means in units of their own scale, so optimiser steps are relative
+            # to each component's spread (see the module docstring).
+            whitened_means = numpyro.param("whitened_means", jnp.zeros((k, n_genes)))
+            means = whitened_means * scales
+        else:
+            weights = numpyro.sample("weights", dist.Dirichlet(jnp.ones(k)))
+            means = numpyro.sample("means", dist.Normal(0.0, s).expand([k, n_genes]).to_event(2))
+            above_floor = numpyro.sample(
+                "scales_above_floor", dist.HalfNormal(s).expand([k, n_genes]).to_event(2))
+            scales = numpyro.deterministic("scales", self.min_scale + above_floor)
         with cell_plate(batch):
             # Enumerated: c has shape (K, 1) under TraceEnum_ELBO, (B,) otherwise.
             c = numpyro.sample(
@@ -117,6 +141,8 @@ class GaussianMixture(LatentModel):
         spread for empty clusters) just above ``min_scale``, weights the
         cluster sizes (plus one cell, so none is zero).
         """
+        if self.global_prior_scale is not None:
+            return None  # the globals are sample sites: their guide (or sampler) starts them
         x = batch.x
         centres = kmeans_plus_plus(x, self.n_components, key)
         centres = jax.lax.fori_loop(
@@ -134,15 +160,26 @@ class GaussianMixture(LatentModel):
         weights = (sizes + 1.0) / (sizes.sum() + self.n_components)
         return {"weights": weights, "scales": scales, "whitened_means": means / scales}
 
-    @staticmethod
-    def mixture(params) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def mixture(self, params) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(weights (K,), means (K, G), scales (K, G))`` from fitted ``params``.
 
         ``params`` as :func:`lvmzoo.fit` returns them (``weights``, ``scales``,
-        ``whitened_means``); ``means = whitened_means * scales``.
+        ``whitened_means``; ``means = whitened_means * scales``), or values of
+        the sample sites with ``global_prior_scale`` (``weights``, ``means``,
+        and ``scales`` or ``scales_above_floor``).
         """
-        scales = params["scales"]
-        return params["weights"], params["whitened_means"] * scales, scales
+        if "whitened_means" in params:
+            scales = params["scales"]
+            return params["weights"], params["whitened_means"] * scales, scales
+        scales = params["scales"] if "scales" in params else (
+            self.min_scale + params["scales_above_floor"])
+        return params["weights"], params["means"], scales
+
+    def config(self) -> dict:
+        config = super().config()
+        if self.global_prior_scale is None:  # runs saved before the option read the same
+            del config["global_prior_scale"]
+        return config
 
     def latent(self, params, batch: Batch, key: jax.Array) -> jax.Array:
         """Responsibilities ``p(c = k | x)``, ``(B, K)``; rows sum to one."""
