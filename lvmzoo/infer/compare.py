@@ -140,7 +140,7 @@ def _split(data: CellData, settings: CompareSettings):
 
 def _svi_row(model, method, data, settings):
     from lvmzoo.data.source import DeviceSource
-    from lvmzoo.infer.guides import JOINT, classify_sites, default_learning_rate, make_guide
+    from lvmzoo.infer.guides import JOINT, classify_sites, default_learning_rate
 
     train_idx, held_idx = _split(data, settings)
     train, held = data.subset(train_idx), data.subset(held_idx)
@@ -155,7 +155,7 @@ def _svi_row(model, method, data, settings):
     # single-draw gradients (a full-rank guide's D^2 parameters need this most).
     learning_rate = settings.learning_rate
     if learning_rate is None:
-        learning_rate = default_learning_rate(make_guide(method, model), model)
+        learning_rate = default_learning_rate(method, model)
     n_steps = epochs * (train.n_cells // batch_size)
     half = max(n_steps // 2, 1)
     schedule = optax.exponential_decay(learning_rate, transition_steps=half, decay_rate=0.05,

@@ -44,10 +44,8 @@ def _per_cell_log_prob(trace) -> jax.Array:
     return total
 
 
-def log_weights(
-    model: Callable, guide: Callable, params: dict, batch: Batch, key: jax.Array
-) -> jax.Array:
-    """``log p(x, z) - log q(z | x)`` per cell for one draw ``z ~ q``; shape ``(B,)``."""
+def _traces(model, guide, params, batch, key):
+    """``(model_trace, guide_trace)`` for one draw from ``guide``, the model replayed on it."""
     key_guide, key_model = jax.random.split(key)
     guide_trace = handlers.trace(
         handlers.seed(handlers.substitute(guide, data=params), key_guide)
@@ -57,6 +55,14 @@ def log_weights(
             handlers.seed(handlers.substitute(model, data=params), key_model), guide_trace
         )
     ).get_trace(batch)
+    return model_trace, guide_trace
+
+
+def log_weights(
+    model: Callable, guide: Callable, params: dict, batch: Batch, key: jax.Array
+) -> jax.Array:
+    """``log p(x, z) - log q(z | x)`` per cell for one draw ``z ~ q``; shape ``(B,)``."""
+    model_trace, guide_trace = _traces(model, guide, params, batch, key)
     return _per_cell_log_prob(model_trace) - _per_cell_log_prob(guide_trace)
 
 
@@ -92,15 +98,7 @@ def joint_log_weight(
     guide, i.e. the joint density of ``Z`` including the Jacobians of its
     constraining transforms.
     """
-    key_guide, key_model = jax.random.split(key)
-    guide_trace = handlers.trace(
-        handlers.seed(handlers.substitute(guide, data=params), key_guide)
-    ).get_trace(batch)
-    model_trace = handlers.trace(
-        handlers.replay(
-            handlers.seed(handlers.substitute(model, data=params), key_model), guide_trace
-        )
-    ).get_trace(batch)
+    model_trace, guide_trace = _traces(model, guide, params, batch, key)
     log_q = sum(jnp.sum(site["fn"].log_prob(site["value"])) for site in guide_trace.values()
                 if site["type"] == "sample")
     return jnp.sum(_per_cell_log_prob(model_trace)) - log_q

@@ -88,9 +88,13 @@ JOINT = ("low_rank", "full_rank", "flow", "laplace")
 MAX_DEFAULT_LEARNING_RATE: dict[str, float] = {"flow": 1e-3}
 
 
-def default_learning_rate(guide: Callable, model: LatentModel) -> float:
-    """The step size :func:`lvmzoo.fit` uses when given none: the model's, capped per family."""
-    cap = MAX_DEFAULT_LEARNING_RATE.get(getattr(guide, "name", None), float("inf"))
+def default_learning_rate(guide: Union[str, Callable], model: LatentModel) -> float:
+    """The step size :func:`lvmzoo.fit` uses when given none: the model's, capped per family.
+
+    ``guide``: a guide name, a guide from :func:`make_guide`, or any guide function.
+    """
+    name = guide if isinstance(guide, str) else getattr(guide, "name", None)
+    cap = MAX_DEFAULT_LEARNING_RATE.get(name, float("inf"))
     return min(model.default_learning_rate, cap)
 _JOINT_CLASSES = {
     "low_rank": autoguide.AutoLowRankMultivariateNormal,
