@@ -1,13 +1,13 @@
 """lvmzoo: a JAX model zoo of latent variable models for single-cell biology."""
 
 from lvmzoo import data, models
-from lvmzoo.data import CellData, DataError, query_anndata, setup_anndata
+from lvmzoo.data import CellData, DataError, DataWarning, query_anndata, setup_anndata
 from lvmzoo.infer import FitDivergedError, FittedModel, fit
 from lvmzoo.io import load_model, save_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CellData", "DataError", "FitDivergedError", "FittedModel", "data", "fit", "load_model",
+    "CellData", "DataError", "DataWarning", "FitDivergedError", "FittedModel", "data", "fit", "load_model",
     "models", "query_anndata", "save_model", "setup_anndata",
 ]

@@ -75,7 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
-        return args.run(args)
+        with warnings.catch_warnings():
+            _one_line_data_warnings()
+            return args.run(args)
     except SystemExit as exit_:  # --help and --version exit through argparse
         return int(exit_.code or 0)
     except UsageError as err:
@@ -89,6 +91,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(err, DataError):
             return _usage_error(err)
         raise  # a genuine bug: keep the traceback
+
+
+def _one_line_data_warnings() -> None:
+    """Show the data layer's warnings as ``lvmzoo: warning: ...`` (no file/line dump)."""
+    from lvmzoo.data.registry import DataWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _usage_error(err: Exception) -> int:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from lvmzoo.data import CellData, DataError, query_anndata, setup_anndata
+from lvmzoo.data import CellData, DataError, DataWarning, query_anndata, setup_anndata
 
 
 def make_adata(n_cells=12, n_genes=6, seed=0):
@@ -94,12 +94,35 @@ def test_cells_with_zero_total_counts_are_rejected():
         setup_anndata(with_x(adata, x))
 
 
-def test_genes_never_observed_are_rejected():
+@pytest.mark.parametrize("kind", ["counts", "continuous"])
+def test_genes_never_observed_are_kept_with_one_warning(kind):
     adata = make_adata()
     x = adata.X.copy()
-    x[:, 3] = 0
-    with pytest.raises(DataError, match="1 genes are zero in every cell.*filter_genes"):
-        setup_anndata(with_x(adata, x))
+    x[:, [1, 3]] = 0
+    with pytest.warns(DataWarning, match="^2 of 6 genes are zero in every cell; they are kept") as seen:
+        data = setup_anndata(with_x(adata, x), kind=kind)
+    assert len(seen) == 1 and "\n" not in str(seen[0].message)
+    assert data.n_genes == 6 and np.all(data.dense_x()[:, [1, 3]] == 0)
+
+
+def test_all_zero_cells_are_fine_for_continuous_data():
+    adata = make_adata()
+    x = adata.X.copy()
+    x[4] = 0
+    assert setup_anndata(with_x(adata, x), kind="continuous").n_cells == 12
+
+
+def test_structural_problems_are_reported_before_values_are_scanned():
+    adata = make_adata()
+    x = adata.X.copy()
+    x[:, 3] = 0  # an unobserved gene (a warning) ...
+    x[0, 0] = np.nan  # ... and a NaN (an error), but the key is what is wrong first
+    with pytest.raises(DataError, match="batch_key 'donor' is not a column"):
+        setup_anndata(with_x(adata, x), batch_key="donor")
+    with pytest.raises(DataError, match="layer 'raw' not found"):
+        setup_anndata(with_x(adata, x), layer="raw")
+    with pytest.raises(DataError, match="covariate 'age' is not a column"):
+        setup_anndata(with_x(adata, x), covariate_keys=["age"])
 
 
 def test_unknown_kind_and_incompatible_transform_are_rejected():
@@ -179,6 +202,24 @@ def test_query_with_missing_genes_is_rejected():
     query = make_adata(seed=1)[:, ["gene0", "gene1", "gene2", "gene3"]].copy()
     with pytest.raises(DataError, match="lacks 2 of the model's 6 genes.*gene4, gene5"):
         query_anndata(query, reference.registry)
+
+
+def test_query_can_zero_fill_missing_genes_with_a_warning():
+    reference = setup_anndata(make_adata(), batch_key="batch")
+    query = make_adata(seed=1)
+    kept = query[:, ["gene4", "gene0", "gene1", "gene3"]].copy()
+    with pytest.warns(DataWarning, match="lacks 2 of the model's 6 genes.*filled with zeros"):
+        data = query_anndata(kept, reference.registry, missing_genes="zero")
+    x = data.dense_x()
+    np.testing.assert_array_equal(x[:, [0, 1, 3, 4]], query.X[:, [0, 1, 3, 4]])
+    np.testing.assert_array_equal(x[:, [2, 5]], 0)
+    with pytest.raises(DataError, match="only 2 of the model's 6 genes.*at least 50%"):
+        query_anndata(query[:, ["gene0", "gene1"]].copy(), reference.registry,
+                      missing_genes="zero")
+    renamed = query.copy()
+    renamed.var_names = [f"ENSG{j}" for j in range(6)]
+    with pytest.raises(DataError, match="only 0 of the model's 6 genes"):
+        query_anndata(renamed, reference.registry, missing_genes="zero")
 
 
 def test_query_with_unknown_batch_categories_is_rejected():

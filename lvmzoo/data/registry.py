@@ -13,6 +13,7 @@ Nothing here writes to the user's AnnData.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Optional, Sequence
 
 import anndata as ad
@@ -27,6 +28,14 @@ KINDS = ("counts", "continuous", "binary")
 
 class DataError(ValueError):
     """Input data that a model cannot be fitted to; the message says how to fix it."""
+
+
+class DataWarning(UserWarning):
+    """Input data that is usable but worth knowing about (e.g. genes never observed)."""
+
+
+# query_anndata(missing_genes="zero") refuses data sharing fewer of the model's genes.
+MIN_SHARED_GENES = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,14 +216,17 @@ def setup_anndata(
     Raises:
       DataError: naming the problem and the fix.
     """
+    # Structural checks (types, shapes, layers, keys, categories) come first and
+    # are cheap; only then are the values scanned, so a missing key is reported
+    # as such even when the values have problems too.
     x = _observations(adata, layer)
     _check_kind_and_transform(kind, transform)
-    _check_values(x, kind)
     batch, batch_categories = _codes(adata, batch_key, "batch_key", allow_missing=False)
     labels, label_categories = _codes(adata, labels_key, "labels_key", allow_missing=True)
     if batch_key is None:
         batch_categories = ("all",)
     covariates = _covariates(adata, covariate_keys)
+    _check_values(x, kind)
     registry = DataRegistry(
         kind=kind,
         transform=transform,
@@ -230,25 +242,60 @@ def setup_anndata(
     return _cell_data(adata, x, batch, labels, covariates, registry)
 
 
-def query_anndata(adata: ad.AnnData, registry: DataRegistry) -> CellData:
+def query_anndata(
+    adata: ad.AnnData,
+    registry: DataRegistry,
+    *,
+    missing_genes: str = "error",
+    min_shared_genes: float = MIN_SHARED_GENES,
+) -> CellData:
     """Validate new cells against a saved registry and encode them the same way.
 
-    Genes are matched by name and put in the registry's order (extra genes are
-    dropped); missing genes and unknown batch or label categories are errors.
+    Genes are matched by name and put in the registry's order; extra genes are
+    dropped.  Unknown batch or label categories are errors.
+
+    Args:
+      adata: the new cells. Not modified.
+      registry: the registry saved with a fitted model.
+      missing_genes: what to do with registry genes the data lacks:
+        ``"error"`` (default, e.g. to score new cells) refuses them;
+        ``"zero"`` (query mapping) fills them with zeros, with a
+        :class:`DataWarning` saying how many; a gene that is zero in every
+        query cell is what a count model expects of an unmeasured gene.
+      min_shared_genes: with ``missing_genes="zero"``, the smallest share of
+        the registry's genes the data must have (default 0.5); below it the
+        query is refused, as zero-filling most of a profile would describe
+        cells that were not measured.
     """
-    missing_genes = [g for g in registry.gene_names if g not in set(adata.var_names)]
-    if missing_genes:
-        raise DataError(
-            f"the data lacks {len(missing_genes)} of the model's {registry.n_genes} genes "
-            f"(e.g. {', '.join(missing_genes[:5])}); subset or reorder it to the genes the "
-            "model was trained on (saved in its registry)"
-        )
+    if missing_genes not in ("error", "zero"):
+        raise ValueError(f"missing_genes must be 'error' or 'zero', got {missing_genes!r}")
+    if not isinstance(adata, ad.AnnData):
+        raise DataError(f"expected an AnnData, got {type(adata).__name__}")
     if not adata.var_names.is_unique:
         raise DataError("var_names are not unique; call adata.var_names_make_unique() first")
+    present = set(map(str, adata.var_names))
+    missing = [g for g in registry.gene_names if g not in present]
+    if missing and missing_genes == "error":
+        raise DataError(
+            f"the data lacks {len(missing)} of the model's {registry.n_genes} genes "
+            f"(e.g. {', '.join(missing[:5])}); subset or reorder it to the genes the "
+            "model was trained on (saved in its registry)"
+        )
+    n_shared = registry.n_genes - len(missing)
+    if missing and n_shared < min_shared_genes * registry.n_genes:
+        raise DataError(
+            f"the data has only {n_shared} of the model's {registry.n_genes} genes "
+            f"({n_shared / registry.n_genes:.0%}; at least {min_shared_genes:.0%} needed); "
+            "check that the gene names use the same convention (symbols vs Ensembl IDs)"
+        )
+    if missing:
+        warnings.warn(
+            f"the data lacks {len(missing)} of the model's {registry.n_genes} genes "
+            f"(e.g. {', '.join(missing[:3])}); they are filled with zeros",
+            DataWarning, stacklevel=2)
+        adata = _with_zero_genes(adata, missing, registry.layer)
     adata = adata[:, list(registry.gene_names)]
     x = _observations(adata, registry.layer)
-    # A gene can be legitimately absent from a few query cells; only training needs it seen.
-    _check_values(x, registry.kind, require_observed_genes=False)
     batch, _ = _codes(
         adata, registry.batch_key, "batch_key", allow_missing=False,
         categories=registry.batch_categories if registry.batch_key else None,
@@ -258,7 +305,23 @@ def query_anndata(adata: ad.AnnData, registry: DataRegistry) -> CellData:
         categories=registry.label_categories if registry.labels_key else None,
     )
     covariates = _covariates(adata, registry.covariate_keys)
+    # New cells may well leave genes unobserved: no warning for those here.
+    _check_values(x, registry.kind, warn_unobserved_genes=False)
     return _cell_data(adata, x, batch, labels, covariates, registry)
+
+
+def _with_zero_genes(adata, genes, layer) -> ad.AnnData:
+    """A new AnnData with ``genes`` appended as all-zero columns of ``layer`` (or X)."""
+    x = adata.X if layer is None else adata.layers[layer] if layer in adata.layers else None
+    if x is None:
+        return adata  # _observations reports the missing layer
+    zeros = sp.csr_matrix((adata.n_obs, len(genes)), dtype=x.dtype)
+    x = sp.hstack([sp.csr_matrix(x), zeros], format="csr")
+    var = pd.DataFrame(index=pd.Index([*map(str, adata.var_names), *genes]))
+    filled = ad.AnnData(X=x if layer is None else None, obs=adata.obs.copy(), var=var)
+    if layer is not None:
+        filled.layers[layer] = x
+    return filled
 
 
 def _cell_data(adata, x, batch, labels, covariates, registry) -> CellData:
@@ -309,7 +372,12 @@ def _check_kind_and_transform(kind, transform):
         raise DataError("transform 'log1p_cp10k' needs raw counts (kind='counts')")
 
 
-def _check_values(x, kind, require_observed_genes=True):
+def _check_values(x, kind, warn_unobserved_genes=True):
+    """Scan the values: finite, and for counts non-negative integers in non-empty cells.
+
+    Genes that are zero in every cell are normal (any subset of cells has
+    some) and only draw a :class:`DataWarning`.
+    """
     values = x.data if sp.issparse(x) else x
     if not np.issubdtype(values.dtype, np.number) and values.dtype != bool:
         raise DataError(f"observations have non-numeric dtype {values.dtype}")
@@ -333,20 +401,22 @@ def _check_values(x, kind, require_observed_genes=True):
             )
     if kind == "binary" and np.any(values > 1):
         raise DataError("binary data must be 0/1; binarise it first (e.g. x > 0)")
-    totals = np.asarray(abs(x).sum(axis=1)).ravel()
-    n_empty = int(np.count_nonzero(totals == 0))
-    if n_empty:
-        raise DataError(
-            f"{n_empty} cells have zero total counts; remove them first "
-            "(e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
-        )
-    per_gene = np.asarray(abs(x).sum(axis=0)).ravel()
-    n_unobserved = int(np.count_nonzero(per_gene == 0))
-    if n_unobserved and require_observed_genes:
-        raise DataError(
-            f"{n_unobserved} genes are zero in every cell; remove them first "
-            "(e.g. scanpy.pp.filter_genes(adata, min_cells=1))"
-        )
+    if kind == "counts":
+        # Count models and the log1p_cp10k transform divide by each cell's total.
+        totals = np.asarray(x.sum(axis=1)).ravel()
+        n_empty = int(np.count_nonzero(totals == 0))
+        if n_empty:
+            raise DataError(
+                f"{n_empty} cells have zero total counts; remove them first "
+                "(e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
+            )
+    if warn_unobserved_genes:
+        observed = (x != 0).sum(axis=0) if sp.issparse(x) else np.count_nonzero(x, axis=0)
+        n_unobserved = int(np.count_nonzero(np.asarray(observed).ravel() == 0))
+        if n_unobserved:
+            warnings.warn(
+                f"{n_unobserved} of {x.shape[1]} genes are zero in every cell; they are kept "
+                "(models learn a near-zero expression for them)", DataWarning, stacklevel=3)
 
 
 def _codes(adata, key, argname, *, allow_missing, categories=None):
