@@ -1,6 +1,10 @@
 """lvmzoo: a JAX model zoo of latent variable models for single-cell biology."""
 
-from lvmzoo import data, models
+from lvmzoo import cache
+
+cache.enable_compilation_cache()  # before anything compiles; see lvmzoo.cache
+
+from lvmzoo import data, models  # noqa: E402
 from lvmzoo.data import CellData, DataError, DataWarning, query_anndata, setup_anndata
 from lvmzoo.infer import FitDivergedError, FittedModel, fit
 from lvmzoo.io import load_model, save_model

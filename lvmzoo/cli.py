@@ -45,9 +45,11 @@ EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
 # Hyperparameters the CLI exposes, passed only to models whose dataclass has them.
 MODEL_OPTIONS = ("n_latent", "n_components", "n_hidden", "n_layers", "likelihood", "dispersion",
-                 "latent_library")
+                 "latent_library", "n_epochs_kl_warmup", "min_scale", "variance_prior")
+# Options whose flag is not the field name with dashes.
+_FLAGS = {"n_epochs_kl_warmup": "--kl-warmup"}
 # Smallest accepted value of the integer options (1 for those not listed).
-_MINIMUM = {"n_layers": 0}
+_MINIMUM = {"n_layers": 0, "n_epochs_kl_warmup": 0}
 
 
 class UsageError(Exception):
@@ -167,9 +169,11 @@ def _add_fit(commands, models) -> None:
         help="fit a model to an .h5ad file and save model, latent, metrics and plots",
         description=textwrap.fill(
             "Fit MODEL to DATA by stochastic variational inference and write into --out: "
-            "model/ (the saved model), history.json (losses and seconds per epoch), loss.png, "
-            "result.h5ad (the input plus obsm['X_<MODEL>'] and the model's documented extras) "
-            "and metrics.json (train and validation log-likelihood and ELBO)."
+            "model/ (the saved model), history.json (losses and seconds per epoch, why the fit "
+            "stopped), loss.png, latent.png (the cells in a 2-D view of the latent, coloured by "
+            "batch and labels), result.h5ad (the input plus obsm['X_<MODEL>'] and the model's "
+            "documented extras) and metrics.json (train and validation log-likelihood and ELBO). "
+            "By default the fit stops early once the validation loss stops improving."
         ),
         epilog=f"models:\n{model_lines}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -205,8 +209,30 @@ def _add_fit(commands, models) -> None:
     fit.add_argument("--latent-library", action=argparse.BooleanOptionalAction, default=None,
                      help="make the library size latent rather than observed, for scvi "
                           "(default: the model's)")
-    fit.add_argument("--epochs", type=int, metavar="N", default=100,
-                     help="passes over the training cells (default: %(default)s)")
+    fit.add_argument("--kl-warmup", dest="n_epochs_kl_warmup", type=_warmup, metavar="N|auto",
+                     default=None,
+                     help="epochs over which the KL term's weight rises from 0 to 1, for models "
+                          "with a warm-up (scvi): 'auto' = a quarter of the fit's epochs, "
+                          "0 = none (default: the model's, auto)")
+    fit.add_argument("--min-scale", type=float, metavar="S", default=None,
+                     help="floor of every per-gene standard deviation, for gmm "
+                          "(default: the model's)")
+    fit.add_argument("--variance-prior", type=float, metavar="A", default=None,
+                     help="strength, in pseudo-cells, of the gmm's prior pulling each "
+                          "component's per-gene variances towards the gene's overall variance "
+                          "(default: the model's; see 'lvmzoo fit gmm --help')")
+    fit.add_argument("--epochs", type=int, metavar="N", default=None,
+                     help="the most passes over the training cells (default: the model's: "
+                          "min(round(20000 / n_cells * 400), 400) for the deep models, as "
+                          "scvi-tools; a few dozen for ppca, fa and gmm, which start from a "
+                          "data-driven solution)")
+    fit.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=True,
+                     help="stop once the validation loss has not improved by 1e-4 of itself "
+                          "for --patience epochs, keeping the best epoch's parameters; needs "
+                          "a validation split (default: on)")
+    fit.add_argument("--patience", type=int, metavar="N", default=None,
+                     help="epochs without improvement before early stopping "
+                          "(default: max(3, 10%% of the epochs))")
     fit.add_argument("--batch-size", type=int, metavar="N", default=128,
                      help="cells per optimisation step (default: %(default)s)")
     fit.add_argument("--lr", type=float, metavar="X", default=None,
@@ -214,6 +240,9 @@ def _add_fit(commands, models) -> None:
     fit.add_argument("--seed", type=int, metavar="S", default=0,
                      help="random seed; a fit is reproducible for a given seed "
                           "(default: %(default)s)")
+    fit.add_argument("--plot-method", choices=("auto", "umap", "pca"), default="auto",
+                     help="2-D view of the latent in latent.png: umap (needs umap-learn), pca, "
+                          "or auto = umap when installed, else pca (default: %(default)s)")
     fit.add_argument("--no-progress", action="store_true",
                      help="do not show the per-epoch progress bar")
     fit.add_argument("--validation-fraction", type=float, metavar="F", default=0.1,
@@ -228,6 +257,16 @@ def _add_fit(commands, models) -> None:
                      help="what the input values are: raw counts, continuous values or 0/1 "
                           "(default: binary for binary models, counts otherwise)")
     fit.set_defaults(run=_fit, command_parser=fit)
+
+
+def _warmup(value: str):
+    """``--kl-warmup``: ``auto`` or a whole number of epochs (0: no warm-up)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, got {value!r}")
 
 
 def _first_line(doc: Optional[str]) -> str:
@@ -456,7 +495,8 @@ def _fit(args) -> int:
     _check_model_accepts(model, data)
     out = _output_dir(args.out)
     settings = {
-        "epochs": args.epochs, "requested_batch_size": args.batch_size,
+        "epochs": args.epochs, "early_stopping": args.early_stopping,
+        "patience": args.patience, "requested_batch_size": args.batch_size,
         "learning_rate": model.default_learning_rate if args.lr is None else args.lr,
         "validation_fraction": args.validation_fraction, "data": source,
     }
@@ -469,6 +509,8 @@ def _fit(args) -> int:
             fitted = fit(model, data, learning_rate=settings["learning_rate"],
                          epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          validation_fraction=args.validation_fraction,
+                         early_stopping=args.early_stopping,
+                         early_stopping_patience=args.patience,
                          progress=not args.no_progress)
     except FitDivergedError as err:
         _save_fit(out, err.result, settings)
@@ -485,10 +527,31 @@ def _fit(args) -> int:
     _save_fit(out, fitted, settings)
     annotated, added = fitted.annotate(adata, data)
     _write_h5ad(out / "result.h5ad", annotated)
+    view = _save_latent_plot(out / "latent.png", annotated, fitted.model.name, data, args)
     metrics = _fit_metrics(fitted, data)
     _write_json(out / "metrics.json", metrics)
-    print(_summary(fitted, data, source, metrics, added, out, fit_seconds))
+    print(_summary(fitted, data, source, metrics, added, out, fit_seconds, view))
     return 0
+
+
+def _save_latent_plot(path: Path, annotated, name: str, data, args) -> str:
+    """``latent.png``: one panel per batch key, labels key and model clusters; returns the view."""
+    import numpy as np
+
+    from lvmzoo.plotting import embed_2d, save_latent_plot
+
+    obs = annotated.obs.copy()
+    color = [k for k in (args.batch_key, args.labels_key) if k]
+    color += [k for k in obs.columns if k.startswith(f"{name}_") and k not in color]
+    if not color and data.registry.kind == "counts":
+        # Nothing categorical to show: the first thing that structures a latent of counts.
+        x = annotated.layers[args.layer] if args.layer else annotated.X
+        obs["log10 total counts"] = np.log10(np.asarray(x.sum(axis=1)).ravel())
+        color = ["log10 total counts"]
+    latent = annotated.obsm[f"X_{name}"]
+    coordinates, view = embed_2d(latent, args.plot_method, args.seed)
+    save_latent_plot(coordinates, path, obs, color, title=name, method="pca")
+    return {"UMAP": "UMAP", "PC": "PCA"}.get(view, "latent") if latent.shape[1] > 2 else "latent"
 
 
 def _model_class(name: str):
@@ -507,11 +570,13 @@ def _hyperparameters(cls, args) -> dict[str, Any]:
         value = getattr(args, name)
         if value is None:
             continue
-        option = "--" + name.replace("_", "-")
+        option = _FLAGS.get(name, "--" + name.replace("_", "-"))
         if name not in fields:
             raise UsageError(f"model {cls.name!r} has no {option} option "
                              f"(its hyperparameters: {', '.join(fields) or 'none'})")
         minimum = _MINIMUM.get(name, 1)
+        if isinstance(value, float) and not value > 0:
+            raise UsageError(f"{option} must be positive, got {value}")
         if isinstance(value, int) and not isinstance(value, bool) and value < minimum:
             raise UsageError(f"{option} must be at least {minimum}, got {value}")
         chosen[name] = value
@@ -519,8 +584,10 @@ def _hyperparameters(cls, args) -> dict[str, Any]:
 
 
 def _check_fit_ranges(args) -> None:
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.patience is not None and args.patience < 1:
+        raise UsageError(f"--patience must be at least 1, got {args.patience}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.lr is not None and not args.lr > 0:
@@ -567,7 +634,9 @@ def _fit_metrics(fitted, data) -> dict[str, Any]:
     return {"train": fitted.evaluate(data.subset(fitted.train_index)), "validation": validation}
 
 
-def _summary(fitted, data, source, metrics, added, out, seconds) -> str:
+def _summary(fitted, data, source, metrics, added, out, seconds, view) -> str:
+    from lvmzoo.infer.svi import stop_message
+
     history = fitted.history
     registry = data.registry
     n_epochs = len(history["epoch"])
@@ -575,16 +644,17 @@ def _summary(fitted, data, source, metrics, added, out, seconds) -> str:
     lines = [
         f"{fitted.model.name} fitted to {source}: {data.n_cells:,} cells × {data.n_genes:,} "
         f"genes (kind {registry.kind}, transform {registry.transform})",
-        f"{n_epochs} epochs in {sum(history['seconds']):.1f} s "
-        f"(+ {history['compile_seconds']:.1f} s compiling; {seconds:.1f} s in all); "
-        f"final loss {history['loss'][-1]:.4g}"
+        f"{stop_message(history)}: {sum(history['seconds']):.1f} s "
+        f"(+ {history['compile_seconds']:.1f} s compiling; {seconds:.1f} s in all)"
+        + (f"; final loss {history['loss'][-1]:.4g}" if n_epochs else "")
         + (f", validation loss {val_loss:.4g}" if math.isfinite(val_loss) else ""),
         f"log-likelihood per cell ({metrics['train']['method']}): "
         f"train {metrics['train']['avg_log_likelihood']:.4g}"
         + (f", validation {metrics['validation']['avg_log_likelihood']:.4g}"
            if metrics["validation"] else ""),
-        f"wrote {out}/: model/, history.json, loss.png, metrics.json, "
-        f"result.h5ad (added {', '.join(added)})",
+        f"wrote {out}/: latent.png (the cells, {view}), loss.png, metrics.json, history.json, "
+        f"model/, result.h5ad (added {', '.join(added)})",
+        f"look at {out / 'latent.png'} first; 'lvmzoo evaluate {out} NEW.h5ad' scores new cells",
     ]
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
-"""Figures written by the CLI: the loss curve of a fit.
+"""Figures written by the CLI: the loss curve of a fit and a picture of the cells.
 
 Figures are drawn on Matplotlib's Agg canvas directly (no ``pyplot``), so no
-global backend is selected and nothing needs a display.
+global backend is selected and nothing needs a display; in a notebook a
+returned :class:`~matplotlib.figure.Figure` displays itself.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -56,6 +60,137 @@ def save_loss_plot(history: Mapping[str, Any], path: PathLike, title: str = "") 
     """Write :func:`loss_figure` as a PNG to ``path`` atomically."""
     buffer = io.BytesIO()
     loss_figure(history, title).savefig(buffer, format="png", dpi=100)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+# Categories shown in one legend; further ones are drawn and counted in the title.
+MAX_LEGEND_ENTRIES = 24
+
+
+def embed_2d(latent, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+    """A 2-D view of a ``(n_cells, K)`` latent, and what it is.
+
+    Args:
+      latent: per-cell representation.
+      method: ``"umap"`` (needs the optional ``umap-learn``), ``"pca"`` (the
+        first two principal components), or ``"auto"``: UMAP when
+        ``umap-learn`` is installed, otherwise PCA.  A latent with at most two
+        dimensions is shown as it is.
+      seed: UMAP's random state.
+
+    Returns:
+      ``(coordinates (n_cells, 2), name)``, the name e.g. ``"UMAP"`` or
+      ``"PC"`` for the axis labels.
+    """
+    x = np.asarray(latent, np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"latent must be (n_cells, K) with cells, got shape {x.shape}")
+    if method not in ("auto", "umap", "pca"):
+        raise ValueError(f"method must be 'auto', 'umap' or 'pca', got {method!r}")
+    if x.shape[1] <= 2:
+        padded = np.zeros((x.shape[0], 2))
+        padded[:, : x.shape[1]] = x
+        return padded, "latent"
+    if method in ("auto", "umap") and x.shape[0] > 15:
+        try:
+            import umap  # optional: pip install umap-learn
+        except ImportError:
+            if method == "umap":
+                raise ImportError("method='umap' needs umap-learn: pip install umap-learn") from None
+        else:
+            reducer = umap.UMAP(n_components=2, random_state=seed, n_jobs=1)
+            return reducer.fit_transform(x), "UMAP"
+    centred = x - x.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T, "PC"
+
+
+def latent_figure(
+    latent,
+    obs: Optional[pd.DataFrame] = None,
+    color: Sequence[str] = (),
+    *,
+    title: str = "",
+    method: str = "auto",
+    seed: int = 0,
+) -> Figure:
+    """The cells in a 2-D view of their latent, one panel per ``obs`` column in ``color``.
+
+    Categorical (or string) columns get one colour per category and a legend;
+    numeric ones a colour bar.  With no columns, one uncoloured panel.
+
+    Args:
+      latent: ``(n_cells, K)`` representation (e.g. ``obsm["X_scvi"]``).
+      obs: per-cell annotations, one row per row of ``latent``.
+      color: columns of ``obs`` to colour by, one panel each.
+      title: figure title; the view used (UMAP or PCA) is added to it.
+      method, seed: see :func:`embed_2d`.
+
+    Returns:
+      A Matplotlib figure attached to an Agg canvas.
+    """
+    color = list(color)
+    missing = [c for c in color if obs is None or c not in obs.columns]
+    if missing:
+        raise ValueError(f"obs has no column(s) {', '.join(missing)} to colour by")
+    coordinates, view = embed_2d(latent, method, seed)
+    panels = color or [None]
+    fig = Figure(figsize=(5.2 * len(panels), 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    size = float(np.clip(3e4 / len(coordinates), 0.5, 12.0))  # fewer cells, bigger dots
+    for i, key in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        if key is None:
+            ax.scatter(*coordinates.T, s=size, c="tab:blue", linewidths=0, rasterized=True)
+        else:
+            _colour_panel(ax, coordinates, obs[key], key, size)
+        ax.set_xlabel(f"{view} 1")
+        ax.set_ylabel(f"{view} 2")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    what = "UMAP of the latent" if view == "UMAP" else (
+        "first two principal components of the latent" if view == "PC" else "latent")
+    fig.suptitle(f"{title}: {what}" if title else what)
+    return fig
+
+
+def _colour_panel(ax, coordinates, values: pd.Series, key: str, size: float) -> None:
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    if numeric and not isinstance(values.dtype, pd.CategoricalDtype):
+        points = ax.scatter(*coordinates.T, s=size, c=values.to_numpy(float), cmap="viridis",
+                            linewidths=0, rasterized=True)
+        ax.figure.colorbar(points, ax=ax, shrink=0.8)
+        ax.set_title(key)
+        return
+    labels = values.astype("category") if not isinstance(values.dtype, pd.CategoricalDtype) else values
+    categories = [c for c in labels.cat.categories if (labels == c).any()]
+    palette = _palette(len(categories))
+    order = np.random.default_rng(0).permutation(len(coordinates))  # no category drawn on top
+    codes = pd.Categorical(labels, categories=categories).codes[order]
+    colours = np.array([palette[c] if c >= 0 else (0.8, 0.8, 0.8, 1.0) for c in codes])
+    ax.scatter(*coordinates[order].T, s=size, c=colours, linewidths=0, rasterized=True)
+    shown = categories[:MAX_LEGEND_ENTRIES]
+    handles = [ax.scatter([], [], s=25, color=palette[j], label=str(c)) for j, c in enumerate(shown)]
+    more = len(categories) - len(shown)
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+              fontsize=7 if len(shown) > 12 else 8, ncol=2 if len(shown) > 12 else 1,
+              title=f"+{more} more" if more else None, markerscale=1.0, handletextpad=0.2)
+    ax.set_title(f"{key} ({len(categories)})")
+
+
+def _palette(n: int) -> list:
+    from matplotlib import colormaps
+
+    name = "tab10" if n <= 10 else "tab20"
+    if n <= 20:
+        return [colormaps[name](i) for i in range(n)]
+    return [colormaps["hsv"](i / n) for i in range(n)]
+
+
+def save_latent_plot(latent, path: PathLike, obs=None, color: Sequence[str] = (), **kwargs) -> Path:
+    """Write :func:`latent_figure` as a PNG to ``path`` atomically."""
+    buffer = io.BytesIO()
+    latent_figure(latent, obs, color, **kwargs).savefig(buffer, format="png", dpi=100)
     return atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -107,12 +107,11 @@ def fa_fit(split):
 
 @pytest.fixture(scope="module")
 def gmm_fits(split):
-    """``N_INIT`` fits with different seeds, default settings (scale floor 1e-3)."""
+    """``N_INIT`` maximum-likelihood fits (no variance prior, scale floor 1e-3: the
+    regularisation of scikit-learn's default), one per seed."""
     train, _ = split
-    return [
-        lvmzoo.fit(GaussianMixture(n_components=N_COMPONENTS), train, epochs=30, seed=s, **FIT)
-        for s in range(N_INIT)
-    ]
+    model = GaussianMixture(n_components=N_COMPONENTS, variance_prior=None)
+    return [lvmzoo.fit(model, train, epochs=30, seed=s, **FIT) for s in range(N_INIT)]
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +193,9 @@ def test_gmm_held_out_log_likelihood_matches_sklearn(gmm_fit, split):
     # so the ELBO is the log-likelihood itself.
     np.testing.assert_allclose(evaluation["elbo"], evaluation["avg_log_likelihood"], rtol=1e-5)
     # scikit-learn's defaults: its reg_covar (1e-6, added to every variance)
-    # matches our default scale floor (1e-3, squared).
+    # matches our default scale floor (1e-3, squared); no variance prior here.
     assert gmm_fit.model.min_scale**2 == pytest.approx(1e-6)
+    assert gmm_fit.model.variance_prior is None
     reference = SkGaussianMixture(
         N_COMPONENTS, covariance_type="diag", n_init=N_INIT, random_state=0
     ).fit(train.dense_x())
@@ -203,6 +203,16 @@ def test_gmm_held_out_log_likelihood_matches_sklearn(gmm_fit, split):
     # A mixture has local optima: landing in a better one than EM is no
     # failure (seen: ours -418.7, sklearn -429.6, gap +2.5%).
     assert gap > -0.02, f"ours {evaluation['avg_log_likelihood']:.2f}, sklearn gap {gap:+.2%}"
+
+
+def test_gmm_training_fit_matches_sklearn_at_equal_regularisation(gmm_fit, split):
+    train, _ = split
+    reference = SkGaussianMixture(
+        N_COMPONENTS, covariance_type="diag", n_init=N_INIT, random_state=0, reg_covar=1e-6,
+    ).fit(train.dense_x())
+    ours = float(gmm_fit.log_likelihood(train).mean())
+    gap = _relative_gap(ours, reference.score(train.dense_x()))
+    assert gap > -0.02, f"ours {ours:.2f}, sklearn gap {gap:+.2%}"
 
 
 def test_gmm_fits_keep_every_component(gmm_fits, split):
@@ -266,7 +276,7 @@ def test_linear_gaussian_latent_is_posterior_mean(name, ppca_fit, fa_fit, split)
     _, held_out = split
     fitted = {"ppca": ppca_fit, "fa": fa_fit}[name]
     p = {k: np.asarray(v, np.float64) for k, v in fitted.params.items()}
-    noise_variance = p["sigma"] ** 2 if name == "ppca" else p["psi"]
+    noise_variance = p["sigma"] ** 2 if name == "ppca" else fitted.model.noise_variance(p)
     expected = _posterior_mean(held_out.dense_x().astype(np.float64), p["W"], p["mu"],
                                noise_variance)
     ours = fitted.latent(held_out)

@@ -24,7 +24,8 @@ def fit_run(tmp_path_factory):
     capture = _Capture()
     with capture:
         rc = cli.main(["fit", "ppca", "--out", str(out), "--epochs", "2", "--no-progress",
-                       "--n-latent", "3", "--batch-size", "512", "--seed", "1"])
+                       "--plot-method", "pca", "--n-latent", "3", "--batch-size", "512",
+                       "--seed", "1"])
     return out, rc, capture.out, capture.err
 
 

@@ -35,7 +35,7 @@ def test_registered_with_scvi_tools_defaults():
     assert isinstance(model, SCVI)
     assert (model.n_latent, model.n_hidden, model.n_layers, model.dropout_rate) == (10, 128, 1, 0.1)
     assert (model.likelihood, model.dispersion, model.latent_library) == ("zinb", "gene", False)
-    assert (model.use_batch_norm, model.n_epochs_kl_warmup, model.kl_weight) == (True, 400, 1.0)
+    assert (model.use_batch_norm, model.n_epochs_kl_warmup, model.kl_weight) == (True, "auto", 1.0)
     assert (SCVI.data_kind, SCVI.default_transform, SCVI.default_learning_rate) == (
         "counts", "none", 1e-3)
     with pytest.raises(ValueError, match="likelihood"):
@@ -126,13 +126,19 @@ def test_kl_warmup_weight_follows_scvi_tools():
         assert float(kl_warmup_weight(epoch, n_warmup, top)) == pytest.approx(expected)
     traced = jax.jit(lambda epoch: kl_warmup_weight(epoch, 400))(jnp.float32(100))
     assert float(traced) == 0.25
+    # "auto": a quarter of the fit's epochs, traced like the epoch itself.
+    auto = jax.jit(lambda e, n: kl_warmup_weight(e, "auto", 1.0, n))
+    assert float(auto(jnp.float32(10), jnp.float32(80))) == 0.5
+    assert float(auto(jnp.float32(20), jnp.float32(80))) == 1.0
+    assert float(auto(jnp.float32(1), jnp.float32(2))) == 1.0  # at least one epoch
     with pytest.raises(ValueError, match="n_epochs_kl_warmup"):
         SCVI(n_epochs_kl_warmup=-1)
 
 
 @pytest.mark.parametrize("latent_library", [False, True], ids=["observed", "latent"])
 def test_training_loss_is_reconstruction_plus_warmed_up_kl(simulated, latent_library):
-    model = SCVI(n_hidden=16, n_latent=3, latent_library=latent_library)  # 400-epoch warm-up
+    model = SCVI(n_hidden=16, n_latent=3, latent_library=latent_library,
+                 n_epochs_kl_warmup=400)
     params, batch = _initial_params(model, simulated)
     key = jax.random.PRNGKey(3)
     # Jitted, so the epoch is traced as in the driver (a weight of exactly 0 is allowed).
@@ -297,7 +303,7 @@ def test_cli_fit_writes_latent_and_normalized_expression(tmp_path):
     adata.write_h5ad(path)
     out = tmp_path / "run"
     status = main(["fit", "scvi", str(path), "--epochs", "1", "--no-progress",
-                   "--batch-key", "batch", "--out", str(out)])
+                   "--plot-method", "pca", "--batch-key", "batch", "--out", str(out)])
     assert status == 0
     result = ad.read_h5ad(out / "result.h5ad")
     assert result.obsm["X_scvi"].shape == (200, 10)

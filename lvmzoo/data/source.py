@@ -37,6 +37,9 @@ class Batch:
       covariates: ``(B, n_covariates)`` float32.
       epoch: ``()`` float32, the driver's current epoch (0-based), for
         schedules such as KL warm-up; 0 outside training.
+      n_epochs: ``()`` float32, the fit's number of epochs (its maximum with
+        early stopping), so a schedule can span a share of the fit; 1 outside
+        training.
       n_cells: total number of cells the minibatch is drawn from (static);
         the plate rescales log-densities by ``n_cells / B``.
       n_batches / n_labels: numbers of categories (static).
@@ -50,6 +53,7 @@ class Batch:
     covariates: jax.Array
     n_cells: int = struct.field(pytree_node=False)
     epoch: Any = 0.0
+    n_epochs: Any = 1.0
     n_batches: int = struct.field(pytree_node=False, default=1)
     n_labels: int = struct.field(pytree_node=False, default=0)
     training: bool = struct.field(pytree_node=False, default=True)

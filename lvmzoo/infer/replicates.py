@@ -70,13 +70,13 @@ def fit_replicates(
     keys = [jax.random.split(jax.random.PRNGKey(seed), 3) for seed in seeds]
     states = [initial_state(svi, model, source, batch_size, k[0]) for k in keys]
     state = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-    run_epochs = jax.vmap(epoch_function(svi, source), in_axes=(0, 0, 0, None, None))
+    run_epochs = jax.vmap(epoch_function(svi, source), in_axes=(0, 0, 0, None, None, None))
 
     started = time.perf_counter()
     orders_shape = jax.ShapeDtypeStruct((len(seeds), steps_per_epoch, batch_size), jnp.int32)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
     program = jax.jit(run_epochs).lower(
-        state, state, orders_shape, source.arrays, jax.ShapeDtypeStruct((), jnp.float32)
-    ).compile()
+        state, state, orders_shape, source.arrays, scalar, scalar).compile()
     compile_seconds = time.perf_counter() - started
 
     previous = state
@@ -87,7 +87,8 @@ def fit_replicates(
         orders = jnp.stack([
             epoch_order(k[1], epoch, source.n_cells, steps_per_epoch, batch_size) for k in keys
         ])
-        carry, epoch_losses = program(previous, state, orders, source.arrays, jnp.float32(epoch))
+        carry, epoch_losses = program(previous, state, orders, source.arrays, jnp.float32(epoch),
+                                      jnp.float32(epochs))
         previous, state = carry.previous, carry.state
         for r, step in enumerate(np.asarray(carry.failed_step)):
             if step >= 0 and diverged[r] is None:

@@ -18,6 +18,7 @@ returned inside :class:`FitDivergedError`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -35,6 +36,10 @@ from lvmzoo.data.source import DeviceSource
 from lvmzoo.infer.guides import NamedGuide, default_learning_rate, make_guide
 from lvmzoo.infer.results import FittedModel
 from lvmzoo.models.base import LatentModel
+
+
+# Relative improvement of the validation loss that counts (see ``fit``).
+EARLY_STOPPING_TOLERANCE = 1e-4
 
 
 class FitDivergedError(RuntimeError):
@@ -58,11 +63,13 @@ def fit(
     guide: Optional[Callable] = None,
     optimizer: Optional[optax.GradientTransformation] = None,
     learning_rate: Optional[float] = None,
-    epochs: int = 100,
+    epochs: Optional[int] = None,
     batch_size: int = 128,
     seed: int = 0,
     validation_fraction: float = 0.0,
+    early_stopping: Optional[bool] = None,
     early_stopping_patience: Optional[int] = None,
+    early_stopping_tolerance: float = EARLY_STOPPING_TOLERANCE,
     progress: bool = True,
 ) -> FittedModel:
     """Fit ``model`` to ``data`` by stochastic variational inference.
@@ -78,19 +85,35 @@ def fit(
       learning_rate: default ``model.default_learning_rate`` (capped for
         guide families that need smaller steps, see
         :func:`lvmzoo.infer.guides.default_learning_rate`).
-      epochs: passes over the training cells; each is one compiled call.
+      epochs: the most passes over the training cells; each is one compiled
+        call.  ``None``: ``model.default_epochs(n_training_cells)`` (for the
+        deep models scvi-tools' rule ``min(round(20000 / n * 400), 400)``; a
+        few dozen for the classical models, which start from a data-driven
+        solution).
       batch_size: cells per step (capped at the number of training cells); the
         last incomplete minibatch of each shuffled epoch is dropped.
       seed: the fit is bit-for-bit reproducible on CPU for a given seed.
       validation_fraction: share of cells held out; their ELBO is reported
         per epoch (``history["validation_loss"]``).
-      early_stopping_patience: stop after this many epochs without a better
-        validation loss and keep the best parameters.
+      early_stopping: stop once the validation loss has not improved for
+        ``early_stopping_patience`` epochs and keep the parameters of the best
+        epoch.  ``None`` (default): on whenever there is a validation split.
+      early_stopping_patience: epochs without improvement before stopping;
+        ``None``: ``max(3, round(0.1 * epochs))`` (40 of scvi-tools' 400).
+        Giving it turns early stopping on, as before.
+      early_stopping_tolerance: an epoch improves on the best one when its
+        validation loss is lower by more than this fraction of the best
+        loss's magnitude (default 1e-4: 0.1 nats per cell at a loss of 1,000).
       progress: show a progress bar (loss, cells/s) per epoch.
 
     Returns:
       A :class:`FittedModel` with constrained parameters and the loss history
-      (losses are negative ELBOs in nats per cell).
+      (losses are negative ELBOs in nats per cell); ``history["stop_reason"]``
+      says why the fit ended: ``"epoch_limit"`` (ran every epoch),
+      ``"converged"`` (the validation loss stopped changing),
+      ``"early_stopping"`` (it rose: the model began to overfit; in both
+      cases the best epoch's parameters are kept, ``history["best_epoch"]``),
+      ``"interrupted"`` or ``"diverged"``.
 
     Raises:
       FitDivergedError: the loss became NaN/inf; ``err.result`` holds the last
@@ -112,6 +135,11 @@ def fit(
     train = DeviceSource(data.subset(train_idx))
     batch_size = min(batch_size, train.n_cells)
     steps_per_epoch = train.n_cells // batch_size
+    if epochs is None:
+        epochs = model.default_epochs(train.n_cells)
+    stopping = _EarlyStopping.from_options(
+        early_stopping, early_stopping_patience, early_stopping_tolerance, epochs,
+        has_validation=len(val_idx) > 0)
 
     svi = SVI(model.model, guide, optimizer, loss=model.elbo())
     key_init, key_shuffle, key_validation = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -120,8 +148,9 @@ def fit(
 
     order_shape = jax.ShapeDtypeStruct((steps_per_epoch, batch_size), jnp.int32)
     started = time.perf_counter()
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
     epoch_program = jax.jit(run_epoch).lower(
-        state, order_shape, train.arrays, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+        state, order_shape, train.arrays, scalar, scalar).compile()
     # Held-out cells have no per-cell guide params (lvmzoo.infer.guides.refit_local
     # fits them after training), so such guides report no validation loss.
     per_cell = getattr(guide, "per_cell", False)
@@ -131,27 +160,30 @@ def fit(
     compile_seconds = time.perf_counter() - started
 
     history = {"epoch": [], "loss": [], "validation_loss": [], "seconds": []}
-    best = (math.inf, state, 0)
     last_epoch = None  # (start state, order, epoch) of the previous epoch, for replay
-    result = lambda st, **kw: FittedModel(
+    result = lambda st, reason, **kw: FittedModel(
         model=model, guide=guide, params=_all_params(svi, st), registry=data.registry,
         history={**history, "compile_seconds": compile_seconds, "steps_per_epoch":
-                 steps_per_epoch, "batch_size": batch_size, "n_train": train.n_cells},
+                 steps_per_epoch, "batch_size": batch_size, "n_train": train.n_cells,
+                 "max_epochs": epochs, "stop_reason": reason,
+                 "best_epoch": stopping.best_epoch if stopping else None},
         train_index=train_idx, validation_index=val_idx, seed=seed, **kw)
     bar = tqdm(range(epochs), desc=f"fit {model.name}", disable=not progress, unit="epoch")
+    reason = "epoch_limit"
     try:
         for epoch in bar:
             t0 = time.perf_counter()
             order = epoch_order(key_shuffle, epoch, train.n_cells, steps_per_epoch, batch_size)
-            new_state, losses = epoch_program(state, order, train.arrays, jnp.float32(epoch))
+            new_state, losses = epoch_program(state, order, train.arrays, jnp.float32(epoch),
+                                              jnp.float32(epochs))
             finite = np.isfinite(np.asarray(losses))
             if not finite.all():
                 failed_step = int(np.argmin(finite))
-                good = _last_finite_state(svi, train, (state, order, epoch), last_epoch,
+                good = _last_finite_state(svi, train, (state, order, epoch, epochs), last_epoch,
                                           failed_step)
                 message = _divergence_message(model, epoch, failed_step, learning_rate)
-                raise FitDivergedError(message, result(good, diverged=message))
-            last_epoch = (state, order, epoch)
+                raise FitDivergedError(message, result(good, "diverged", diverged=message))
+            last_epoch = (state, order, epoch, epochs)
             state = new_state
             val_loss = validate(state) if validate else float("nan")
             seconds = time.perf_counter() - t0
@@ -162,51 +194,119 @@ def fit(
             bar.set_postfix(loss=f"{history['loss'][-1]:.4g}",
                             val=f"{val_loss:.4g}",
                             cells_per_s=f"{steps_per_epoch * batch_size / seconds:.3g}")
-            if early_stopping_patience is not None and validate:
-                if val_loss < best[0]:
-                    best = (val_loss, state, epoch)
-                elif epoch - best[2] >= early_stopping_patience:
-                    state = best[1]
-                    break
+            if stopping and stopping.update(epoch, val_loss, state):
+                state, reason = stopping.best_state, stopping.reason(val_loss)
+                break
     except KeyboardInterrupt:
         warnings.warn(f"fit interrupted; keeping the parameters of epoch {len(history['epoch'])}")
-        return result(state, interrupted=True)
+        return result(state, "interrupted", interrupted=True)
     finally:
         bar.close()
-    return result(state)
+    return result(state, reason)
+
+
+
+@dataclasses.dataclass
+class _EarlyStopping:
+    """Tracks the best validation loss; says when ``patience`` epochs brought nothing."""
+
+    patience: int
+    tolerance: float
+    best_loss: float = math.inf
+    best_epoch: Optional[int] = None
+    best_state: Any = None
+
+    @classmethod
+    def from_options(cls, enabled, patience, tolerance, epochs, has_validation):
+        if patience is not None and patience < 1:
+            raise ValueError(f"early_stopping_patience must be at least 1, got {patience}")
+        if not tolerance >= 0:
+            raise ValueError(f"early_stopping_tolerance must be >= 0, got {tolerance}")
+        if enabled is None:  # default: on with a validation split (an explicit patience too)
+            enabled = has_validation
+        if not enabled or not has_validation:
+            return None  # no validation cells: nothing to stop on
+        patience = max(3, round(0.1 * epochs)) if patience is None else patience
+        return cls(patience, tolerance)
+
+    def update(self, epoch: int, loss: float, state) -> bool:
+        """Record an epoch's validation loss; ``True`` when the fit should stop."""
+        if loss < self.best_loss - self.tolerance * abs(self.best_loss) or self.best_epoch is None:
+            self.best_loss, self.best_epoch, self.best_state = loss, epoch, state
+        return epoch - self.best_epoch >= self.patience
+
+    def reason(self, loss: float) -> str:
+        """``"early_stopping"`` if the loss has risen above the best, else ``"converged"``."""
+        worse = loss > self.best_loss + self.tolerance * abs(self.best_loss)
+        return "early_stopping" if worse else "converged"
+
+
+def stop_message(history: dict) -> str:
+    """Why a fit ended, in words, e.g. ``"converged at epoch 12 (best epoch 7)"``."""
+    n_epochs = len(history.get("epoch", []))
+    reason = history.get("stop_reason", "epoch_limit")
+    best = history.get("best_epoch")
+    if reason == "converged":
+        return f"converged at epoch {n_epochs} (validation loss flat; kept epoch {best + 1})"
+    if reason == "early_stopping":
+        return (f"early stopping at epoch {n_epochs} (validation loss rising; "
+                f"kept epoch {best + 1})")
+    if reason == "interrupted":
+        return f"interrupted after {n_epochs} epochs"
+    if reason == "diverged":
+        return f"diverged in epoch {n_epochs + 1}"
+    return f"reached the epoch limit ({n_epochs} epochs)"
+
+
+# Cells × genes of the sample a model's data-dependent start values see (64 MiB float32).
+INIT_SAMPLE_ELEMENTS = 1 << 24
 
 
 def initial_state(svi, model, source, batch_size, key):
-    """``svi.init`` on a first minibatch, with the model's data-dependent start values."""
-    first = source.gather(source.arrays, jnp.arange(min(source.n_cells, 2048)))
+    """``svi.init`` on a first minibatch, with the model's data-dependent start values.
+
+    ``model.init_params`` sees a random sample of the training cells (all of
+    them when ``n_cells * n_genes`` fits :data:`INIT_SAMPLE_ELEMENTS`, and at
+    least 2,048), so data stored in some order (by sample, by cell type)
+    still gives a representative start.
+    """
+    n_sample = min(source.n_cells, max(2048, INIT_SAMPLE_ELEMENTS // max(source.n_genes, 1)))
+    key_sample, key_init = jax.random.split(key)
+    cells = jnp.sort(jax.random.permutation(key_sample, source.n_cells)[:n_sample])
+    sample = source.gather(source.arrays, cells)
     return svi.init(
         key,
         source.gather(source.arrays, jnp.arange(batch_size)),
-        init_params=model.init_params(first.replace(n_cells=first.size), key),
+        init_params=model.init_params(sample.replace(n_cells=sample.size), key_init),
     )
 
 
 def epoch_function(svi, source, guard: bool = True):
     """The program of one epoch: one ``svi.update`` per row of ``order``, inside ``lax.scan``.
 
-    ``order`` is ``(n_steps, batch_size)`` cell indices.
+    ``order`` is ``(n_steps, batch_size)`` cell indices; ``epoch`` (0-based) and
+    ``n_epochs`` (the fit's epochs) are ``()`` float32, passed on as
+    ``Batch.epoch`` / ``Batch.n_epochs`` for schedules such as KL warm-up.
 
-    * ``guard=False``: ``run_epoch(state, order, arrays, epoch) -> (state, losses)``.
-    * ``guard=True``: ``run_epoch(previous, state, order, arrays, epoch) ->
+    * ``guard=False``: ``run_epoch(state, order, arrays, epoch, n_epochs) ->
+      (state, losses)``.
+    * ``guard=True``: ``run_epoch(previous, state, order, arrays, epoch, n_epochs) ->
       (_Carry, losses)``; after the first non-finite loss the parameters stop
       changing and ``previous`` keeps the last state whose loss was finite.
     """
 
-    def update(state, arrays, index, epoch):
-        return svi.update(state, source.gather(arrays, index).replace(epoch=epoch))
+    def update(state, arrays, index, epoch, n_epochs):
+        batch = source.gather(arrays, index).replace(epoch=epoch, n_epochs=n_epochs)
+        return svi.update(state, batch)
 
-    def run_epoch(state, order, arrays, epoch):
-        return jax.lax.scan(lambda st, index: update(st, arrays, index, epoch), state, order)
+    def run_epoch(state, order, arrays, epoch, n_epochs):
+        return jax.lax.scan(lambda st, index: update(st, arrays, index, epoch, n_epochs),
+                            state, order)
 
-    def run_guarded_epoch(previous, state, order, arrays, epoch):
+    def run_guarded_epoch(previous, state, order, arrays, epoch, n_epochs):
         def step(carry, xs):
             i, index = xs
-            new_state, loss = update(carry.state, arrays, index, epoch)
+            new_state, loss = update(carry.state, arrays, index, epoch, n_epochs)
             ok = jnp.isfinite(loss) & (carry.failed_step < 0)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
             failed = jnp.where(ok | (carry.failed_step >= 0), carry.failed_step, i)
@@ -223,7 +323,7 @@ def epoch_function(svi, source, guard: bool = True):
 def _last_finite_state(svi, source, this_epoch, last_epoch, failed_step):
     """The last state whose loss was finite, by replaying an epoch with the guard on.
 
-    ``this_epoch`` / ``last_epoch``: ``(start state, order, epoch)`` of the
+    ``this_epoch`` / ``last_epoch``: ``(start state, order, epoch, n_epochs)`` of the
     failed epoch and of the one before (``None`` if there was none).  The loss
     at step ``i`` is that of the state before step ``i``; so a failure at step
     ``i > 0`` is resolved within this epoch, and one at step 0 by the last
@@ -233,9 +333,10 @@ def _last_finite_state(svi, source, this_epoch, last_epoch, failed_step):
         if last_epoch is None:
             return this_epoch[0]  # the initial state already had a non-finite loss
         this_epoch = last_epoch
-    state, order, epoch = this_epoch
+    state, order, epoch, n_epochs = this_epoch
     guarded = jax.jit(epoch_function(svi, source, guard=True))
-    carry, _ = guarded(state, state, order, source.arrays, jnp.float32(epoch))
+    carry, _ = guarded(state, state, order, source.arrays, jnp.float32(epoch),
+                       jnp.float32(n_epochs))
     return carry.previous
 
 

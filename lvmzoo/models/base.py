@@ -69,6 +69,15 @@ class LatentModel(abc.ABC):
     def guide(self, batch: Batch) -> None:
         """The default variational family for one minibatch."""
 
+    def default_epochs(self, n_cells: int) -> int:
+        """Epochs :func:`lvmzoo.fit` runs when none are given (early stopping may end it sooner).
+
+        scvi-tools' rule for its deep models, ``min(round(20000 / n_cells * 400), 400)``:
+        400 epochs up to 20,000 cells, then fewer so a fit sees about 8 M cells.
+        Models that start from a data-driven solution override it.
+        """
+        return max(1, min(round(20000 / max(n_cells, 1) * 400), 400))
+
     def elbo(self) -> ELBO:
         """The ELBO estimator the driver optimises (override for enumeration)."""
         return Trace_ELBO()

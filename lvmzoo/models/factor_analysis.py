@@ -10,6 +10,15 @@ scikit-learn's ``FactorAnalysis`` does); ``z`` uses the amortised linear guide
 of :mod:`lvmzoo.models.linear_gaussian`.  Reports the exact posterior mean of
 ``z`` and the exact marginal log-likelihood.
 
+A gene with (nearly) no variance in the training cells, e.g. one that is
+zero in all of them, would drive its ``psi_g`` to 0 and the likelihood to
+infinity.  The noise variance is therefore ``psi_floor + psi``: a floor of
+:data:`NOISE_FLOOR` times the average per-gene variance of the data (set
+from the data by :meth:`FactorAnalysis.init_params`, stored with the fit and
+never trained), in the spirit of scikit-learn's ``psi >= 1e-12`` but relative
+to the data's scale, so that a new cell with a count in such a gene costs a
+large but finite number of nats.
+
 With ``global_prior_scale = s`` the globals are random too, so that MCMC
 (:func:`lvmzoo.infer.mcmc.run_nuts`) can sample them::
 
@@ -38,6 +47,9 @@ from lvmzoo.data.source import Batch
 from lvmzoo.models import linear_gaussian as lg
 from lvmzoo.models.base import LatentModel
 
+# Floor of every per-gene noise variance, relative to the data's mean per-gene variance.
+NOISE_FLOOR = 1e-3
+
 
 @dataclasses.dataclass(frozen=True)
 class FactorAnalysis(LatentModel):
@@ -63,7 +75,9 @@ class FactorAnalysis(LatentModel):
         if s is None:  # maximum likelihood
             W = numpyro.param("W", jnp.zeros((n_genes, self.n_latent)))
             mu = numpyro.param("mu", jnp.zeros(n_genes))
-            psi = numpyro.param("psi", jnp.ones(n_genes), constraint=constraints.positive)
+            # The floor is a data statistic set by init_params, not trained.
+            floor = jax.lax.stop_gradient(numpyro.param("psi_floor", jnp.zeros(())))
+            psi = floor + numpyro.param("psi", jnp.ones(n_genes), constraint=constraints.positive)
         else:
             W = numpyro.sample("W", dist.Normal(0.0, s).expand([n_genes, self.n_latent]).to_event(2))
             mu = numpyro.sample("mu", dist.Normal(0.0, s).expand([n_genes]).to_event(1))
@@ -80,12 +94,35 @@ class FactorAnalysis(LatentModel):
         lg.linear_encoder_guide(batch, self.n_latent)
 
     def init_params(self, batch: Batch, key: jax.Array) -> dict:
+        """Maximum likelihood on the driver's sample of cells: PPCA, then EM iterations.
+
+        With priors on the globals, small random loadings instead.
+        """
         start = lg.init_from_data(batch, self.n_latent, key)
-        return {"W": start["W"], "mu": start["mu"], "psi": start["variance"]}
+        if self.global_prior_scale is not None:
+            return {"W": start["W"], "mu": start["mu"], "psi": start["variance"]}
+        floor = NOISE_FLOOR * jnp.mean(batch.x.var(0))
+        floor = jnp.where(floor > 0, floor, NOISE_FLOOR)  # constant data: any positive floor
+        mu, W, sigma2 = lg.principal_subspace(batch.x, self.n_latent)
+        psi = jnp.maximum(jnp.full_like(mu, sigma2), floor)
+        W, psi = lg.factor_analysis_em(batch.x, W, psi, floor)
+        return {"W": W, "mu": mu, "psi_floor": floor,
+                # strictly above the floor: the unconstrained value of 0 would be -inf
+                "psi": jnp.maximum(psi - floor, 1e-3 * floor),
+                **lg.exact_encoder(W, mu, psi)}
+
+    def default_epochs(self, n_cells: int) -> int:
+        """30: the fit starts at an EM solution on a sample of cells."""
+        return 30
+
+    def noise_variance(self, params) -> jax.Array:
+        """``psi_floor + psi``, ``(G,)`` (runs saved without a floor: ``psi``)."""
+        return params.get("psi_floor", 0.0) + params["psi"]
 
     def latent(self, params, batch: Batch, key: jax.Array) -> jax.Array:
-        mean, _ = lg.posterior(batch.x, params["W"], params["mu"], params["psi"])
+        mean, _ = lg.posterior(batch.x, params["W"], params["mu"], self.noise_variance(params))
         return mean
 
     def log_likelihood(self, params, batch: Batch) -> jax.Array:
-        return lg.marginal_log_likelihood(batch.x, params["W"], params["mu"], params["psi"])
+        return lg.marginal_log_likelihood(batch.x, params["W"], params["mu"],
+                                          self.noise_variance(params))

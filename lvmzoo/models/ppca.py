@@ -82,8 +82,22 @@ class PPCA(LatentModel):
         lg.linear_encoder_guide(batch, self.n_latent)
 
     def init_params(self, batch: Batch, key: jax.Array) -> dict:
-        start = lg.init_from_data(batch, self.n_latent, key)
-        return {"W": start["W"], "mu": start["mu"], "sigma": jnp.sqrt(start["variance"].mean())}
+        """The closed-form maximum-likelihood solution on the driver's sample of cells.
+
+        With point-estimated globals SVI then only refines it (and the guide
+        starts at the exact posterior), so a few epochs suffice; with priors
+        on the globals, small random loadings.
+        """
+        if self.global_prior_scale is not None:
+            start = lg.init_from_data(batch, self.n_latent, key)
+            return {"W": start["W"], "mu": start["mu"],
+                    "sigma": jnp.sqrt(start["variance"].mean())}
+        mu, W, sigma2 = lg.principal_subspace(batch.x, self.n_latent)
+        return {"W": W, "mu": mu, "sigma": jnp.sqrt(sigma2), **lg.exact_encoder(W, mu, sigma2)}
+
+    def default_epochs(self, n_cells: int) -> int:
+        """20: the fit starts at the maximum-likelihood solution of a sample of cells."""
+        return 20
 
     def latent(self, params, batch: Batch, key: jax.Array) -> jax.Array:
         mean, _ = lg.posterior(batch.x, params["W"], params["mu"], params["sigma"] ** 2)

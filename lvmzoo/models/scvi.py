@@ -20,9 +20,13 @@ gives ``q(log l | x)``.  The latent representation is the encoder mean.
 
 Training objective.  While fitting, the ``z`` term of the ELBO,
 ``E_q[log p(z) - log q(z | x)]`` (minus the KL divergence), is weighted by
-scvi-tools' linear warm-up ``w(e) = kl_weight * min(1, e / n_epochs_kl_warmup)``
-at 0-based epoch ``e`` (``Batch.epoch``): ``w = 0`` in the first epoch,
-``kl_weight`` from epoch ``n_epochs_kl_warmup`` on.  The weight is a
+scvi-tools' linear warm-up ``w(e) = kl_weight * min(1, e / W)`` at 0-based
+epoch ``e`` (``Batch.epoch``): ``w = 0`` in the first epoch, ``kl_weight``
+from epoch ``W`` on.  By default (``n_epochs_kl_warmup="auto"``) ``W`` is a
+quarter of the fit's epochs (``Batch.n_epochs``), so the warm-up always ends
+within the fit and the model is trained on the ELBO it reports; scvi-tools'
+fixed ``W = 400`` outlasts its own default fit above 20,000 cells, whose
+latent then keeps more batch structure and a worse held-out likelihood.  The weight is a
 ``numpyro.handlers.scale`` on the ``z`` site in *both* the model and the guide,
 so ``log p(z)`` and ``log q(z | x)`` are scaled alike and the loss is
 ``reconstruction + w * KL_z (+ KL_library)``.  As in scvi-tools the library
@@ -57,7 +61,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import ClassVar, NamedTuple, Optional, Sequence
+from typing import ClassVar, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -84,8 +88,12 @@ NORMALIZED_SCALE = 1e4  # layers["scvi_normalized"] is rho per 10,000 counts
 _SMALLEST_SCALE = float(jnp.finfo(jnp.float32).tiny)
 
 
-def kl_warmup_weight(epoch, n_epochs_kl_warmup: Optional[int], max_weight: float = 1.0):
-    """scvi-tools' KL warm-up: ``max_weight * min(1, epoch / n_epochs_kl_warmup)``.
+# n_epochs_kl_warmup="auto": the warm-up lasts this share of the fit's epochs.
+KL_WARMUP_SHARE = 0.25
+
+
+def kl_warmup_weight(epoch, n_epochs_kl_warmup, max_weight: float = 1.0, n_epochs=None):
+    """scvi-tools' KL warm-up: ``max_weight * min(1, epoch / W)``.
 
     Matches ``scvi.train._trainingplans._compute_kl_weight`` with
     ``min_kl_weight=0``, evaluated at Lightning's 0-based ``current_epoch``:
@@ -94,8 +102,10 @@ def kl_warmup_weight(epoch, n_epochs_kl_warmup: Optional[int], max_weight: float
 
     Args:
       epoch: 0-based epoch, a Python number or a traced ``()`` array.
-      n_epochs_kl_warmup: length of the warm-up in epochs.
+      n_epochs_kl_warmup: ``W``, the length of the warm-up in epochs, or
+        ``"auto"``: :data:`KL_WARMUP_SHARE` of ``n_epochs`` (at least one epoch).
       max_weight: the weight once warmed up.
+      n_epochs: the fit's epochs (``Batch.n_epochs``), needed for ``"auto"``.
 
     Returns:
       ``()`` float32 array.
@@ -103,6 +113,10 @@ def kl_warmup_weight(epoch, n_epochs_kl_warmup: Optional[int], max_weight: float
     epoch = jnp.asarray(epoch, jnp.float32)
     if not n_epochs_kl_warmup:
         return jnp.full_like(epoch, max_weight)
+    if n_epochs_kl_warmup == "auto":
+        if n_epochs is None:
+            raise ValueError("n_epochs_kl_warmup='auto' needs the fit's n_epochs")
+        n_epochs_kl_warmup = jnp.maximum(KL_WARMUP_SHARE * jnp.asarray(n_epochs, jnp.float32), 1.0)
     return max_weight * jnp.minimum(epoch / n_epochs_kl_warmup, 1.0)
 
 
@@ -197,8 +211,9 @@ class SCVI(LatentModel):
       use_batch_norm: batch-normalise every hidden layer of every network
         (scvi-tools' default ``use_batch_norm="both"``).
       n_epochs_kl_warmup: epochs over which the weight of the ``z`` KL term
-        rises linearly from 0 to ``kl_weight`` during training (scvi-tools'
-        default 400); ``None`` or ``0``: no warm-up.
+        rises linearly from 0 to ``kl_weight`` during training; ``"auto"``
+        (default): a quarter of the fit's epochs (see the module docstring;
+        scvi-tools uses 400); ``None`` or ``0``: no warm-up.
       kl_weight: the weight of the ``z`` KL term once warmed up (scvi-tools'
         ``max_kl_weight``); ``1`` trains on the ELBO.  Evaluation always
         uses the ELBO.
@@ -213,7 +228,7 @@ class SCVI(LatentModel):
     latent_library: bool = False
     encode_batch: bool = False
     use_batch_norm: bool = True
-    n_epochs_kl_warmup: Optional[int] = 400
+    n_epochs_kl_warmup: Union[int, str, None] = "auto"
     kl_weight: float = 1.0
 
     name: ClassVar[str] = "scvi"
@@ -234,9 +249,11 @@ class SCVI(LatentModel):
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not self.kl_weight >= 0.0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
-        if self.n_epochs_kl_warmup is not None and not self.n_epochs_kl_warmup >= 0:
+        warmup = self.n_epochs_kl_warmup
+        if warmup is not None and warmup != "auto" and not (
+                isinstance(warmup, (int, float)) and warmup >= 0):
             raise ValueError(
-                f"n_epochs_kl_warmup must be None or >= 0, got {self.n_epochs_kl_warmup}")
+                f"n_epochs_kl_warmup must be 'auto', None or >= 0, got {warmup!r}")
 
     @property
     def _hidden(self) -> tuple[int, ...]:
@@ -277,7 +294,8 @@ class SCVI(LatentModel):
         """
         if not batch.training:
             return contextlib.nullcontext()
-        weight = kl_warmup_weight(batch.epoch, self.n_epochs_kl_warmup, self.kl_weight)
+        weight = kl_warmup_weight(batch.epoch, self.n_epochs_kl_warmup, self.kl_weight,
+                                  batch.n_epochs)
         return handlers.scale(scale=jnp.maximum(weight, _SMALLEST_SCALE))
 
     def _generate(self, z, log_library, batch: Batch, codes, theta_table, training: bool):
