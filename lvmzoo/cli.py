@@ -538,7 +538,7 @@ def _save_latent_plot(path: Path, annotated, name: str, data, args) -> str:
     """``latent.png``: one panel per batch key, labels key and model clusters; returns the view."""
     import numpy as np
 
-    from lvmzoo.plotting import embed_2d, save_latent_plot
+    from lvmzoo.plotting import cells_figure, embed_2d, save_figure
 
     obs = annotated.obs.copy()
     color = [k for k in (args.batch_key, args.labels_key) if k]
@@ -548,10 +548,9 @@ def _save_latent_plot(path: Path, annotated, name: str, data, args) -> str:
         x = annotated.layers[args.layer] if args.layer else annotated.X
         obs["log10 total counts"] = np.log10(np.asarray(x.sum(axis=1)).ravel())
         color = ["log10 total counts"]
-    latent = annotated.obsm[f"X_{name}"]
-    coordinates, view = embed_2d(latent, args.plot_method, args.seed)
-    save_latent_plot(coordinates, path, obs, color, title=name, method="pca")
-    return {"UMAP": "UMAP", "PC": "PCA"}.get(view, "latent") if latent.shape[1] > 2 else "latent"
+    coordinates, view = embed_2d(annotated.obsm[f"X_{name}"], args.plot_method, args.seed)
+    save_figure(cells_figure(coordinates, view, obs, color, title=name), path)
+    return {"UMAP": "UMAP", "PC": "PCA"}.get(view, "the latent itself")
 
 
 def _model_class(name: str):

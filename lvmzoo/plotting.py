@@ -58,9 +58,7 @@ def loss_figure(history: Mapping[str, Any], title: str = "") -> Figure:
 
 def save_loss_plot(history: Mapping[str, Any], path: PathLike, title: str = "") -> Path:
     """Write :func:`loss_figure` as a PNG to ``path`` atomically."""
-    buffer = io.BytesIO()
-    loss_figure(history, title).savefig(buffer, format="png", dpi=100)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure(loss_figure(history, title), path)
 
 
 # Categories shown in one legend; further ones are drawn and counted in the title.
@@ -129,11 +127,19 @@ def latent_figure(
     Returns:
       A Matplotlib figure attached to an Agg canvas.
     """
+    coordinates, view = embed_2d(latent, method, seed)
+    return cells_figure(coordinates, view, obs, color, title=title)
+
+
+def cells_figure(
+    coordinates, view: str, obs: Optional[pd.DataFrame] = None, color: Sequence[str] = (),
+    *, title: str = "",
+) -> Figure:
+    """:func:`latent_figure` for 2-D ``coordinates`` already computed by :func:`embed_2d` (``view``)."""
     color = list(color)
     missing = [c for c in color if obs is None or c not in obs.columns]
     if missing:
         raise ValueError(f"obs has no column(s) {', '.join(missing)} to colour by")
-    coordinates, view = embed_2d(latent, method, seed)
     panels = color or [None]
     fig = Figure(figsize=(5.2 * len(panels), 4.6), layout="constrained")
     FigureCanvasAgg(fig)
@@ -187,10 +193,10 @@ def _palette(n: int) -> list:
     return [colormaps["hsv"](i / n) for i in range(n)]
 
 
-def save_latent_plot(latent, path: PathLike, obs=None, color: Sequence[str] = (), **kwargs) -> Path:
-    """Write :func:`latent_figure` as a PNG to ``path`` atomically."""
+def save_figure(figure: Figure, path: PathLike, dpi: int = 100) -> Path:
+    """Write ``figure`` as a PNG to ``path`` atomically."""
     buffer = io.BytesIO()
-    latent_figure(latent, obs, color, **kwargs).savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=dpi)
     return atomic_write_bytes(path, buffer.getvalue())
 
 

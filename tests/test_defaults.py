@@ -93,10 +93,16 @@ def test_a_second_process_hits_the_compilation_cache(tmp_path):
     first = _fit_in_subprocess(cache, tmp_path)
     assert first["cache"] == str(cache) and first["misses"] > 0 and first["hits"] == 0
     assert any(cache.iterdir())  # the programs were written
+    # Cache entries are files named after the program and its key.
+    programs = {"jit_run_epoch", "jit__lambda", "jit__exact_log_likelihood", "jit__elbo"}
+    entries = lambda: {p.name for p in cache.iterdir() if p.name.split("-")[0] in programs}
+    written = entries()
+    assert {name.split("-")[0] for name in written} == programs  # epoch, validation, evaluation
     second = _fit_in_subprocess(cache, tmp_path)
-    # Every program the first process cached is read back, none compiled again.
-    assert second["hits"] >= first["misses"] - 2 and second["misses"] <= 2, (first, second)
-    assert second["compile_seconds"] < first["compile_seconds"]
+    # The second process reads them back: no new entry (a miss would write one under a
+    # new key), and at least as many hits. (Which tiny eager programs compile in over
+    # 0.2 s and get cached at all varies with the machine's load.)
+    assert entries() == written and second["hits"] >= len(programs), (first, second)
 
 
 def test_cache_can_be_turned_off(tmp_path, monkeypatch):
