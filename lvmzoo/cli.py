@@ -239,7 +239,7 @@ def _add_fit(commands, models) -> None:
                           "then holds obs, var and the latent but not the matrix, and metrics "
                           f"use at most {BACKED_METRIC_CELLS:,} random cells per split "
                           "(default: on when DATA is larger than "
-                          f"{BACKED_RAM_SHARE:.0%} of this machine's RAM)")
+                          f"{100 * BACKED_RAM_SHARE:.0f}%% of this machine's RAM)")
     fit.add_argument("--devices", metavar="N", default=None,
                      help="devices to train on: a number or 'all'; each minibatch is split "
                           "over them, parameters are replicated; --batch-size is the total "

@@ -168,8 +168,15 @@ class StreamingSource:
         )
 
     def steps_per_chunk(self, steps_per_epoch: int, batch_size: int) -> int:
+        """Steps per chunk: at most ``chunk_bytes`` of inputs, dividing the epoch if it can.
+
+        An epoch whose steps divide into equal chunks needs one compiled
+        program; otherwise the last, shorter chunk compiles a second one.
+        """
         per_cell = 4 * (self.n_genes if self.max_row_nnz is None else 2 * self.max_row_nnz)
-        return int(np.clip(self.chunk_bytes // (batch_size * per_cell), 1, steps_per_epoch))
+        most = int(np.clip(self.chunk_bytes // (batch_size * per_cell), 1, steps_per_epoch))
+        divisors = [n for n in range(most, (most + 1) // 2 - 1, -1) if steps_per_epoch % n == 0]
+        return divisors[0] if divisors else most
 
     def chunk_specs(self, steps_per_epoch: int, batch_size: int) -> dict[int, Any]:
         """``{n_steps: input shapes}`` of the (at most two) chunk lengths of an epoch."""

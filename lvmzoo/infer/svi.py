@@ -129,7 +129,8 @@ def fit(
     placement = Placement.create(devices)
     if shuffle is None and data.is_backed:
         shuffle = BlockShuffle()
-    train = make_source(data.subset(train_idx), placement, shuffle)
+    # Without a validation split the training cells are all cells: no copy of them.
+    train = make_source(data.subset(train_idx) if len(val_idx) else data, placement, shuffle)
     batch_size = placement.global_batch_size(min(batch_size, train.n_cells))
     steps_per_epoch = train.n_cells // batch_size
 
