@@ -39,7 +39,7 @@ Outputs ``results/scale.{json,md,png}`` (atomically).
 
 Usage::
 
-    python benchmarks/bench_scale.py                          # 10k, 100k, 1M: ~1.5 h on 2 cores
+    python benchmarks/bench_scale.py                          # 10k, 100k, 1M: ~40 min on 2 quiet cores
     python benchmarks/bench_scale.py --sizes 10000 --output-dir /tmp/scale   # a quick check
 """
 

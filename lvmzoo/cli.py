@@ -20,6 +20,12 @@ A thin layer over the Python API; every step is a call a notebook could make::
 * ``metrics.json`` – ``{"train": ..., "validation": ... or null}``, each the
   dict of :meth:`FittedModel.evaluate` on those cells.
 
+With ``--backed`` (automatic for a file larger than a quarter of the RAM, or
+a ``.zarr`` store) the cells are streamed from DATA instead of loaded (see
+``docs/scaling.md``); ``result.h5ad`` then holds ``obs``, ``var`` and the
+latent but not the matrix, and ``metrics.json`` scores at most 10,000 random
+cells per split.  ``--devices N|all`` splits every minibatch over devices.
+
 Exit status: 0 on success; 2 for a usage or data error (one line
 ``lvmzoo: error: ...`` on stderr); 1 when the fit diverged (the last finite
 parameters are saved); 130 when interrupted with Ctrl-C (the model so far is

@@ -103,6 +103,7 @@ def test_outputs_of_a_backed_fit_stream_the_cells(reference, counts_file):
                                                              rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Writing zarr v2 data")
 def test_zarr_store_trains_like_the_h5ad(reference, counts_file, tmp_path, monkeypatch):
     # Dense X in the store: the loader reads dense rows and sends dense minibatches.
     adata = ad.read_h5ad(counts_file)

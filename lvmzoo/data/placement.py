@@ -65,7 +65,10 @@ def make_mesh(devices: Devices) -> Optional[Mesh]:
         if not 1 <= devices <= len(available):
             raise ValueError(f"devices={devices} but {len(available)} device(s) are available "
                              f"({available[0].platform}); choose 1..{len(available)} or 'all'")
-        if devices == 1 and jax.process_count() == 1:
+        if jax.process_count() > 1 and devices != len(available):
+            raise ValueError(f"devices={devices} with {jax.process_count()} processes: every "
+                             "process must take part; use devices='all' (or None), or a Mesh")
+        if devices == 1:
             return None
         chosen = available[:devices]
     else:

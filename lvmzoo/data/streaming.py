@@ -304,8 +304,7 @@ def prefetch(items: Iterable, depth: int = PREFETCH) -> Iterator:
         except BaseException as err:  # forwarded to the consumer
             put(err)
 
-    thread = threading.Thread(target=work, name="lvmzoo-prefetch", daemon=True)
-    thread.start()
+    finished = _WORKERS.run(work)
     try:
         while True:
             item = buffer.get()
@@ -316,7 +315,45 @@ def prefetch(items: Iterable, depth: int = PREFETCH) -> Iterator:
             yield item
     finally:
         stop.set()
-        thread.join()
+        finished.wait()
+
+
+class _Workers:
+    """Daemon threads that run :func:`prefetch` jobs, kept and reused from epoch to epoch.
+
+    A new thread per epoch would make glibc give each its own malloc arena,
+    and every arena keeps the memory its thread freed: resident memory would
+    grow by about a window of rows per epoch until the arena limit.
+    """
+
+    def __init__(self):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def run(self, job) -> threading.Event:
+        """Run ``job()`` on an idle worker (or a new one); the event is set when it returns."""
+        finished = threading.Event()
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                threading.Thread(target=self._serve, name="lvmzoo-prefetch", daemon=True).start()
+        self._tasks.put((job, finished))
+        return finished
+
+    def _serve(self):
+        while True:
+            job, finished = self._tasks.get()
+            try:
+                job()
+            finally:
+                finished.set()
+                with self._lock:
+                    self._idle += 1
+
+
+_WORKERS = _Workers()
 
 
 class EvaluationBatches:

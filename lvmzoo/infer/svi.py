@@ -228,6 +228,10 @@ def run_chunks(programs, state, chunks, arrays, epoch):
     for inputs in chunks:
         n_steps = jax.tree.leaves(inputs)[0].shape[0]
         state, chunk_losses = programs[n_steps](state, inputs, arrays, jnp.float32(epoch))
+        if losses:
+            # Dispatch is asynchronous: without this wait the host would queue
+            # (and hold in memory) every chunk of the epoch ahead of the device.
+            losses[-1].block_until_ready()
         losses.append(chunk_losses)
     return state, jnp.concatenate(losses) if len(losses) > 1 else losses[0]
 
