@@ -97,7 +97,7 @@ def test_outputs_of_a_backed_fit_stream_the_cells(reference, counts_file):
     fitted = reference["backed"]
     np.testing.assert_allclose(fitted.latent(on_disk), fitted.latent(in_memory), rtol=1e-6)
     held_out = fitted.validation_index
-    scores = [fitted.evaluate(d.subset(held_out), n_samples=5) for d in (in_memory, on_disk)]
+    scores = [fitted.evaluate(d.subset(held_out), n_samples=2) for d in (in_memory, on_disk)]
     assert scores[0]["n_cells"] == scores[1]["n_cells"] == len(held_out)
     assert scores[0]["avg_log_likelihood"] == pytest.approx(scores[1]["avg_log_likelihood"],
                                                              rel=1e-6)
