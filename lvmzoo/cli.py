@@ -20,6 +20,12 @@ A thin layer over the Python API; every step is a call a notebook could make::
 * ``metrics.json`` – ``{"train": ..., "validation": ... or null}``, each the
   dict of :meth:`FittedModel.evaluate` on those cells.
 
+With ``--backed`` (automatic for a file larger than a quarter of the RAM, or
+a ``.zarr`` store) the cells are streamed from DATA instead of loaded (see
+``docs/scaling.md``); ``result.h5ad`` then holds ``obs``, ``var`` and the
+latent but not the matrix, and ``metrics.json`` scores at most 10,000 random
+cells per split.  ``--devices N|all`` splits every minibatch over devices.
+
 Exit status: 0 on success; 2 for a usage or data error (one line
 ``lvmzoo: error: ...`` on stderr); 1 when the fit diverged (the last finite
 parameters are saved); 130 when interrupted with Ctrl-C (the model so far is
@@ -50,6 +56,12 @@ MODEL_OPTIONS = ("n_latent", "n_components", "n_hidden", "n_layers", "likelihood
 _FLAGS = {"n_epochs_kl_warmup": "--kl-warmup"}
 # Smallest accepted value of the integer options (1 for those not listed).
 _MINIMUM = {"n_layers": 0, "n_epochs_kl_warmup": 0}
+# `lvmzoo fit` trains from disk when DATA is larger than this share of RAM: an
+# in-memory fit holds the matrix about four times at its peak (the AnnData,
+# the registered float32 copy, the training cells and the device copy).
+BACKED_RAM_SHARE = 0.25
+# On-disk fits score at most this many random cells per split in metrics.json.
+BACKED_METRIC_CELLS = 10_000
 
 
 class UsageError(Exception):
@@ -256,6 +268,17 @@ def _add_fit(commands, models) -> None:
     fit.add_argument("--kind", choices=KINDS, default=None,
                      help="what the input values are: raw counts, continuous values or 0/1 "
                           "(default: binary for binary models, counts otherwise)")
+    fit.add_argument("--backed", action=argparse.BooleanOptionalAction, default=None,
+                     help="train from DATA on disk (a backed .h5ad or a .zarr store), reading "
+                          "blocks of cells while training, instead of loading it; result.h5ad "
+                          "then holds obs, var and the latent but not the matrix, and metrics "
+                          f"use at most {BACKED_METRIC_CELLS:,} random cells per split "
+                          "(default: on when DATA is larger than "
+                          f"{100 * BACKED_RAM_SHARE:.0f}%% of this machine's RAM)")
+    fit.add_argument("--devices", metavar="N", default=None,
+                     help="devices to train on: a number or 'all'; each minibatch is split "
+                          "over them, parameters are replicated; --batch-size is the total "
+                          "over all devices (default: one device)")
     fit.set_defaults(run=_fit, command_parser=fit)
 
 
@@ -484,12 +507,15 @@ def _fit(args) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file; give a directory")
 
+    devices = _devices(args.devices)
     if args.data is None:
         source = f"bundled data set '{datasets.DEFAULT_DATASET}'"
         adata = datasets.load(datasets.DEFAULT_DATASET)
+        backed = False
     else:
         source = args.data
-        adata = _read_h5ad(args.data)
+        backed = _train_from_disk(args)
+        adata = _read_backed(args.data) if backed else _read_h5ad(args.data)
     data = setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
                          labels_key=args.labels_key, kind=kind, transform=transform)
     _check_model_accepts(model, data)
@@ -499,6 +525,7 @@ def _fit(args) -> int:
         "patience": args.patience, "requested_batch_size": args.batch_size,
         "learning_rate": model.default_learning_rate if args.lr is None else args.lr,
         "validation_fraction": args.validation_fraction, "data": source,
+        "backed": data.is_backed, "devices": args.devices,
     }
 
     started = time.perf_counter()
@@ -511,7 +538,7 @@ def _fit(args) -> int:
                          validation_fraction=args.validation_fraction,
                          early_stopping=args.early_stopping,
                          early_stopping_patience=args.patience,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, devices=devices)
     except FitDivergedError as err:
         _save_fit(out, err.result, settings)
         print(f"{PROG}: error: {' '.join(str(err).split())} "
@@ -525,7 +552,10 @@ def _fit(args) -> int:
     fit_seconds = time.perf_counter() - started
 
     _save_fit(out, fitted, settings)
-    annotated, added = fitted.annotate(adata, data)
+    if data.is_backed:
+        annotated, added = _annotate_backed(fitted, adata, data)
+    else:
+        annotated, added = fitted.annotate(adata, data)
     _write_h5ad(out / "result.h5ad", annotated)
     view = _save_latent_plot(out / "latent.png", annotated, fitted.model.name, data, args)
     metrics = _fit_metrics(fitted, data)
@@ -543,9 +573,9 @@ def _save_latent_plot(path: Path, annotated, name: str, data, args) -> str:
     obs = annotated.obs.copy()
     color = [k for k in (args.batch_key, args.labels_key) if k]
     color += [k for k in obs.columns if k.startswith(f"{name}_") and k not in color]
-    if not color and data.registry.kind == "counts":
+    x = annotated.layers.get(args.layer) if args.layer else annotated.X  # None when on disk
+    if not color and data.registry.kind == "counts" and x is not None:
         # Nothing categorical to show: the first thing that structures a latent of counts.
-        x = annotated.layers[args.layer] if args.layer else annotated.X
         obs["log10 total counts"] = np.log10(np.asarray(x.sum(axis=1)).ravel())
         color = ["log10 total counts"]
     coordinates, view = embed_2d(annotated.obsm[f"X_{name}"], args.plot_method, args.seed)
@@ -627,10 +657,67 @@ def _save_fit(out: Path, fitted, settings) -> None:
 
 
 def _fit_metrics(fitted, data) -> dict[str, Any]:
-    validation = None
-    if len(fitted.validation_index):
-        validation = fitted.evaluate(data.subset(fitted.validation_index))
-    return {"train": fitted.evaluate(data.subset(fitted.train_index)), "validation": validation}
+    import numpy as np
+
+    def score(index):
+        if data.is_backed and len(index) > BACKED_METRIC_CELLS:
+            # Scoring a whole atlas costs many epochs; a random sample estimates the average.
+            rng = np.random.default_rng(fitted.seed)
+            index = np.sort(rng.choice(index, BACKED_METRIC_CELLS, replace=False))
+        return fitted.evaluate(data.subset(index))
+
+    validation = score(fitted.validation_index) if len(fitted.validation_index) else None
+    return {"train": score(fitted.train_index), "validation": validation}
+
+
+def _annotate_backed(fitted, adata, data):
+    """result.h5ad of an on-disk fit: obs, var and the latent, without the matrix or model extras."""
+    import anndata as ad
+
+    key = f"X_{fitted.model.name}"
+    result = ad.AnnData(obs=adata.obs.copy(), var=adata.var.copy())
+    result.obsm[key] = fitted.latent(data)
+    return result, [f'obsm["{key}"] (obs and var; the matrix stays in DATA)']
+
+
+def _devices(text: Optional[str]):
+    """``--devices``: ``None``, a positive number or ``"all"``."""
+    if text is None or text == "all":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(f"--devices must be a positive number or 'all', got {text!r}")
+    import jax
+
+    available = len(jax.devices())
+    if n > available:
+        raise UsageError(f"--devices {n} but this machine has {available} "
+                         f"{jax.devices()[0].platform} device(s)")
+    return n
+
+
+def _train_from_disk(args) -> bool:
+    """``--backed`` / ``--no-backed``, else whether DATA is too large to load (with a message)."""
+    from lvmzoo.data.backed import file_size, total_memory
+
+    path = Path(args.data)
+    if path.is_dir():  # a .zarr store: always read from disk
+        if args.backed is False:
+            raise UsageError(f"DATA {args.data} is a directory (a .zarr store), which lvmzoo "
+                             "reads from disk; drop --no-backed")
+        return True
+    if args.backed is not None or not path.exists():
+        return bool(args.backed)  # a missing file is reported when it is read
+    size, ram = file_size(path), total_memory()
+    if ram and size > BACKED_RAM_SHARE * ram:
+        print(f"{PROG}: DATA is {size / 2**30:.1f} GiB, more than {BACKED_RAM_SHARE:.0%} of "
+              f"this machine's {ram / 2**30:.0f} GiB of RAM: training from disk (as --backed; "
+              "--no-backed loads it into memory)", file=sys.stderr)
+        return True
+    return False
 
 
 def _summary(fitted, data, source, metrics, added, out, seconds, view) -> str:
@@ -814,6 +901,21 @@ def _read_h5ad(path: str):
         return ad.read_h5ad(file)
     except OSError as err:  # h5py: not an HDF5 file, truncated, unreadable
         raise UsageError(f"cannot read {path} as .h5ad: {err}") from None
+
+
+def _read_backed(path: str):
+    """DATA opened without loading its matrix: a backed .h5ad or a .zarr AnnData store."""
+    from lvmzoo.data.backed import read_backed
+
+    file = Path(path)
+    if not file.exists():
+        raise UsageError(f"DATA file {path} does not exist")
+    if not (file.is_dir() or file.suffix.lower() == ".h5ad"):
+        raise UsageError(f"DATA {path} is neither an .h5ad file nor a .zarr AnnData store")
+    try:
+        return read_backed(file)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot open {path} on disk: {err}") from None
 
 
 def _write_json(path: Path, obj) -> None:

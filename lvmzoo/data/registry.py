@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from lvmzoo.data.backed import BackedMatrix, backed_matrix, is_on_disk
 from lvmzoo.data.transforms import TRANSFORMS, apply_transform
 
 KINDS = ("counts", "continuous", "binary")
@@ -97,7 +98,9 @@ class CellData:
     """Validated host arrays for ``n_cells`` cells, ready for a data source.
 
     Attributes:
-      x: ``(n_cells, n_genes)`` float32 ndarray or CSR matrix, transformed.
+      x: ``(n_cells, n_genes)`` float32 ndarray or CSR matrix, transformed; or
+        a :class:`~lvmzoo.data.backed.BackedMatrix` when the AnnData's matrix
+        is on disk (read in blocks, transformed as it is read).
       batch: ``(n_cells,)`` int32 batch codes.
       labels: ``(n_cells,)`` int32 label codes, ``-1`` for unlabelled.
       covariates: ``(n_cells, n_covariates)`` float32.
@@ -124,6 +127,15 @@ class CellData:
     def is_sparse(self) -> bool:
         return sp.issparse(self.x)
 
+    @property
+    def is_backed(self) -> bool:
+        """Whether ``x`` stays on disk (a backed ``.h5ad`` or a Zarr store)."""
+        return isinstance(self.x, BackedMatrix)
+
+    def to_memory(self) -> "CellData":
+        """The same cells with ``x`` read into memory (float32 CSR); itself if already there."""
+        return dataclasses.replace(self, x=self.x.to_memory()) if self.is_backed else self
+
     def subset(self, index: np.ndarray) -> "CellData":
         """The cells at ``index`` (integer positions), as a new CellData."""
         index = np.asarray(index)
@@ -137,6 +149,8 @@ class CellData:
         )
 
     def dense_x(self) -> np.ndarray:
+        if self.is_backed:
+            return self.x.to_memory().toarray()
         return self.x.toarray() if self.is_sparse else np.asarray(self.x)
 
     @classmethod
@@ -325,8 +339,11 @@ def _with_zero_genes(adata, genes, layer) -> ad.AnnData:
 
 
 def _cell_data(adata, x, batch, labels, covariates, registry) -> CellData:
-    x = apply_transform(registry.transform, x)
-    x = sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, np.float32)
+    if isinstance(x, BackedMatrix):
+        x = x.with_transform(registry.transform)  # applied block by block as cells are read
+    else:
+        x = apply_transform(registry.transform, x)
+        x = sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, np.float32)
     return CellData(
         x=x,
         batch=batch,
@@ -355,6 +372,11 @@ def _observations(adata, layer):
                 f"layer {layer!r} not found; available layers: {sorted(adata.layers) or 'none'}"
             )
         x = adata.layers[layer]
+    if is_on_disk(x):
+        try:
+            return backed_matrix(x)
+        except ValueError as err:
+            raise DataError(str(err)) from None
     if sp.issparse(x):
         return sp.csr_matrix(x)
     x = np.asarray(x)
@@ -376,47 +398,62 @@ def _check_values(x, kind, warn_unobserved_genes=True):
     """Scan the values: finite, and for counts non-negative integers in non-empty cells.
 
     Genes that are zero in every cell are normal (any subset of cells has
-    some) and only draw a :class:`DataWarning`.
+    some) and only draw a :class:`DataWarning`.  A matrix on disk is scanned
+    block by block (never loaded whole); the counts in the messages are over
+    all cells either way.
     """
-    values = x.data if sp.issparse(x) else x
-    if not np.issubdtype(values.dtype, np.number) and values.dtype != bool:
-        raise DataError(f"observations have non-numeric dtype {values.dtype}")
-    n_bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
-    if n_bad:
+    if not np.issubdtype(x.dtype, np.number) and x.dtype != bool:
+        raise DataError(f"observations have non-numeric dtype {x.dtype}")
+    blocks = x.blocks(raw=True) if isinstance(x, BackedMatrix) else [x]
+    counts = None
+    for block in blocks:
+        found = _value_counts(block, kind)
+        counts = found if counts is None else {k: counts[k] + v for k, v in found.items()}
+    if counts["bad"]:
         raise DataError(
-            f"the data contains {n_bad} NaN or infinite values; remove or impute them first"
+            f"the data contains {counts['bad']} NaN or infinite values; remove or impute them first"
         )
-    if kind in ("counts", "binary"):
-        n_negative = int(np.count_nonzero(values < 0))
-        if n_negative:
-            raise DataError(
-                f"count data has {n_negative} negative values; pass raw UMI counts "
-                "(e.g. layer='counts'), not scaled or centred data"
-            )
-        n_fractional = int(np.count_nonzero(values != np.round(values)))
-        if n_fractional:
-            raise DataError(
-                f"count data has {n_fractional} non-integer values; pass raw counts "
-                "(e.g. layer='counts'), or use a Gaussian model with transform 'none'"
-            )
-    if kind == "binary" and np.any(values > 1):
+    if counts["negative"]:
+        raise DataError(
+            f"count data has {counts['negative']} negative values; pass raw UMI counts "
+            "(e.g. layer='counts'), not scaled or centred data"
+        )
+    if counts["fractional"]:
+        raise DataError(
+            f"count data has {counts['fractional']} non-integer values; pass raw counts "
+            "(e.g. layer='counts'), or use a Gaussian model with transform 'none'"
+        )
+    if counts["above_one"]:
         raise DataError("binary data must be 0/1; binarise it first (e.g. x > 0)")
-    if kind == "counts":
+    if counts["empty"]:
         # Count models and the log1p_cp10k transform divide by each cell's total.
+        raise DataError(
+            f"{counts['empty']} cells have zero total counts; remove them first "
+            "(e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
+        )
+    n_unobserved = int(np.count_nonzero(counts["observed"] == 0))
+    if warn_unobserved_genes and n_unobserved:
+        warnings.warn(
+            f"{n_unobserved} of {x.shape[1]} genes are zero in every cell; they are kept "
+            "(models learn a near-zero expression for them)", DataWarning, stacklevel=3)
+
+
+def _value_counts(x, kind) -> dict[str, Any]:
+    """Numbers of each kind of bad value in ``x`` (dense or CSR), and cells per gene observed."""
+    values = x.data if sp.issparse(x) else np.asarray(x)
+    counts = {"bad": int(np.size(values) - np.count_nonzero(np.isfinite(values))),
+              "negative": 0, "fractional": 0, "above_one": 0, "empty": 0}
+    if kind in ("counts", "binary") and not counts["bad"]:
+        counts["negative"] = int(np.count_nonzero(values < 0))
+        counts["fractional"] = int(np.count_nonzero(values != np.round(values)))
+    if kind == "binary":
+        counts["above_one"] = int(np.count_nonzero(values > 1))
+    if kind == "counts":
         totals = np.asarray(x.sum(axis=1)).ravel()
-        n_empty = int(np.count_nonzero(totals == 0))
-        if n_empty:
-            raise DataError(
-                f"{n_empty} cells have zero total counts; remove them first "
-                "(e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
-            )
-    if warn_unobserved_genes:
-        observed = (x != 0).sum(axis=0) if sp.issparse(x) else np.count_nonzero(x, axis=0)
-        n_unobserved = int(np.count_nonzero(np.asarray(observed).ravel() == 0))
-        if n_unobserved:
-            warnings.warn(
-                f"{n_unobserved} of {x.shape[1]} genes are zero in every cell; they are kept "
-                "(models learn a near-zero expression for them)", DataWarning, stacklevel=3)
+        counts["empty"] = int(np.count_nonzero(totals == 0))
+    observed = (x != 0).sum(axis=0) if sp.issparse(x) else np.count_nonzero(x, axis=0)
+    counts["observed"] = np.asarray(observed).ravel()
+    return counts
 
 
 def _codes(adata, key, argname, *, allow_missing, categories=None):

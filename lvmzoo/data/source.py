@@ -1,15 +1,27 @@
 """Minibatches for the SVI driver.
 
-A *source* owns the arrays of a data set and turns a ``(batch_size,)`` vector
-of cell indices into a :class:`Batch`.  The driver only ever calls
+A *source* owns the arrays of a data set and turns each step's inputs into a
+:class:`Batch`.  The driver only ever calls
 
-* ``source.arrays`` – a pytree of arrays passed into the compiled epoch, and
-* ``source.gather(arrays, index)`` – a traceable function building a Batch,
+* ``source.arrays`` – a pytree of arrays passed into the compiled epoch;
+* ``source.gather(arrays, step)`` – a traceable function building the Batch
+  of one step from its inputs (here: a ``(batch_size,)`` vector of cells);
+* ``source.chunk_specs(n_steps, batch_size)`` – the shapes of the chunks of
+  step inputs an epoch is fed in, one compiled program per shape;
+* ``source.epoch_inputs(order)`` – those chunks for an epoch whose cells are
+  ``order`` ``(n_steps, batch_size)``;
+* ``source.head(n)`` – the first ``n`` cells, to initialise the optimiser;
+* ``source.sample(n, key)`` – about ``n`` random cells, for the model's
+  data-dependent start values.
 
-so a source that keeps data on the host and streams chunks, or one that shards
-arrays over devices, plugs into the same driver.  :class:`DeviceSource` puts
-everything on the default device once; a sparse matrix stays compressed there
-(CSR) and each minibatch is densified inside the compiled step.
+:class:`DeviceSource` puts everything on the device(s) once and feeds an
+epoch as one chunk, its cell order; a sparse matrix stays compressed there
+(CSR) and each minibatch is densified inside the compiled step.  On a mesh
+(:class:`~lvmzoo.data.placement.Placement`) the arrays are replicated on
+every device and each device gathers its share of every minibatch.  Data
+larger than memory streams from disk through
+:class:`lvmzoo.data.streaming.StreamingSource`, chunk by chunk, into the
+same programs.
 """
 
 from __future__ import annotations
@@ -21,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lvmzoo.data.registry import CellData
+from lvmzoo.data.placement import Placement
+from lvmzoo.data.registry import CellData, DataError
 
 
 @struct.dataclass
@@ -64,40 +77,45 @@ class Batch:
 
 
 class DeviceSource:
-    """All of a data set on one device; minibatches gathered inside jit.
+    """All of a data set on the device(s); minibatches gathered inside jit.
 
     Args:
-      data: validated cells.
+      data: validated cells, in memory.
       n_cells: value of ``Batch.n_cells``; defaults to ``data.n_cells``.
+      placement: the devices; default one device.  On a mesh every device
+        holds all of the (compressed) data.
 
     Sparse ``x`` is stored as CSR arrays ``(values, columns, row_starts)`` and
     each row is read through a fixed window of ``max_row_nnz`` entries, so the
     gather has static shapes and device memory stays ``O(nnz)``.
     """
 
-    def __init__(self, data: CellData, n_cells: int | None = None):
+    def __init__(self, data: CellData, n_cells: int | None = None,
+                 placement: Placement | None = None):
+        if not isinstance(data.x, np.ndarray) and not data.is_sparse:
+            raise DataError("this needs the cells in memory but they are on disk "
+                            f"({type(data.x).__name__}); load them first, e.g. with "
+                            "data.to_memory() on a subset small enough")
         self.data = data
+        self.placement = placement or Placement()
         self.n_cells = data.n_cells if n_cells is None else n_cells
         self.n_genes = data.n_genes
         self.n_batches = data.registry.n_batches
         self.n_labels = data.registry.n_labels
-        common = dict(
-            batch=jnp.asarray(data.batch),
-            labels=jnp.asarray(data.labels),
-            covariates=jnp.asarray(data.covariates),
-        )
+        common = dict(batch=data.batch, labels=data.labels, covariates=data.covariates)
         if data.is_sparse:
             csr = data.x
             self.max_row_nnz = max(int(np.diff(csr.indptr).max()), 1)
-            self.arrays: dict[str, Any] = dict(
-                values=jnp.asarray(csr.data, jnp.float32),
-                columns=jnp.asarray(csr.indices, jnp.int32),
-                row_starts=jnp.asarray(csr.indptr, jnp.int32),
+            arrays: dict[str, Any] = dict(
+                values=np.asarray(csr.data, np.float32),
+                columns=np.asarray(csr.indices, np.int32),
+                row_starts=np.asarray(csr.indptr, np.int32),
                 **common,
             )
         else:
             self.max_row_nnz = None
-            self.arrays = dict(x=jnp.asarray(data.x, jnp.float32), **common)
+            arrays = dict(x=np.asarray(data.x, np.float32), **common)
+        self.arrays: dict[str, Any] = self.placement.replicate(arrays)
 
     def gather(self, arrays: dict[str, Any], index: jax.Array) -> Batch:
         """The minibatch of cells ``index`` (shape ``(B,)``); traceable."""
@@ -106,7 +124,7 @@ class DeviceSource:
         else:
             x = _densify_rows(arrays, index, self.max_row_nnz, self.n_genes)
         return Batch(
-            x=x,
+            x=self.placement.constrain_cells(x),
             index=index,
             batch=arrays["batch"][index],
             labels=arrays["labels"][index],
@@ -115,6 +133,38 @@ class DeviceSource:
             n_batches=self.n_batches,
             n_labels=self.n_labels,
         )
+
+    def head(self, n: int) -> Batch:
+        """The first ``n`` cells as a training Batch on the default device (for ``svi.init``)."""
+        if self.placement.mesh is None:
+            return self.gather(self.arrays, jnp.arange(n))
+        local = DeviceSource(self.data.subset(np.arange(n)), n_cells=self.n_cells)
+        return local.gather(local.arrays, jnp.arange(n))
+
+    def sample(self, n: int, key: jax.Array) -> Batch:
+        """``n`` random cells (in data order) as a training Batch on the default device.
+
+        What ``model.init_params`` sees, so that data stored in some order
+        still gives a representative start.
+        """
+        cells = np.sort(np.asarray(jax.random.permutation(key, self.data.n_cells))[:n])
+        if self.placement.mesh is None:
+            return self.gather(self.arrays, jnp.asarray(cells, jnp.int32))
+        local = DeviceSource(self.data.subset(cells), n_cells=self.n_cells)
+        return local.gather(local.arrays, jnp.arange(n)).replace(index=jnp.asarray(cells))
+
+    def chunk_specs(self, n_steps: int, batch_size: int) -> dict[int, Any]:
+        """An epoch is one chunk: its ``(n_steps, batch_size)`` cell order."""
+        order = jax.ShapeDtypeStruct((n_steps, batch_size), jnp.int32)
+        return {n_steps: self.placement.step_spec(order)}
+
+    def epoch_inputs(self, order) -> list[jax.Array]:
+        """The epoch's one chunk: ``order`` on the device(s), split along cells on a mesh."""
+        if self.placement.mesh is None:
+            return [jnp.asarray(order, jnp.int32)]
+        start, stop = self.placement.local_columns(order.shape[1])
+        local = np.asarray(order, np.int32)[:, start:stop]
+        return [self.placement.shard_steps(local, order.shape[1])]
 
     def full_batch(self, index: np.ndarray | None = None) -> Batch:
         """Cells ``index`` (default all) as one evaluation Batch, plate not rescaled."""
@@ -130,7 +180,11 @@ def _densify_rows(arrays, index, window, n_genes):
     inside = positions < ends[:, None]
     positions = jnp.where(inside, positions, 0)
     values = jnp.where(inside, arrays["values"][positions], 0.0)
-    columns = arrays["columns"][positions]
-    rows = jnp.broadcast_to(jnp.arange(index.shape[0])[:, None], columns.shape)
-    dense = jnp.zeros((index.shape[0], n_genes), jnp.float32)
+    return scatter_rows(values, arrays["columns"][positions], n_genes)
+
+
+def scatter_rows(values: jax.Array, columns: jax.Array, n_genes: int) -> jax.Array:
+    """Dense ``(B, n_genes)`` rows from ``(B, W)`` stored entries (padding: value 0)."""
+    rows = jnp.broadcast_to(jnp.arange(values.shape[0])[:, None], columns.shape)
+    dense = jnp.zeros((values.shape[0], n_genes), jnp.float32)
     return dense.at[rows, columns].add(values)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from lvmzoo.data.registry import CellData, DataRegistry
-from lvmzoo.data.source import DeviceSource
+from lvmzoo.data.streaming import EvaluationBatches
 from lvmzoo.infer.evaluate import importance_sampled_scores, joint_log_weights
 from lvmzoo.models.base import LatentModel
 
@@ -72,9 +72,8 @@ class FittedModel:
     interrupted: bool = False
 
     def _chunks(self, data: CellData):
-        source = DeviceSource(data)
-        for start in range(0, data.n_cells, EVAL_CHUNK):
-            yield source.full_batch(np.arange(start, min(start + EVAL_CHUNK, data.n_cells)))
+        # Cells on disk (data.is_backed) are read chunk by chunk, never loaded whole.
+        return iter(EvaluationBatches(data, EVAL_CHUNK))
 
     def _evaluation(self, data: CellData, cells: bool = True):
         """``(batch, params, guide)`` per chunk; guides from ``make_guide`` get the

@@ -31,8 +31,9 @@ import optax
 from numpyro.infer import SVI
 from tqdm import tqdm  # plain bars: tqdm.auto warns in Jupyter without ipywidgets
 
+from lvmzoo.data.placement import Devices, Placement
 from lvmzoo.data.registry import CellData
-from lvmzoo.data.source import DeviceSource
+from lvmzoo.data.streaming import BlockShuffle, EvaluationBatches, make_source
 from lvmzoo.infer.guides import NamedGuide, default_learning_rate, make_guide
 from lvmzoo.infer.results import FittedModel
 from lvmzoo.models.base import LatentModel
@@ -71,6 +72,8 @@ def fit(
     early_stopping_patience: Optional[int] = None,
     early_stopping_tolerance: float = EARLY_STOPPING_TOLERANCE,
     progress: bool = True,
+    devices: Devices = None,
+    shuffle: Optional[BlockShuffle] = None,
 ) -> FittedModel:
     """Fit ``model`` to ``data`` by stochastic variational inference.
 
@@ -105,6 +108,20 @@ def fit(
         validation loss is lower by more than this fraction of the best
         loss's magnitude (default 1e-4: 0.1 nats per cell at a loss of 1,000).
       progress: show a progress bar (loss, cells/s) per epoch.
+      devices: ``None`` (one device; every device of every process once
+        ``jax.distributed`` is initialised), a number of devices, ``"all"``
+        or a 1-D :class:`jax.sharding.Mesh` with axis ``"cells"``.  Each
+        minibatch of ``batch_size`` cells is split over the devices and
+        parameters are replicated (see :mod:`lvmzoo.data.placement`); a
+        ``batch_size`` that does not divide by the number of devices is
+        rounded down to a multiple of it, with a warning.  The cell order does
+        not depend on the devices, so the fit is the one-device fit up to
+        floating-point reduction order.
+      shuffle: the cell order of each epoch: ``None`` shuffles all cells in
+        memory and uses :class:`~lvmzoo.data.streaming.BlockShuffle` for
+        cells on disk (``data.is_backed``), which are then streamed from the
+        file chunk by chunk; a ``BlockShuffle`` gives in-memory data the same
+        order as on disk.
 
     Returns:
       A :class:`FittedModel` with constrained parameters and the loss history
@@ -132,8 +149,12 @@ def fit(
     train_idx, val_idx = _split(data.n_cells, validation_fraction, seed)
     if isinstance(guide, NamedGuide):
         guide.training_cells = np.asarray(data.obs_names)[train_idx]  # rows of per-cell params
-    train = DeviceSource(data.subset(train_idx))
-    batch_size = min(batch_size, train.n_cells)
+    placement = Placement.create(devices)
+    if shuffle is None and data.is_backed:
+        shuffle = BlockShuffle()
+    # Without a validation split the training cells are all cells: no copy of them.
+    train = make_source(data.subset(train_idx) if len(val_idx) else data, placement, shuffle)
+    batch_size = placement.global_batch_size(min(batch_size, train.n_cells))
     steps_per_epoch = train.n_cells // batch_size
     if epochs is None:
         epochs = model.default_epochs(train.n_cells)
@@ -143,49 +164,58 @@ def fit(
 
     svi = SVI(model.model, guide, optimizer, loss=model.elbo())
     key_init, key_shuffle, key_validation = jax.random.split(jax.random.PRNGKey(seed), 3)
-    state = initial_state(svi, model, train, batch_size, key_init)
+    state = placement.replicate(initial_state(svi, model, train, batch_size, key_init))
     run_epoch = epoch_function(svi, train, guard=False)
 
-    order_shape = jax.ShapeDtypeStruct((steps_per_epoch, batch_size), jnp.int32)
     started = time.perf_counter()
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    epoch_program = jax.jit(run_epoch).lower(
-        state, order_shape, train.arrays, scalar, scalar).compile()
+    epoch_programs = {
+        n_steps: placement.jit(run_epoch).lower(
+            state, spec, train.arrays, scalar, scalar).compile()
+        for n_steps, spec in train.chunk_specs(steps_per_epoch, batch_size).items()}
     # Held-out cells have no per-cell guide params (lvmzoo.infer.guides.refit_local
     # fits them after training), so such guides report no validation loss.
     per_cell = getattr(guide, "per_cell", False)
     validate = None if per_cell else _validation_program(svi, model, data, val_idx, key_validation)
     if validate:
-        validate(state)  # compile it now, so epoch times exclude compilation
+        validate(placement.local(state))  # compile it now, so epoch times exclude compilation
     compile_seconds = time.perf_counter() - started
+
+    def cell_order(epoch):
+        if shuffle is None:
+            return epoch_order(key_shuffle, epoch, train.n_cells, steps_per_epoch, batch_size)
+        return shuffle.order(key_shuffle, epoch, train.n_cells, steps_per_epoch, batch_size)
 
     history = {"epoch": [], "loss": [], "validation_loss": [], "seconds": []}
     last_epoch = None  # (start state, order, epoch) of the previous epoch, for replay
     result = lambda st, reason, **kw: FittedModel(
-        model=model, guide=guide, params=_all_params(svi, st), registry=data.registry,
+        model=model, guide=guide, params=_all_params(svi, placement.local(st)),
+        registry=data.registry,
         history={**history, "compile_seconds": compile_seconds, "steps_per_epoch":
                  steps_per_epoch, "batch_size": batch_size, "n_train": train.n_cells,
                  "max_epochs": epochs, "stop_reason": reason,
-                 "best_epoch": stopping.best_epoch if stopping else None},
+                 "best_epoch": stopping.best_epoch if stopping else None,
+                 **placement.describe()},
         train_index=train_idx, validation_index=val_idx, seed=seed, **kw)
-    bar = tqdm(range(epochs), desc=f"fit {model.name}", disable=not progress, unit="epoch")
+    bar = tqdm(range(epochs), desc=f"fit {model.name}", unit="epoch",
+               disable=not progress or not placement.is_lead_process)
     reason = "epoch_limit"
     try:
         for epoch in bar:
             t0 = time.perf_counter()
-            order = epoch_order(key_shuffle, epoch, train.n_cells, steps_per_epoch, batch_size)
-            new_state, losses = epoch_program(state, order, train.arrays, jnp.float32(epoch),
-                                              jnp.float32(epochs))
+            order = cell_order(epoch)
+            new_state, losses = run_chunks(epoch_programs, state, train.epoch_inputs(order),
+                                           train.arrays, epoch, epochs)
             finite = np.isfinite(np.asarray(losses))
             if not finite.all():
                 failed_step = int(np.argmin(finite))
                 good = _last_finite_state(svi, train, (state, order, epoch, epochs), last_epoch,
-                                          failed_step)
+                                          failed_step, placement)
                 message = _divergence_message(model, epoch, failed_step, learning_rate)
                 raise FitDivergedError(message, result(good, "diverged", diverged=message))
             last_epoch = (state, order, epoch, epochs)
             state = new_state
-            val_loss = validate(state) if validate else float("nan")
+            val_loss = validate(placement.local(state)) if validate else float("nan")
             seconds = time.perf_counter() - t0
             history["epoch"].append(epoch)
             history["loss"].append(float(jnp.mean(losses)) / train.n_cells)
@@ -194,7 +224,7 @@ def fit(
             bar.set_postfix(loss=f"{history['loss'][-1]:.4g}",
                             val=f"{val_loss:.4g}",
                             cells_per_s=f"{steps_per_epoch * batch_size / seconds:.3g}")
-            if stopping and stopping.update(epoch, val_loss, state):
+            if stopping and validate and stopping.update(epoch, val_loss, state):
                 state, reason = stopping.best_state, stopping.reason(val_loss)
                 break
     except KeyboardInterrupt:
@@ -203,7 +233,6 @@ def fit(
     finally:
         bar.close()
     return result(state, reason)
-
 
 
 @dataclasses.dataclass
@@ -267,18 +296,37 @@ def initial_state(svi, model, source, batch_size, key):
 
     ``model.init_params`` sees a random sample of the training cells (all of
     them when ``n_cells * n_genes`` fits :data:`INIT_SAMPLE_ELEMENTS`, and at
-    least 2,048), so data stored in some order (by sample, by cell type)
-    still gives a representative start.
+    least 2,048; see the source's ``sample``), so data stored in some order
+    (by sample, by cell type) still gives a representative start.
     """
     n_sample = min(source.n_cells, max(2048, INIT_SAMPLE_ELEMENTS // max(source.n_genes, 1)))
     key_sample, key_init = jax.random.split(key)
-    cells = jnp.sort(jax.random.permutation(key_sample, source.n_cells)[:n_sample])
-    sample = source.gather(source.arrays, cells)
+    sample = source.sample(n_sample, key_sample)
     return svi.init(
         key,
-        source.gather(source.arrays, jnp.arange(batch_size)),
+        source.head(batch_size),
         init_params=model.init_params(sample.replace(n_cells=sample.size), key_init),
     )
+
+
+def run_chunks(programs, state, chunks, arrays, epoch, n_epochs):
+    """One epoch fed as chunks of step inputs: ``(state after it, (n_steps,) losses)``.
+
+    ``programs`` maps a chunk's number of steps to its compiled epoch program;
+    in-memory data is one chunk (the epoch's cell order), streamed data one
+    chunk per few steps, read while the previous one trains.
+    """
+    losses = []
+    for inputs in chunks:
+        n_steps = jax.tree.leaves(inputs)[0].shape[0]
+        state, chunk_losses = programs[n_steps](state, inputs, arrays, jnp.float32(epoch),
+                                                jnp.float32(n_epochs))
+        if losses:
+            # Dispatch is asynchronous: without this wait the host would queue
+            # (and hold in memory) every chunk of the epoch ahead of the device.
+            losses[-1].block_until_ready()
+        losses.append(chunk_losses)
+    return state, jnp.concatenate(losses) if len(losses) > 1 else losses[0]
 
 
 def epoch_function(svi, source, guard: bool = True):
@@ -314,29 +362,35 @@ def epoch_function(svi, source, guard: bool = True):
                           failed), loss
 
         init = _Carry(previous, state, jnp.array(-1, jnp.int32))
-        steps = jnp.arange(order.shape[0], dtype=jnp.int32)
+        steps = jnp.arange(jax.tree.leaves(order)[0].shape[0], dtype=jnp.int32)
         return jax.lax.scan(step, init, (steps, order))
 
     return run_guarded_epoch if guard else run_epoch
 
 
-def _last_finite_state(svi, source, this_epoch, last_epoch, failed_step):
+def _last_finite_state(svi, source, this_epoch, last_epoch, failed_step, placement=None):
     """The last state whose loss was finite, by replaying an epoch with the guard on.
 
     ``this_epoch`` / ``last_epoch``: ``(start state, order, epoch, n_epochs)`` of the
     failed epoch and of the one before (``None`` if there was none).  The loss
     at step ``i`` is that of the state before step ``i``; so a failure at step
     ``i > 0`` is resolved within this epoch, and one at step 0 by the last
-    step of the previous epoch.
+    step of the previous epoch.  A streamed epoch is replayed chunk by chunk
+    (read again from disk) until the chunk where the loss failed.
     """
     if failed_step == 0:
         if last_epoch is None:
             return this_epoch[0]  # the initial state already had a non-finite loss
         this_epoch = last_epoch
     state, order, epoch, n_epochs = this_epoch
-    guarded = jax.jit(epoch_function(svi, source, guard=True))
-    carry, _ = guarded(state, state, order, source.arrays, jnp.float32(epoch),
-                       jnp.float32(n_epochs))
+    guarded = (placement or Placement()).jit(epoch_function(svi, source, guard=True))
+    previous = state
+    for inputs in source.epoch_inputs(order):
+        carry, _ = guarded(previous, state, inputs, source.arrays, jnp.float32(epoch),
+                           jnp.float32(n_epochs))
+        if int(carry.failed_step) >= 0:
+            break
+        previous, state = carry.previous, carry.state
     return carry.previous
 
 
@@ -376,9 +430,9 @@ def _validation_program(svi, model, data, val_idx, key, chunk=4096):
     """Per-cell validation loss (-ELBO), compiled once per chunk shape."""
     if len(val_idx) == 0:
         return None
-    source = DeviceSource(data.subset(val_idx))
-    chunks = [np.arange(i, min(i + chunk, len(val_idx))) for i in range(0, len(val_idx), chunk)]
-    batches = [source.full_batch(c) for c in chunks]
+    batches = EvaluationBatches(data.subset(val_idx), chunk)
+    if not data.is_backed:
+        batches = list(batches)  # kept on the device; cells on disk are read again each time
     elbo = model.elbo()
     loss = jax.jit(
         lambda state, batch: elbo.loss(key, _all_params(svi, state), svi.model, svi.guide, batch)
