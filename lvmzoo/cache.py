@@ -33,8 +33,9 @@ import jax
 
 ENV_VAR = "LVMZOO_CACHE_DIR"
 _OFF = {"", "0", "off", "none", "false", "no"}
-# Programs that compile faster than this are not worth a file read (seconds).
-MIN_COMPILE_SECONDS = 0.2
+# Cache every program: the few dozen tiny ones that NumPyro's initialisation and
+# eager array code compile cost more together (~0.05 s each) than reading them.
+MIN_COMPILE_SECONDS = 0.0
 
 
 def default_cache_dir() -> Optional[Path]:

@@ -137,7 +137,7 @@ class DeviceSource:
     def head(self, n: int) -> Batch:
         """The first ``n`` cells as a training Batch on the default device (for ``svi.init``)."""
         if self.placement.mesh is None:
-            return self.gather(self.arrays, jnp.arange(n))
+            return jax.jit(self.gather)(self.arrays, jnp.arange(n))
         local = DeviceSource(self.data.subset(np.arange(n)), n_cells=self.n_cells)
         return local.gather(local.arrays, jnp.arange(n))
 
@@ -149,7 +149,7 @@ class DeviceSource:
         """
         cells = np.sort(np.asarray(jax.random.permutation(key, self.data.n_cells))[:n])
         if self.placement.mesh is None:
-            return self.gather(self.arrays, jnp.asarray(cells, jnp.int32))
+            return jax.jit(self.gather)(self.arrays, jnp.asarray(cells, jnp.int32))
         local = DeviceSource(self.data.subset(cells), n_cells=self.n_cells)
         return local.gather(local.arrays, jnp.arange(n)).replace(index=jnp.asarray(cells))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any, ClassVar, Optional
 
 import jax
@@ -29,6 +30,23 @@ from numpyro.infer import ELBO, Trace_ELBO
 from lvmzoo.data.source import Batch
 
 Params = dict[str, Any]
+
+
+def compiled(method):
+    """Run a model method (e.g. ``init_params``) as one compiled program; the model is static.
+
+    Executed op by op, a start-value computation of a few dozen ``jnp`` calls
+    compiles a few dozen tiny programs in every new process; as one program it
+    compiles once and then comes from the persistent cache (:mod:`lvmzoo.cache`).
+    The method must be traceable (``jnp`` on its array arguments only).
+    """
+    jitted = jax.jit(method, static_argnums=0)
+
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        return jitted(self, *args)
+
+    return wrapper
 
 
 def cell_plate(batch: Batch) -> numpyro.plate:

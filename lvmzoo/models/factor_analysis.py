@@ -45,7 +45,7 @@ from numpyro.distributions import constraints
 
 from lvmzoo.data.source import Batch
 from lvmzoo.models import linear_gaussian as lg
-from lvmzoo.models.base import LatentModel
+from lvmzoo.models.base import LatentModel, compiled
 
 # Floor of every per-gene noise variance, relative to the data's mean per-gene variance.
 NOISE_FLOOR = 1e-3
@@ -93,6 +93,7 @@ class FactorAnalysis(LatentModel):
     def guide(self, batch: Batch) -> None:
         lg.linear_encoder_guide(batch, self.n_latent)
 
+    @compiled
     def init_params(self, batch: Batch, key: jax.Array) -> dict:
         """Maximum likelihood on the driver's sample of cells: PPCA, then EM iterations.
 

@@ -105,7 +105,7 @@ from numpyro.distributions import constraints
 from numpyro.infer import TraceEnum_ELBO
 
 from lvmzoo.data.source import Batch
-from lvmzoo.models.base import LatentModel, cell_plate
+from lvmzoo.models.base import LatentModel, cell_plate, compiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +177,7 @@ class GaussianMixture(LatentModel):
         # One plate (cells, dim=-1); enumeration dims go to its left.
         return TraceEnum_ELBO(max_plate_nesting=1)
 
+    @compiled
     def init_params(self, batch: Batch, key: jax.Array) -> dict:
         """k-means++ seeding and Lloyd iterations on ``batch.x`` ``(N, G)``.
 

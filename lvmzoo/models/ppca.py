@@ -38,7 +38,7 @@ from numpyro.distributions import constraints
 
 from lvmzoo.data.source import Batch
 from lvmzoo.models import linear_gaussian as lg
-from lvmzoo.models.base import LatentModel
+from lvmzoo.models.base import LatentModel, compiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,7 @@ class PPCA(LatentModel):
     def guide(self, batch: Batch) -> None:
         lg.linear_encoder_guide(batch, self.n_latent)
 
+    @compiled
     def init_params(self, batch: Batch, key: jax.Array) -> dict:
         """The closed-form maximum-likelihood solution on the driver's sample of cells.
 
