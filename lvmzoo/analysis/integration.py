@@ -157,7 +157,7 @@ METRICS: dict[str, Metric] = {
 }
 # scib-metrics' Benchmarker defaults: everything but the original silhouette batch.
 DEFAULT_METRICS = tuple(name for name in METRICS if name != "silhouette_batch")
-TITLES = {**{name: m.title for name, m in METRICS.items()},
+TITLES = {**{name: m.title for name, m in METRICS.items()}, "aggregate": "Aggregate scores",
           BIO: "Bio conservation", BATCH: "Batch correction", TOTAL: "Total"}
 
 
@@ -751,7 +751,7 @@ def integration_figure(table: pd.DataFrame, title: str = ""):
     """Heat map of metrics (columns, grouped by kind) × embeddings (rows).
 
     Every metric is in [0, 1], so one colour scale serves all; each cell shows
-    its value, NaN cells are left blank.
+    its value; NaN cells (a metric that could not be computed) say "n/a".
 
     Args:
       table: :func:`benchmark`'s table.
@@ -773,7 +773,9 @@ def integration_figure(table: pd.DataFrame, title: str = ""):
                       aspect="auto")
     cmap = image.get_cmap()
     for (i, j), v in np.ndenumerate(values):
-        if np.isfinite(v):
+        if not np.isfinite(v):
+            ax.text(j, i, "n/a", ha="center", va="center", fontsize=8, color="grey")
+        else:
             red, green, blue, _ = cmap(v)
             # Dark text on light cells, light text on dark ones.
             colour = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
@@ -782,11 +784,16 @@ def integration_figure(table: pd.DataFrame, title: str = ""):
     ax.set_xticks(range(n_cols), [TITLES.get(c, c) for c in columns], rotation=40,
                   ha="right", fontsize=9)
     ax.set_yticks(range(n_rows), [str(i) for i in table.index], fontsize=9)
-    # Lines between bio metrics | batch metrics | aggregates.
+    # Bio metrics | batch metrics | aggregates: white lines between, names on top.
     kinds = [METRICS[c].kind if c in METRICS else "aggregate" for c in columns]
-    for j in range(1, n_cols):
-        if kinds[j] != kinds[j - 1]:
-            ax.axvline(j - 0.5, color="white", linewidth=3)
+    starts = [j for j in range(n_cols) if j == 0 or kinds[j] != kinds[j - 1]]
+    for j in starts[1:]:
+        ax.axvline(j - 0.5, color="white", linewidth=3)
+    ends = starts[1:] + [n_cols]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([(a + b - 1) / 2 for a, b in zip(starts, ends)],
+                   [TITLES.get(kinds[a], kinds[a]).lower() for a in starts], fontsize=9)
+    top.tick_params(length=0)
     figure.colorbar(image, ax=ax, shrink=0.8, label="score (higher is better)")
     if title:
         ax.set_title(title, fontsize=10)
