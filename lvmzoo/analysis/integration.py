@@ -15,8 +15,8 @@ Bio conservation (cells of a label stay together, labels stay apart):
     in the fewest batches, against all other labels;
   * ``nmi``, ``ari`` – normalised mutual information / adjusted Rand index of
     a clustering of the embedding against the labels.  ``clustering="kmeans"``
-    (default, as scib-metrics' ``Benchmarker``): JAX k-means with k = number
-    of labels, k-means++ initialisation, seeded.  ``clustering="leiden"``:
+    (default, as scib-metrics' ``Benchmarker``): k-means with k = number of
+    labels, one k-means++ start, seeded.  ``clustering="leiden"``:
     Leiden modularity clustering of the 15-NN UMAP connectivity graph at the
     resolutions 0.2, 0.4, …, 2.0, keeping the one with the best NMI (as scIB);
   * ``silhouette_label`` – mean silhouette width of the labels, ``(s + 1) / 2``;
@@ -62,24 +62,35 @@ Neighbours: one exact Euclidean k-nearest-neighbour search per embedding
 connectivity, Leiden), 50 (kBET) and 90 (LISI) neighbours as in the
 ``Benchmarker``, or to all cells when there are fewer.
 
-Where this module does not call scib-metrics' public function, and why:
-  * ``Benchmarker`` is not used: it finds neighbours with pynndescent (an
-    *approximate* search whose numba compilation takes ~75 s per process on
-    2 CPU cores), computes ``X_pca`` in place on the user's AnnData, and draws
-    with pyplot.  We pass exact neighbours to the metric functions instead.
-  * ``kbet_per_label`` is re-implemented here (:func:`_kbet_per_label`, same
-    steps and constants; scib-metrics' ``kbet`` does the test): its
-    diffusion-map neighbours call pynndescent inside the function, with the
-    same 75 s cost, so we search them exactly.  One deliberate difference:
-    scib-metrics lowers its ``diffusion_n_comps`` for a small label and keeps
-    the lowered value for every later label; here each label uses
-    ``min(100, n_cells_of_label - 1)`` components.  Tests check the two agree
-    when given the same neighbour search.
-  * k-means NMI/ARI call scib-metrics' JAX ``KMeans`` with our ``seed`` (its
-    ``nmi_ari_cluster_labels_kmeans`` fixes seed 0), on a copy: ``KMeans.fit``
-    centres its input in place.
-Everything else is scib-metrics' public functions, which run unchanged on
-jax 0.10.2 (checked: silhouette, BRAS, LISI, kBET, k-means, Leiden, PCR).
+scib-metrics 0.5.10 installs beside jax 0.10.2 and every one of its metric
+functions runs unchanged on it (checked one by one, its pynndescent search and
+Benchmarker included): nothing here works around a break.  What is not
+delegated to it is about speed on CPUs, each replacement tested against
+scib-metrics' own function (tests/test_integration_metrics.py):
+  * no ``Benchmarker``: it finds neighbours with pynndescent, an approximate
+    search whose numba compilation takes ~75 s in every new process on
+    2 CPU cores; it also computes ``X_pca`` in place on the user's AnnData and
+    draws with pyplot.  The metric functions get exact neighbours instead.
+  * kBET per label (:func:`_kbet_per_label`, the steps and constants of
+    ``kbet_per_label``): its diffusion-map neighbours call pynndescent inside,
+    so we search them exactly, and its per-cell test (:func:`kbet_acceptance`)
+    is numpy, as scib-metrics' JAX ``kbet`` compiles anew for every label
+    (~2 s each).  One deliberate difference: scib-metrics lowers
+    ``diffusion_n_comps`` for a small label and keeps the lowered value for
+    every later label; here each label uses ``min(100, its cells - 1)``.
+  * BRAS and silhouette batch (:func:`_batch_silhouette`): one pass over all
+    cells with one compiled distance kernel; scib-metrics' compile once per
+    label size (~2 s each, minutes with many labels).
+  * UMAP connectivities (kBET's diffusion, Leiden) in numpy
+    (:func:`umap_connectivities`): umap-learn's numba kernels, which
+    scib-metrics calls, compile for 8-20 s in every new process.
+  * k-means for NMI/ARI is scikit-learn's ``KMeans`` with the settings of
+    ``nmi_ari_cluster_labels_kmeans`` (k = number of labels, k-means++, one
+    start), seeded by ``seed``: scib-metrics' JAX ``KMeans`` re-compiles its
+    loop on every call (its jitted method is static in ``self``), ~2.5 s per
+    embedding.
+scib-metrics' own functions compute the rest: isolated labels, silhouette
+label, iLISI/cLISI, graph connectivity, PCR comparison and Leiden NMI/ARI.
 
 ``X_pca``, when asked for (as an embedding or as ``pre_integrated``) and not in
 ``adata.obsm``, is computed and not stored: ``n_pcs`` (default 50, as scanpy)
@@ -103,6 +114,7 @@ from __future__ import annotations
 
 import functools
 import io
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
@@ -225,7 +237,11 @@ def benchmark(
         keys = tqdm(embeddings, desc="integration metrics", unit="embedding")
     for key in keys:
         x = pca.get_or_obsm(key)
-        rows[key] = _embedding_scores(scib, x, batches, labels, x_pre, names, clustering, seed)
+        with warnings.catch_warnings():
+            # The table shows the clipped 0 and the docstring says why.
+            warnings.filterwarnings("ignore", "PCR comparison score is negative")
+            rows[key] = _embedding_scores(scib, x, batches, labels, x_pre, names, clustering,
+                                          seed)
     table = pd.DataFrame.from_dict(rows, orient="index", columns=names)
     table.index.name = "embedding"
     table = aggregate_scores(table)
@@ -407,13 +423,13 @@ def _embedding_scores(scib, x, batches, labels, x_pre, names, clustering, seed) 
 
 
 def _nmi_ari_kmeans(x, labels, seed) -> dict[str, float]:
-    """NMI and ARI of k-means (k = number of labels) against the labels."""
-    from scib_metrics.utils import KMeans
+    """NMI and ARI of k-means (k = number of labels, one k-means++ start) vs the labels."""
+    from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     n_labels = len(np.unique(labels))
-    # KMeans.fit centres its argument in place: give it a copy.
-    clusters = KMeans(n_clusters=n_labels, seed=seed).fit(np.array(x, np.float32)).labels_
+    clusters = KMeans(n_clusters=n_labels, init="k-means++", n_init=1,
+                      random_state=seed).fit_predict(x)
     return {"nmi": float(normalized_mutual_info_score(labels, clusters,
                                                       average_method="arithmetic")),
             "ari": float(adjusted_rand_score(labels, clusters))}
