@@ -8,7 +8,8 @@ al. 2022) as implemented by `scib-metrics <https://scib-metrics.readthedocs.io>`
     table = benchmark(adata, "batch", "cell_type", ["X_pca", "X_scvi"])
     table["total"]          # 0.6 * bio_conservation + 0.4 * batch_correction
 
-Every metric lies in [0, 1], higher is better:
+Every metric lies in [0, 1] (ARI can dip just below 0, for clusterings worse
+than chance), higher is better:
 
 Bio conservation (cells of a label stay together, labels stay apart):
   * ``isolated_labels`` – silhouette (rescaled to [0, 1]) of the labels present
@@ -143,7 +144,6 @@ KBET_NEIGHBORS = 50    # the connectivity graph kBET diffuses over
 LISI_NEIGHBORS = 90    # iLISI, cLISI
 KBET_ALPHA = 0.05
 KBET_DIFFUSION_COMPONENTS = 100
-LEIDEN_RESOLUTIONS = tuple(round(0.2 * i, 1) for i in range(1, 11))
 CLUSTERINGS = ("kmeans", "leiden")
 
 
