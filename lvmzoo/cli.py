@@ -390,8 +390,9 @@ def _add_predict(commands) -> None:
                          help="the --out directory of 'lvmzoo fit scanvi' or 'lvmzoo map-query' "
                               "(or its model/ subdirectory)")
     predict.add_argument("data", metavar="DATA", nargs="?", default=None,
-                         help=".h5ad file with the model's genes and batches (default: "
-                              "RUN_DIR/result.h5ad, written by 'lvmzoo fit')")
+                         help=".h5ad file with the model's batches and genes (missing genes "
+                              "are zero-filled with a warning, refused below half of them; "
+                              "default: RUN_DIR/result.h5ad, written by 'lvmzoo fit')")
     predict.add_argument("--out", required=True, metavar="FILE",
                          help="CSV file to write (its directory is created if needed)")
     predict.set_defaults(run=_predict, command_parser=predict)
@@ -799,9 +800,10 @@ def _predict(args) -> int:
         raise UsageError(f"the {fitted.model.name} model in {args.run_dir} does not predict "
                          "labels; fit one with a classifier, e.g. 'lvmzoo fit scanvi'")
     adata = _read_h5ad(args.data or str(_fit_dir(args.run_dir) / "result.h5ad"))
-    # The cells' own labels play no part in a prediction: register without them.
+    # The cells' own labels play no part in a prediction: register without them. Genes the
+    # data lack are zero-filled (with a warning), as map-query does.
     registry = dc.replace(fitted.registry, labels_key=None)
-    data = query_anndata(adata, registry)
+    data = query_anndata(adata, registry, missing_genes="zero")
     labels, probabilities = fitted.predict(data, soft=True)
     table = pd.concat([labels.astype(str), probabilities], axis=1)
     atomic_write_file(out, lambda tmp: table.to_csv(tmp, index_label="cell"))
