@@ -6,6 +6,9 @@ A thin layer over the Python API; every step is a call a notebook could make::
     lvmzoo evaluate runs/ppca new.h5ad            # load_model → query_anndata → evaluate
     lvmzoo de runs/scvi --groupby cell_type --group1 B --out de.csv
                                                   # load_model → differential_expression
+    lvmzoo predict runs/scanvi new.h5ad --out p.csv  # load_model → FittedModel.predict
+    lvmzoo map-query runs/scanvi query.h5ad --out runs/query
+                                                  # load_model → analysis.query.map_query
     lvmzoo datasets                               # datasets.list_datasets()
 
 ``lvmzoo fit`` writes into ``--out``:

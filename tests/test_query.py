@@ -47,6 +47,7 @@ def mapped(split, reference_fit):
     return result, data, [w for w in caught if issubclass(w.category, DataWarning)]
 
 
+@pytest.mark.slow  # the session's SCANVI fit and one mapping: ~170 s on the loaded 2-core machine
 def test_query_genes_are_aligned_with_a_warning(split, mapped):
     _, query = split
     result, data, data_warnings = mapped
@@ -56,6 +57,7 @@ def test_query_genes_are_aligned_with_a_warning(split, mapped):
     assert len(absent) == 15 and data.x[:, absent].nnz == 0  # zero-filled
 
 
+@pytest.mark.slow  # the session's SCANVI fit and one mapping: ~170 s on the loaded 2-core machine
 def test_mapped_query_lands_next_to_the_same_labels(split, mapped, reference_fit):
     reference, query = split
     result, data, _ = mapped
@@ -72,6 +74,7 @@ def test_mapped_query_lands_next_to_the_same_labels(split, mapped, reference_fit
     np.testing.assert_array_equal(z_reference, reference_fit[0].latent(reference_fit[1]))
 
 
+@pytest.mark.slow  # the session's SCANVI fit and one mapping: ~170 s on the loaded 2-core machine
 def test_only_the_new_batch_rows_train(mapped, reference_fit):
     result, _, _ = mapped
     reference = reference_fit[0]
@@ -109,6 +112,7 @@ def test_train_only_masks_updates():
     np.testing.assert_array_equal(params["b"], 1.0)
 
 
+@pytest.mark.slow  # the session's SCANVI fit and one mapping: ~170 s on the loaded 2-core machine
 def test_query_errors_are_named(split, reference_fit):
     fitted, _ = reference_fit
     _, query = split
@@ -143,7 +147,7 @@ def saved_reference(tmp_path_factory, split, reference_fit):
     return root, query_path
 
 
-@pytest.mark.slow  # ~40 s on the shared 2-core machine: one compiled fine-tune
+@pytest.mark.slow  # + ~30 s on the loaded 2-core machine: one compiled fine-tune
 def test_cli_map_query_and_predict(saved_reference, split, capsys):
     root, query_path = saved_reference
     out = root / "mapped"
@@ -166,6 +170,7 @@ def test_cli_map_query_and_predict(saved_reference, split, capsys):
     assert (table["prediction"].to_numpy() == mapped.obs["scanvi_prediction"].astype(str)).all()
 
 
+@pytest.mark.slow  # the session's SCANVI fit and one mapping: ~170 s on the loaded 2-core machine
 def test_cli_errors_are_one_line(saved_reference, split, tmp_path, capsys):
     root, query_path = saved_reference
     unseen = split[1].copy()

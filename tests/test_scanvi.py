@@ -9,6 +9,7 @@ networks, fitted once per session (``scanvi_reference``, shared with
 tests/test_query.py).
 """
 
+import dataclasses
 import functools
 import json
 
@@ -40,9 +41,9 @@ def _hide_labels(adata, key, fraction, seed):
 
 
 @pytest.fixture(scope="module")
-def simulated(labelled_simulation, scanvi_reference):
+def simulated(labelled_simulation):
     reference, _, labelled = labelled_simulation
-    return reference, scanvi_reference[1], labelled
+    return reference, lvmzoo.setup_anndata(reference, batch_key="batch", labels_key="label"), labelled
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,7 @@ def test_unknown_and_missing_labels_are_unlabelled(simulated):
     np.testing.assert_array_equal(missing.labels, data.labels)
 
 
+@pytest.mark.slow  # the session's SCANVI fit: ~45 s alone, ~140 s on the loaded 2-core machine
 def test_predicts_the_hidden_labels_of_a_simulation(simulated, fitted):
     adata, data, labelled = simulated
     labels, probabilities = fitted.predict(data, soft=True)
@@ -81,6 +83,7 @@ def test_predicts_the_hidden_labels_of_a_simulation(simulated, fitted):
     assert 0.0 <= scores["ece"] < 0.2, scores
 
 
+@pytest.mark.slow  # the session's SCANVI fit: ~45 s alone, ~140 s on the loaded 2-core machine
 def test_prediction_outputs(simulated, fitted):
     adata, data, _ = simulated
     labels, probabilities = fitted.predict(data, soft=True)
@@ -170,7 +173,7 @@ def test_warm_start_from_scvi(simulated):
         jax.tree.map(check, start[name], value)
     assert {"classifier$params", "u_encoder$params", "latent_prior$params"} <= set(start)
     with pytest.raises(ValueError, match="needs a fitted scvi"):
-        SCANVI.from_scvi(dataclass_replace(scvi_result, model=SCANVI()))
+        SCANVI.from_scvi(dataclasses.replace(scvi_result, model=SCANVI()))
     with pytest.raises(ValueError, match="does not have: bogus"):
         initial_params_of(model, data, initial_params={"bogus": jnp.zeros(3)})
     with pytest.raises(ValueError, match="shapes"):
@@ -178,12 +181,6 @@ def test_warm_start_from_scvi(simulated):
     other = lvmzoo.setup_anndata(ad.AnnData(data.x[:, :50]), kind="counts")
     with pytest.raises(ValueError, match="other gene names"):
         initial_params_of(SCVI(n_hidden=16, n_latent=4), other, initial_params=scvi_result)
-
-
-def dataclass_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 @pytest.mark.slow  # ~60 s on the shared 2-core machine: two compiled fits on 200 × 2,599

@@ -248,12 +248,14 @@ class SCANVI(SCVI):
                                  freeze_batch_norm=self.freeze_batch_norm)
         return self._per_label_network("latent_prior", module, u, batch)
 
-    def _per_label_network(self, name, module, inputs, batch: Batch, **kwargs):
+    def _per_label_network(self, name, module, inputs, batch: Batch, dropout: bool = False):
         """``module(inputs, onehot(c))`` for ``inputs`` ``(C, B, K)`` and every label ``c``."""
         labels = jnp.eye(_n_labels(batch))[:, None, :]  # (C, 1, C), broadcast over cells
         network = flax_module(name, module, inputs[:1, :1], labels[:1], mutable=self._mutable,
-                              **kwargs)
-        return network(inputs, labels, training=batch.training, **_dropout_rngs(batch, kwargs))
+                              apply_rng=["dropout"] if dropout else None)
+        if dropout and batch.training:
+            return network(inputs, labels, training=True, rngs={"dropout": numpyro.prng_key()})
+        return network(inputs, labels, training=batch.training)
 
     # ------------------------------------------------------------------
     # Variational family
@@ -296,7 +298,7 @@ class SCANVI(SCVI):
                                  batch_norm=self.use_batch_norm,
                                  freeze_batch_norm=self.freeze_batch_norm)
         z = jnp.broadcast_to(z, (_n_labels(batch),) + z.shape)
-        return self._per_label_network("u_encoder", module, z, batch, apply_rng=["dropout"])
+        return self._per_label_network("u_encoder", module, z, batch, dropout=True)
 
     def _classification_loss(self, logits, batch: Batch):
         """Per cell ``(B,)``: ``ratio * B / n_labelled * (-log q(y | z))``, 0 if unlabelled.
@@ -380,8 +382,3 @@ def _each_label(label):
     stack.enter_context(handlers.scale(scale=jnp.maximum(weights, _TINY)))
     return stack
 
-
-def _dropout_rngs(batch: Batch, kwargs) -> dict:
-    if batch.training and "apply_rng" in kwargs:
-        return {"rngs": {"dropout": numpyro.prng_key()}}
-    return {}
