@@ -48,7 +48,7 @@ EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
 # Hyperparameters the CLI exposes, passed only to models whose dataclass has them.
 MODEL_OPTIONS = ("n_latent", "n_components", "n_hidden", "n_layers", "likelihood", "dispersion",
-                 "latent_library", "classification_ratio")
+                 "latent_library", "encode_batch", "classification_ratio")
 # Models whose default DATA is a bundled labelled data set: (data set, labels key, batch key).
 LABELLED_DEFAULTS = {"scanvi": ("wu2020", "cluster_orig", "patient")}
 # Smallest accepted value of the integer options (1 for those not listed).
@@ -222,6 +222,10 @@ def _add_fit(commands, models) -> None:
     fit.add_argument("--latent-library", action=argparse.BooleanOptionalAction, default=None,
                      help="make the library size latent rather than observed, for scvi, "
                           "linear_scvi and scanvi (default: the model's)")
+    fit.add_argument("--encode-batch", action=argparse.BooleanOptionalAction, default=None,
+                     help="give the encoder the batch too, for scvi, linear_scvi and scanvi; "
+                          "needed for 'lvmzoo map-query' to correct a query's latent "
+                          "(default: the model's, no)")
     fit.add_argument("--classification-ratio", type=float, metavar="X", default=None,
                      help="scanvi: weight of the labelled cells' cross-entropy in the loss "
                           "(default: the model's, 50 as scvi-tools)")
@@ -419,7 +423,9 @@ def _add_map_query(commands) -> None:
     )
     map_query.add_argument("run_dir", metavar="RUN_DIR",
                            help="the --out directory of 'lvmzoo fit' for scvi, linear_scvi or "
-                                "scanvi (or its model/ subdirectory)")
+                                "scanvi (or its model/ subdirectory), best fitted with "
+                                "--encode-batch (otherwise the query's latent is the frozen "
+                                "encoder's output)")
     map_query.add_argument("query", metavar="QUERY",
                            help=".h5ad file of raw counts with the reference's batch key in obs "
                                 "(labels of the reference's labels key, if any, must be "
@@ -869,10 +875,14 @@ def _map_query(args) -> int:
     query = _read_h5ad(args.query)
     started = time.perf_counter()
     try:
-        mapped, data = map_query(reference, query, epochs=args.epochs,
-                                 batch_size=args.batch_size, learning_rate=args.lr,
-                                 seed=args.seed, min_shared_genes=args.min_shared_genes,
-                                 progress=not args.no_progress)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            mapped, data = map_query(reference, query, epochs=args.epochs,
+                                     batch_size=args.batch_size, learning_rate=args.lr,
+                                     seed=args.seed, min_shared_genes=args.min_shared_genes,
+                                     progress=not args.no_progress)
+        for warning in caught:  # the data's and the mapping's, one line each
+            print(f"{PROG}: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
     except ValueError as err:
         from lvmzoo.data.registry import DataError
 
@@ -887,11 +897,11 @@ def _map_query(args) -> int:
     annotated, added = _mapped_query(mapped, query, data)
     _write_h5ad(out / "query.h5ad", annotated)
     new = mapped.registry.batch_categories[reference.registry.n_batches:]
-    print(f"mapped {data.n_cells:,} query cells ({len(new)} new batches"
-          f"{': ' + ', '.join(new[:5]) if new else ''}{' …' if len(new) > 5 else ''}) onto the "
-          f"{mapped.model.name} reference in {args.run_dir} "
-          f"({len(mapped.history.get('epoch', []))} fine-tuning epochs, {seconds:.1f} s); "
-          f"wrote {out}/: model/, query.h5ad (added {', '.join(added)})")
+    how = (f"{len(new)} new batches: {', '.join(new[:5])}{' …' if len(new) > 5 else ''}; "
+           f"{len(mapped.history.get('epoch', []))} fine-tuning epochs, {seconds:.1f} s" if new
+           else "no new batches: encoded by the reference as it is, nothing fine-tuned")
+    print(f"mapped {data.n_cells:,} query cells ({how}) onto the {mapped.model.name} reference "
+          f"in {args.run_dir}; wrote {out}/: model/, query.h5ad (added {', '.join(added)})")
     return 0
 
 

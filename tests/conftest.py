@@ -6,7 +6,8 @@ types, a strong batch effect).  batch0 and batch1 are the *reference*, where
 ``"Unknown"``; batch2 is the *query*, measured on a slightly different panel:
 15 of the reference's genes missing and 5 genes of its own.
 
-``scanvi_reference``: SCANVI fitted to the reference (one compiled fit), used
+``scanvi_reference``: SCANVI (``encode_batch=True``) fitted to the reference
+(one compiled fit), used
 by tests/test_scanvi.py (label transfer) and tests/test_query.py (mapping).
 """
 
@@ -46,5 +47,6 @@ def scanvi_reference(labelled_simulation):
 
     reference, _, _ = labelled_simulation
     data = lvmzoo.setup_anndata(reference, batch_key="batch", labels_key="label")
-    model = SCANVI(n_hidden=32, n_latent=8, n_epochs_kl_warmup=50)
+    # encode_batch: the query's batch enters the encoder too, so mapping can correct its latent.
+    model = SCANVI(n_hidden=32, n_latent=8, n_epochs_kl_warmup=50, encode_batch=True)
     return lvmzoo.fit(model, data, epochs=100, batch_size=128, progress=False), data

@@ -183,8 +183,15 @@ def test_warm_start_from_scvi(simulated):
         initial_params_of(SCVI(n_hidden=16, n_latent=4), other, initial_params=scvi_result)
 
 
-@pytest.mark.slow  # ~60 s on the shared 2-core machine: two compiled fits on 200 × 2,599
+@pytest.mark.slow  # ~180 s on the loaded 2-core machine: 300 epochs on 200 × 2,599
 def test_wu2020_beats_knn_on_pca_with_the_same_labels():
+    """The acceptance check for one draw of the 10 % labelled cells (seed 0): 0.246 vs 0.223.
+
+    Not evidence of superiority: over label draws 0-3 SCANVI scored 0.246, 0.182, 0.258,
+    0.130 and the baseline 0.223, 0.182, 0.292, 0.168 (means 0.204 vs 0.216; 16 fine T-cell
+    clusters, 20 labelled cells). scvi-tools' SCANVI (400 + default epochs) scored 0.145 on
+    draw 0. The test guards this draw against regressions.
+    """
     adata = datasets.load_wu2020()
     adata, labelled = _hide_labels(adata, "cluster_orig", 0.1, seed=0)
     truth = adata.obs["cluster_orig"].astype(str).to_numpy()

@@ -36,6 +36,12 @@ seen, without retraining the reference (Lotfollahi et al., 2022):
 5. A short fine-tune through :func:`lvmzoo.fit` on the query cells (KL
    warm-up and other settings from the reference model).
 
+Fit the reference with ``encode_batch=True`` (scvi-tools' ``encode_covariates=True``,
+as its scArches tutorial does): otherwise its encoder never reads the batch,
+so the fine-tune can only fit the decoder's new batch row and the query's
+latent (and SCANVI's predictions from it) is the frozen reference encoder's
+output whatever the fine-tune does; :func:`map_query` warns about that.
+
 Labelled query cells (a known category of the reference's ``labels_key``)
 count as labelled in a SCANVI fine-tune; set them to the unlabelled category
 (or drop the column) to map them blind.  A label the reference never saw is
@@ -50,6 +56,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Optional
 
 import anndata as ad
@@ -113,6 +120,13 @@ def map_query(
     data = query_anndata(query, registry, missing_genes="zero", min_shared_genes=min_shared_genes)
     if registry.n_batches == reference.registry.n_batches:
         return reference, data  # every query batch is a reference batch: nothing to train
+    if not model.encode_batch:
+        warnings.warn(
+            f"the {model.name} reference's encoder does not read the batch (encode_batch=False): "
+            "the query's latent is the reference encoder's output whatever the fine-tune, "
+            "which only fits the decoder's rows of the new batches; fit the reference with "
+            "encode_batch=True for a query-specific correction of the latent", UserWarning,
+            stacklevel=2)
     query_model = dataclasses.replace(model, freeze_batch_norm=True)
     fresh = initial_params_of(query_model, data, batch_size=batch_size, seed=seed)
     start, trainable = batch_surgery(reference.params, fresh)
