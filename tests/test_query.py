@@ -115,7 +115,8 @@ def test_query_errors_are_named(split, reference_fit):
     known.obs["batch"] = "batch0"  # nothing new: nothing to train
     same, data = map_query(fitted, known, epochs=1)
     assert same is fitted and data.n_cells == query.n_obs
-    blind = dataclasses.replace(fitted, model=dataclasses.replace(fitted.model, encode_batch=False))
+    blind_model = dataclasses.replace(fitted.model, encode_batch=False)
+    blind = dataclasses.replace(fitted, model=blind_model, guide=blind_model.guide)
     with pytest.warns(UserWarning, match="encoder does not read the batch"):
         with pytest.raises(ValueError):  # (its params are the encode_batch=True model's)
             map_query(blind, query, epochs=1)
