@@ -300,15 +300,15 @@ def run_lvmzoo(train, evaluate, batch_key, args) -> dict[str, Any]:
     return out
 
 
-def run_scvi_tools(train, evaluate, batch_key, args) -> dict[str, Any]:
-    """Fit scvi-tools ``SCVI`` on ``train`` (AnnData) and score ``evaluate``."""
-    import torch
-    import scvi
+def epoch_clock():
+    """A Lightning callback timing scvi-tools' epochs: ``.seconds()`` after training.
+
+    Wall time from each epoch's start to the next one's (the last: to the end
+    of training).  Built on call, so importing this module needs no lightning.
+    """
     from lightning.pytorch import Callback
 
     class EpochClock(Callback):
-        """Wall time from each epoch's start to the next one's (last: to the end of training)."""
-
         def __init__(self):
             self.marks: list[float] = []
 
@@ -321,9 +321,17 @@ def run_scvi_tools(train, evaluate, batch_key, args) -> dict[str, Any]:
         def seconds(self) -> list[float]:
             return [b - a for a, b in zip(self.marks[:-1], self.marks[1:])]
 
+    return EpochClock()
+
+
+def run_scvi_tools(train, evaluate, batch_key, args) -> dict[str, Any]:
+    """Fit scvi-tools ``SCVI`` on ``train`` (AnnData) and score ``evaluate``."""
+    import torch
+    import scvi
+
     scvi.settings.seed = args.seed
     torch.set_num_threads(args.torch_threads)
-    clock = EpochClock()
+    clock = epoch_clock()
     started = time.perf_counter()
     scvi.model.SCVI.setup_anndata(train, batch_key=batch_key)
     model = scvi.model.SCVI(train, **ARCHITECTURE, dispersion="gene",

@@ -6,6 +6,9 @@ A thin layer over the Python API; every step is a call a notebook could make::
     lvmzoo evaluate runs/ppca new.h5ad            # load_model → query_anndata → evaluate
     lvmzoo de runs/scvi --groupby cell_type --group1 B --out de.csv
                                                   # load_model → differential_expression
+    lvmzoo predict runs/scanvi new.h5ad --out p.csv  # load_model → FittedModel.predict
+    lvmzoo map-query runs/scanvi query.h5ad --out runs/query
+                                                  # load_model → analysis.query.map_query
     lvmzoo datasets                               # datasets.list_datasets()
 
 ``lvmzoo fit`` writes into ``--out``:
@@ -51,9 +54,12 @@ EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
 # Hyperparameters the CLI exposes, passed only to models whose dataclass has them.
 MODEL_OPTIONS = ("n_latent", "n_components", "n_hidden", "n_layers", "likelihood", "dispersion",
-                 "latent_library", "n_epochs_kl_warmup", "min_scale", "variance_prior")
+                 "latent_library", "n_epochs_kl_warmup", "min_scale", "variance_prior",
+                 "encode_batch", "classification_ratio")
 # Options whose flag is not the field name with dashes.
 _FLAGS = {"n_epochs_kl_warmup": "--kl-warmup"}
+# Models whose default DATA is a bundled labelled data set: (data set, labels key, batch key).
+LABELLED_DEFAULTS = {"scanvi": ("wu2020", "cluster_orig", "patient")}
 # Smallest accepted value of the integer options (1 for those not listed).
 _MINIMUM = {"n_layers": 0, "n_epochs_kl_warmup": 0}
 # `lvmzoo fit` trains from disk when DATA is larger than this share of RAM: an
@@ -160,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_de(commands)
     _add_compare(commands)
+    _add_predict(commands)
+    _add_map_query(commands)
+    _add_integration_metrics(commands)
     listing = commands.add_parser(
         "datasets", help="list the bundled data sets",
         description="List the data sets bundled with lvmzoo, with their shapes.",
@@ -169,12 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_fit(commands, models) -> None:
-    from lvmzoo.data.registry import KINDS
+    from lvmzoo.data.registry import KINDS, UNLABELED_CATEGORY
     from lvmzoo.data.transforms import TRANSFORMS
     from lvmzoo.datasets import DEFAULT_DATASET
 
     model_lines = "\n".join(
-        f"  {name:<8} {_first_line(cls.__doc__)}" for name, cls in sorted(models.items())
+        f"  {name:<11} {_first_line(cls.__doc__)}" for name, cls in sorted(models.items())
     )
     fit = commands.add_parser(
         "fit",
@@ -194,7 +203,8 @@ def _add_fit(commands, models) -> None:
                      help=f"model to fit, one of: {', '.join(sorted(models))}")
     fit.add_argument("data", metavar="DATA", nargs="?", default=None,
                      help="cells × genes .h5ad file (default: the bundled "
-                          f"'{DEFAULT_DATASET}' data set)")
+                          f"'{DEFAULT_DATASET}' data set; for scanvi the labelled 'wu2020' "
+                          "with --labels-key cluster_orig --batch-key patient)")
     fit.add_argument("--out", required=True, metavar="DIR",
                      help="output directory (created if needed; earlier outputs are replaced)")
     fit.add_argument("--layer", metavar="L", default=None,
@@ -202,7 +212,15 @@ def _add_fit(commands, models) -> None:
     fit.add_argument("--batch-key", metavar="K", default=None,
                      help="categorical obs column of batches (default: one batch)")
     fit.add_argument("--labels-key", metavar="K", default=None,
-                     help="categorical obs column of cell labels (default: none)")
+                     help="categorical obs column of cell labels; scanvi needs one (default: "
+                          "none)")
+    fit.add_argument("--unlabeled-category", metavar="U", default=UNLABELED_CATEGORY,
+                     help="value of --labels-key that marks a cell as unlabelled; cells with a "
+                          "missing label are unlabelled too (default: %(default)s)")
+    fit.add_argument("--from-run", metavar="DIR", default=None,
+                     help="scanvi: warm start from the scvi model saved in DIR (the --out of "
+                          "'lvmzoo fit scvi'); DATA must have its genes and batches, and the "
+                          "architecture, --layer and --batch-key are the scvi model's")
     fit.add_argument("--n-latent", type=int, metavar="N", default=None,
                      help="latent dimensions, for models that have them (default: the model's)")
     fit.add_argument("--n-components", type=int, metavar="N", default=None,
@@ -219,13 +237,20 @@ def _add_fit(commands, models) -> None:
                      help="what the NB dispersion depends on, for scvi: gene, gene-batch, "
                           "gene-label or gene-cell (default: the model's)")
     fit.add_argument("--latent-library", action=argparse.BooleanOptionalAction, default=None,
-                     help="make the library size latent rather than observed, for scvi "
-                          "(default: the model's)")
+                     help="make the library size latent rather than observed, for scvi, "
+                          "linear_scvi and scanvi (default: the model's)")
+    fit.add_argument("--encode-batch", action=argparse.BooleanOptionalAction, default=None,
+                     help="give the encoder the batch too, for scvi, linear_scvi and scanvi; "
+                          "needed for 'lvmzoo map-query' to correct a query's latent "
+                          "(default: the model's, no)")
+    fit.add_argument("--classification-ratio", type=float, metavar="X", default=None,
+                     help="scanvi: weight of the labelled cells' cross-entropy in the loss "
+                          "(default: the model's, 50 as scvi-tools)")
     fit.add_argument("--kl-warmup", dest="n_epochs_kl_warmup", type=_warmup, metavar="N|auto",
                      default=None,
                      help="epochs over which the KL term's weight rises from 0 to 1, for models "
-                          "with a warm-up (scvi): 'auto' = a quarter of the fit's epochs, "
-                          "0 = none (default: the model's, auto)")
+                          "with a warm-up (scvi, linear_scvi, scanvi): 'auto' = a quarter of the "
+                          "fit's epochs, 0 = none (default: the model's, auto)")
     fit.add_argument("--min-scale", type=float, metavar="S", default=None,
                      help="floor of every per-gene standard deviation, for gmm "
                           "(default: the model's)")
@@ -420,6 +445,75 @@ def _add_compare(commands) -> None:
     compare.set_defaults(run=_compare, command_parser=compare)
 
 
+def _add_predict(commands) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="predict cell labels with a saved scanvi model (labels and probabilities, CSV)",
+        description=textwrap.fill(
+            "Load the model saved in RUN_DIR (a model with a classifier: scanvi), register DATA "
+            "against its genes and batches, and write one CSV row per cell: its name, the "
+            "predicted label ('prediction') and the probability of every label. If DATA has "
+            "the model's labels column, prints accuracy, macro F1 and expected calibration "
+            "error against it."),
+    )
+    predict.add_argument("run_dir", metavar="RUN_DIR",
+                         help="the --out directory of 'lvmzoo fit scanvi' or 'lvmzoo map-query' "
+                              "(or its model/ subdirectory)")
+    predict.add_argument("data", metavar="DATA", nargs="?", default=None,
+                         help=".h5ad file with the model's batches and genes (missing genes "
+                              "are zero-filled with a warning, refused below half of them; "
+                              "default: RUN_DIR/result.h5ad, written by 'lvmzoo fit')")
+    predict.add_argument("--out", required=True, metavar="FILE",
+                         help="CSV file to write (its directory is created if needed)")
+    predict.set_defaults(run=_predict, command_parser=predict)
+
+
+def _add_map_query(commands) -> None:
+    from lvmzoo.data.registry import MIN_SHARED_GENES
+
+    map_query = commands.add_parser(
+        "map-query",
+        help="map new cells onto a saved scvi/linear_scvi/scanvi reference (scArches)",
+        description=textwrap.fill(
+            "Map the cells of QUERY into the latent space of the reference model saved in "
+            "RUN_DIR without retraining it (scArches): genes are aligned by name (missing "
+            "ones zero-filled, extra ones dropped), the query's new batches get new batch "
+            "columns in the first layers, and only those are fine-tuned on the query; every "
+            "other parameter and the batch-norm statistics stay the reference's. Writes into "
+            "--out: model/ (the mapped model, which encodes reference and query cells alike) "
+            "and query.h5ad (QUERY plus obsm['X_<model>'], and for scanvi "
+            "obs['scanvi_prediction'] and obs['scanvi_probability'])."),
+    )
+    map_query.add_argument("run_dir", metavar="RUN_DIR",
+                           help="the --out directory of 'lvmzoo fit' for scvi, linear_scvi or "
+                                "scanvi (or its model/ subdirectory), best fitted with "
+                                "--encode-batch (otherwise the query's latent is the frozen "
+                                "encoder's output)")
+    map_query.add_argument("query", metavar="QUERY",
+                           help=".h5ad file of raw counts with the reference's batch key in obs "
+                                "(labels of the reference's labels key, if any, must be "
+                                "categories the reference knows)")
+    map_query.add_argument("--out", required=True, metavar="DIR",
+                           help="output directory (created if needed; earlier outputs are "
+                                "replaced)")
+    map_query.add_argument("--epochs", type=int, metavar="N", default=100,
+                           help="fine-tuning passes over the query cells (default: %(default)s)")
+    map_query.add_argument("--batch-size", type=int, metavar="N", default=128,
+                           help="cells per optimisation step (default: %(default)s)")
+    map_query.add_argument("--lr", type=float, metavar="X", default=None,
+                           help="Adam learning rate of the new batch columns (default: the "
+                                "model's default_learning_rate)")
+    map_query.add_argument("--min-shared-genes", type=float, metavar="F",
+                           default=MIN_SHARED_GENES,
+                           help="smallest share of the reference's genes QUERY must have; "
+                                "missing ones are zero-filled (default: %(default)s)")
+    map_query.add_argument("--seed", type=int, metavar="S", default=0,
+                           help="random seed of the fine-tune (default: %(default)s)")
+    map_query.add_argument("--no-progress", action="store_true",
+                           help="do not show the per-epoch progress bar")
+    map_query.set_defaults(run=_map_query, command_parser=map_query)
+
+
 # --------------------------------------------------------------------------
 # lvmzoo compare
 # --------------------------------------------------------------------------
@@ -496,8 +590,11 @@ def _fit(args) -> int:
     from lvmzoo.infer.svi import FitDivergedError, fit
 
     cls = _model_class(args.model)
+    warm_start = _warm_start(args, cls) if args.from_run else None
     try:
-        model = cls(**_hyperparameters(cls, args))
+        hyperparameters = _hyperparameters(cls, args)
+        model = (cls.from_scvi(warm_start, **hyperparameters) if warm_start
+                 else cls(**hyperparameters))
     except ValueError as err:  # the model's own check of its hyperparameters
         raise UsageError(f"{args.model}: {err}") from None
     _check_fit_ranges(args)
@@ -509,23 +606,32 @@ def _fit(args) -> int:
 
     devices = _devices(args.devices)
     if args.data is None:
-        source = f"bundled data set '{datasets.DEFAULT_DATASET}'"
-        adata = datasets.load(datasets.DEFAULT_DATASET)
+        name, labels_key, batch_key = LABELLED_DEFAULTS.get(
+            args.model, (datasets.DEFAULT_DATASET, None, None))
+        source = f"bundled data set '{name}'"
+        adata = datasets.load(name)
+        args.labels_key = args.labels_key or labels_key
+        args.batch_key = args.batch_key or (None if warm_start else batch_key)
         backed = False
     else:
         source = args.data
         backed = _train_from_disk(args)
         adata = _read_backed(args.data) if backed else _read_h5ad(args.data)
+    if warm_start:
+        _use_warm_start_registry(args, warm_start.registry)
     data = setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
-                         labels_key=args.labels_key, kind=kind, transform=transform)
+                         labels_key=args.labels_key, kind=kind, transform=transform,
+                         unlabeled_category=args.unlabeled_category)
     _check_model_accepts(model, data)
+    if warm_start:
+        _check_same_cells_layout(data.registry, warm_start.registry, args.from_run)
     out = _output_dir(args.out)
     settings = {
         "epochs": args.epochs, "early_stopping": args.early_stopping,
         "patience": args.patience, "requested_batch_size": args.batch_size,
         "learning_rate": model.default_learning_rate if args.lr is None else args.lr,
         "validation_fraction": args.validation_fraction, "data": source,
-        "backed": data.is_backed, "devices": args.devices,
+        "backed": data.is_backed, "devices": args.devices, "warm_start": args.from_run,
     }
 
     started = time.perf_counter()
@@ -538,7 +644,8 @@ def _fit(args) -> int:
                          validation_fraction=args.validation_fraction,
                          early_stopping=args.early_stopping,
                          early_stopping_patience=args.patience,
-                         progress=not args.no_progress, devices=devices)
+                         progress=not args.no_progress, devices=devices,
+                         initial_params=warm_start)
     except FitDivergedError as err:
         _save_fit(out, err.result, settings)
         print(f"{PROG}: error: {' '.join(str(err).split())} "
@@ -581,6 +688,56 @@ def _save_latent_plot(path: Path, annotated, name: str, data, args) -> str:
     coordinates, view = embed_2d(annotated.obsm[f"X_{name}"], args.plot_method, args.seed)
     save_figure(cells_figure(coordinates, view, obs, color, title=name), path)
     return {"UMAP": "UMAP", "PC": "PCA"}.get(view, "the latent itself")
+
+
+def _warm_start(args, cls):
+    """The fitted scvi model of ``--from-run`` (for scanvi)."""
+    if not hasattr(cls, "from_scvi"):
+        raise UsageError(f"--from-run warm starts scanvi from a fitted scvi; {cls.name} has no "
+                         "warm start")
+    architecture = [n for n in MODEL_OPTIONS if n != "classification_ratio"
+                    and getattr(args, n) is not None]
+    if architecture:
+        raise UsageError(f"--{architecture[0].replace('_', '-')} cannot be combined with "
+                         "--from-run: the architecture is the scvi model's")
+    fitted = _load_run(args.from_run, "--from-run")
+    if fitted.model.name != "scvi":
+        raise UsageError(f"--from-run {args.from_run} holds a {fitted.model.name} model; "
+                         "give the --out directory of 'lvmzoo fit scvi'")
+    return fitted
+
+
+def _use_warm_start_registry(args, registry) -> None:
+    """``--layer`` and ``--batch-key`` of the scvi run; a different explicit one is an error."""
+    for option, name in (("--batch-key", "batch_key"), ("--layer", "layer")):
+        given, theirs = getattr(args, name), getattr(registry, name)
+        if given is not None and given != theirs:
+            raise UsageError(f"{option} {given} differs from the --from-run model's ({theirs}); "
+                             f"leave {option} out to use the scvi model's")
+        setattr(args, name, theirs)
+
+
+def _check_same_cells_layout(mine, theirs, run) -> None:
+    for what in ("gene_names", "batch_categories"):
+        if tuple(getattr(mine, what)) != tuple(getattr(theirs, what)):
+            raise UsageError(f"DATA has other {what.replace('_', ' ')} than the scvi model in "
+                             f"{run} was fitted to; give the data that model was fitted to")
+
+
+def _load_run(run_dir: str, what: str = "RUN_DIR"):
+    """A saved model from a run directory (the --out of 'lvmzoo fit', or its model/)."""
+    from lvmzoo.io import MODEL_FILE, load_model
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UsageError(f"{what} {run_dir} is not a directory; give the --out directory of "
+                         "'lvmzoo fit'")
+    if not (run / MODEL_FILE).is_file() and (run / "model" / MODEL_FILE).is_file():
+        run = run / "model"
+    try:
+        return load_model(run)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"cannot load a model from {run_dir}: {err}") from None
 
 
 def _model_class(name: str):
@@ -636,6 +793,9 @@ def _check_model_accepts(model, data) -> None:
         check(model, data)
     except ValueError as err:
         raise UsageError(f"{err} (set --kind and --transform accordingly)") from None
+    if hasattr(model, "predict_proba") and data.registry.n_labels == 0:
+        raise UsageError(f"{model.name} learns from cell labels: give --labels-key K (cells "
+                         "whose label is missing or --unlabeled-category are unlabelled)")
 
 
 def _output_dir(path: str) -> Path:
@@ -667,7 +827,22 @@ def _fit_metrics(fitted, data) -> dict[str, Any]:
         return fitted.evaluate(data.subset(index))
 
     validation = score(fitted.validation_index) if len(fitted.validation_index) else None
-    return {"train": score(fitted.train_index), "validation": validation}
+    metrics = {"train": score(fitted.train_index), "validation": validation}
+    if validation is not None and hasattr(fitted.model, "predict_proba"):
+        held_out = data.subset(fitted.validation_index)
+        if (held_out.labels >= 0).any():
+            # Labelled validation cells were never seen by the classifier: an honest accuracy.
+            metrics["validation_labels"] = _label_scores(fitted, held_out)
+    return metrics
+
+
+def _label_scores(fitted, data) -> dict[str, Any]:
+    from lvmzoo.analysis.labels import label_scores
+
+    _, probabilities = fitted.predict(data, soft=True)
+    labelled = data.labels >= 0
+    truth = [data.registry.label_categories[c] for c in data.labels[labelled]]
+    return label_scores(truth, probabilities[labelled])
 
 
 def _annotate_backed(fitted, adata, data):
@@ -742,6 +917,13 @@ def _summary(fitted, data, source, metrics, added, out, seconds, view) -> str:
         f"model/, result.h5ad (added {', '.join(added)})",
         f"look at {out / 'latent.png'} first; 'lvmzoo evaluate {out} NEW.h5ad' scores new cells",
     ]
+    if registry.labels_key is not None and hasattr(fitted.model, "predict_proba"):
+        scores = metrics.get("validation_labels")
+        lines.insert(-1, f"labels: {int((data.labels >= 0).sum()):,} of {data.n_cells:,} cells "
+                         f"labelled ({registry.n_labels} categories of obs[{registry.labels_key!r}])"
+                         + (f"; held-out labelled cells: accuracy {scores['accuracy']:.3f}, macro "
+                            f"F1 {scores['macro_f1']:.3f}, ECE {scores['ece']:.3f} "
+                            f"({scores['n_cells']} cells)" if scores else ""))
     return "\n".join(lines)
 
 
@@ -752,20 +934,10 @@ def _summary(fitted, data, source, metrics, added, out, seconds, view) -> str:
 
 def _evaluate(args) -> int:
     from lvmzoo.data.registry import query_anndata
-    from lvmzoo.io import MODEL_FILE, load_model
 
     if args.n_samples < 1:
         raise UsageError(f"--n-samples must be at least 1, got {args.n_samples}")
-    run = Path(args.run_dir)
-    if not run.is_dir():
-        raise UsageError(f"RUN_DIR {args.run_dir} is not a directory; give the --out "
-                         "directory of 'lvmzoo fit'")
-    if not (run / MODEL_FILE).is_file() and (run / "model" / MODEL_FILE).is_file():
-        run = run / "model"
-    try:
-        fitted = load_model(run)
-    except (FileNotFoundError, ValueError) as err:
-        raise UsageError(f"cannot load a model from {args.run_dir}: {err}") from None
+    fitted = _load_run(args.run_dir)
     adata = _read_h5ad(args.data)
     metrics = fitted.evaluate(query_anndata(adata, fitted.registry),
                               n_samples=args.n_samples, seed=args.seed)
@@ -773,6 +945,141 @@ def _evaluate(args) -> int:
         _write_json(Path(args.out), metrics)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+# --------------------------------------------------------------------------
+# lvmzoo predict
+# --------------------------------------------------------------------------
+
+
+def _predict(args) -> int:
+    import dataclasses as dc
+
+    import pandas as pd
+
+    from lvmzoo.data.registry import query_anndata
+    from lvmzoo.io import atomic_write_file
+
+    out = _output_file(args.out)
+    fitted = _load_run(args.run_dir)
+    if not hasattr(fitted.model, "predict_proba"):
+        raise UsageError(f"the {fitted.model.name} model in {args.run_dir} does not predict "
+                         "labels; fit one with a classifier, e.g. 'lvmzoo fit scanvi'")
+    adata = _read_h5ad(args.data or str(_fit_dir(args.run_dir) / "result.h5ad"))
+    # The cells' own labels play no part in a prediction: register without them. Genes the
+    # data lack are zero-filled (with a warning), as map-query does.
+    registry = dc.replace(fitted.registry, labels_key=None)
+    data = query_anndata(adata, registry, missing_genes="zero")
+    labels, probabilities = fitted.predict(data, soft=True)
+    table = pd.concat([labels.astype(str), probabilities], axis=1)
+    atomic_write_file(out, lambda tmp: table.to_csv(tmp, index_label="cell"))
+    counts = labels.value_counts()
+    line = (f"predicted the labels of {data.n_cells:,} cells with the {fitted.model.name} model "
+            f"in {args.run_dir}; wrote {args.out}; most predicted: "
+            + ", ".join(f"{label} {n}" for label, n in counts.head(5).items()))
+    key = fitted.registry.labels_key
+    if key is not None and key in adata.obs.columns:
+        from lvmzoo.analysis.labels import label_scores
+
+        truth = adata.obs[key].astype(str).to_numpy()
+        if pd.Series(truth).isin(probabilities.columns).any():
+            scores = label_scores(truth, probabilities)
+            line += (f"; against obs[{key!r}] ({scores['n_cells']:,} cells with a known label): "
+                     f"accuracy {scores['accuracy']:.3f}, macro F1 {scores['macro_f1']:.3f}, "
+                     f"ECE {scores['ece']:.3f}")
+    print(line)
+    return 0
+
+
+def _fit_dir(run_dir: str) -> Path:
+    """The --out directory of 'lvmzoo fit' given it or its model/ subdirectory."""
+    from lvmzoo.io import MODEL_FILE
+
+    run = Path(run_dir)
+    return run.parent if (run / MODEL_FILE).is_file() else run
+
+
+def _output_file(path: str) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"--out {path} is a directory; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the directory of --out {path}: {err.strerror}") from None
+    return out
+
+
+# --------------------------------------------------------------------------
+# lvmzoo map-query
+# --------------------------------------------------------------------------
+
+
+def _map_query(args) -> int:
+    from lvmzoo.analysis.query import map_query
+    from lvmzoo.io import save_model
+
+    for option in ("epochs", "batch_size"):
+        if getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 < args.min_shared_genes <= 1:
+        raise UsageError(f"--min-shared-genes must be in (0, 1], got {args.min_shared_genes}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
+    reference = _load_run(args.run_dir)
+    query = _read_h5ad(args.query)
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            mapped, data = map_query(reference, query, epochs=args.epochs,
+                                     batch_size=args.batch_size, learning_rate=args.lr,
+                                     seed=args.seed, min_shared_genes=args.min_shared_genes,
+                                     progress=not args.no_progress)
+        for warning in caught:  # the data's and the mapping's, one line each
+            print(f"{PROG}: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+    except ValueError as err:
+        from lvmzoo.data.registry import DataError
+
+        if isinstance(err, DataError):
+            raise
+        raise UsageError(f"cannot map onto {args.run_dir}: {err}") from None
+    seconds = time.perf_counter() - started
+    out = _output_dir(args.out)
+    save_model(mapped, out / "model", fit_settings={
+        "mapped_from": args.run_dir, "query": args.query, "epochs": args.epochs,
+        "requested_batch_size": args.batch_size, "learning_rate": args.lr})
+    annotated, added = _mapped_query(mapped, query, data)
+    _write_h5ad(out / "query.h5ad", annotated)
+    new = mapped.registry.batch_categories[reference.registry.n_batches:]
+    how = (f"{len(new)} new batches: {', '.join(new[:5])}{' …' if len(new) > 5 else ''}; "
+           f"{len(mapped.history.get('epoch', []))} fine-tuning epochs, {seconds:.1f} s" if new
+           else "no new batches: encoded by the reference as it is, nothing fine-tuned")
+    print(f"mapped {data.n_cells:,} query cells ({how}) onto the {mapped.model.name} reference "
+          f"in {args.run_dir}; wrote {out}/: model/, query.h5ad (added {', '.join(added)})")
+    return 0
+
+
+def _mapped_query(mapped, query, data):
+    """A copy of the query with its latent (and predicted labels); the query's genes unchanged."""
+    import numpy as np
+    import pandas as pd
+
+    annotated = query.copy()
+    key = f"X_{mapped.model.name}"
+    annotated.obsm[key] = mapped.latent(data)
+    added = [f'obsm["{key}"]']
+    if hasattr(mapped.model, "predict_proba"):
+        from lvmzoo.models.scanvi import PREDICTION_OBS, PROBABILITY_OBS
+
+        labels, probabilities = mapped.predict(data, soft=True)
+        annotated.obs[PREDICTION_OBS] = pd.Categorical(
+            labels.to_numpy(), categories=list(mapped.registry.label_categories))
+        annotated.obs[PROBABILITY_OBS] = probabilities.max(axis=1).to_numpy(np.float32)
+        added += [f'obs["{PREDICTION_OBS}"]', f'obs["{PROBABILITY_OBS}"]']
+    return annotated, added
 
 
 # --------------------------------------------------------------------------
@@ -862,6 +1169,113 @@ def _de_summary(table, args, data, top: int = 10) -> str:
         shown = rows[_DE_SHOWN[args.mode]].head(top)
         lines.append(shown.to_string(float_format="{:.4g}".format))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# lvmzoo integration-metrics
+# --------------------------------------------------------------------------
+
+# Keys of the bundled labelled fixture, used when no DATA is given.
+_INTEGRATION_DEFAULT = ("wu2020", "patient", "cluster_orig")
+
+
+def _add_integration_metrics(commands) -> None:
+    from lvmzoo.analysis.integration import CLUSTERINGS, DEFAULT_METRICS, METRICS
+
+    dataset, batch_key, labels_key = _INTEGRATION_DEFAULT
+    command = commands.add_parser(
+        "integration-metrics",
+        help="batch-correction and bio-conservation metrics of embeddings (scIB)",
+        description=textwrap.fill(
+            "Score cell embeddings (obsm keys such as X_pca, X_scvi) of DATA with the scIB "
+            "integration metrics (scib-metrics, exact neighbours): bio conservation (isolated "
+            "labels, NMI/ARI of a clustering vs the labels, silhouette label, cLISI) and batch "
+            "correction (BRAS, iLISI, kBET, graph connectivity, PCR comparison), each in [0, 1], "
+            "higher is better, with their means and total = 0.6 bio + 0.4 batch. Writes "
+            "integration_metrics.csv, integration_metrics.md and integration_metrics.png into "
+            "--out. Needs the integration extra: pip install 'lvmzoo[integration]'."
+        ),
+        epilog=f"metrics: {', '.join(METRICS)}",
+    )
+    command.add_argument("data", metavar="DATA", nargs="?", default=None,
+                         help=".h5ad file with the embeddings in obsm and the batch and label "
+                              f"columns in obs (default: the bundled '{dataset}' data set, "
+                              f"--batch-key {batch_key} --labels-key {labels_key})")
+    command.add_argument("--batch-key", metavar="K", default=None,
+                         help="categorical obs column of batches (required with DATA)")
+    command.add_argument("--labels-key", metavar="K", default=None,
+                         help="categorical obs column of cell labels (required with DATA)")
+    command.add_argument("--embeddings", metavar="KEY[,KEY...]", default="X_pca",
+                         help="comma-separated obsm keys to score; X_pca is computed when "
+                              "absent: PCA of log1p(1e4 x / cell total) of the counts "
+                              "(default: %(default)s)")
+    command.add_argument("--out", required=True, metavar="DIR",
+                         help="output directory (created if needed)")
+    command.add_argument("--metrics", metavar="M[,M...]", default=",".join(DEFAULT_METRICS),
+                         help="comma-separated metrics (default: all but silhouette_batch, "
+                              "as scib-metrics' Benchmarker)")
+    command.add_argument("--clustering", choices=CLUSTERINGS, default="kmeans",
+                         help="clustering compared with the labels by NMI/ARI: kmeans (k = "
+                              "number of labels) or leiden (best NMI over resolutions "
+                              "0.2-2.0) (default: %(default)s)")
+    command.add_argument("--pre-integrated", metavar="KEY", default="X_pca",
+                         help="obsm key of the unintegrated embedding that pcr_comparison "
+                              "compares against (default: %(default)s)")
+    command.add_argument("--layer", metavar="L", default=None,
+                         help="layer with the counts a missing X_pca is computed from "
+                              "(default: .X)")
+    command.add_argument("--n-pcs", type=int, metavar="N", default=50,
+                         help="components of a computed X_pca (default: %(default)s)")
+    command.add_argument("--seed", type=int, metavar="S", default=0,
+                         help="seed of k-means, Leiden and the PCA (default: %(default)s)")
+    command.set_defaults(run=_integration_metrics, command_parser=command)
+
+
+def _integration_metrics(args) -> int:
+    from lvmzoo import datasets
+    from lvmzoo.analysis import integration
+    from lvmzoo.io import atomic_write_file, atomic_write_text
+
+    try:
+        integration.require_scib_metrics()
+    except ImportError as err:
+        raise UsageError(str(err)) from None
+    if args.n_pcs < 1:
+        raise UsageError(f"--n-pcs must be at least 1, got {args.n_pcs}")
+    if args.data is None:
+        dataset, batch_key, labels_key = _INTEGRATION_DEFAULT
+        adata, source, name = datasets.load(dataset), f"the bundled {dataset!r} data set", dataset
+        args.batch_key = args.batch_key or batch_key
+        args.labels_key = args.labels_key or labels_key
+    else:
+        for option in ("batch_key", "labels_key"):
+            if getattr(args, option) is None:
+                raise UsageError(f"--{option.replace('_', '-')} is required with DATA; name "
+                                 f"a categorical obs column")
+        adata, source, name = _read_h5ad(args.data), args.data, Path(args.data).name
+    out = _output_dir(args.out)
+    table = integration.benchmark(
+        adata, args.batch_key, args.labels_key, _comma_list(args.embeddings),
+        metrics=_comma_list(args.metrics), clustering=args.clustering,
+        pre_integrated=args.pre_integrated, layer=args.layer, n_pcs=args.n_pcs,
+        seed=args.seed)
+    markdown = integration.markdown_table(table)
+    atomic_write_file(out / "integration_metrics.csv", table.to_csv)
+    atomic_write_text(out / "integration_metrics.md", markdown)
+    integration.save_integration_figure(table, out / "integration_metrics.png",
+                                        title=f"{name}: batch {args.batch_key!r}, "
+                                              f"labels {args.labels_key!r}")
+    attrs = table.attrs
+    print(markdown, end="")
+    print(f"integration metrics of {len(table)} embedding(s) on {source}: {attrs['n_cells']:,} "
+          f"cells, {attrs['n_batches']} batches ({args.batch_key}), {attrs['n_labels']} labels "
+          f"({args.labels_key}); X_pca {attrs['x_pca']}; wrote {out}/: integration_metrics.csv, "
+          "integration_metrics.md, integration_metrics.png")
+    return 0
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 # --------------------------------------------------------------------------

@@ -47,6 +47,8 @@ SMALL_SETTINGS: dict[str, dict[str, object]] = {
                       "N_HIDDEN": 16, "DE_SAMPLES": 200},
     "03_compare_inference.ipynb": {"N_CELLS": 80, "N_GENES": 5, "EPOCHS": 5, "NUTS_DRAWS": 30,
                                    "METHODS": ["amortized", "mean_field", "map", "nuts"]},
+    "04_labels_and_integration.ipynb": {"N_CELLS": 400, "N_GENES": 80, "SCVI_EPOCHS": 3,
+                                        "SCANVI_EPOCHS": 3, "QUERY_EPOCHS": 2, "N_HIDDEN": 16},
 }
 
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=", re.MULTILINE)

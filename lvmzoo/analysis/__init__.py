@@ -1,4 +1,5 @@
-"""Downstream analysis of fitted models: per-cell outputs and differential expression.
+"""Downstream analysis of fitted models: per-cell outputs, differential expression,
+query mapping and label scores.
 
 All functions take a :class:`~lvmzoo.infer.results.FittedModel` and the
 :class:`~lvmzoo.data.registry.CellData` of the cells to describe, and return
@@ -15,9 +16,12 @@ from lvmzoo.analysis.expression import (
     posterior_predictive_sample,
     reconstruction_error,
 )
+from lvmzoo.analysis.labels import expected_calibration_error, label_scores
+from lvmzoo.analysis.query import map_query
 
 __all__ = [
     "batch_codes", "cell_scores", "differential_expression", "latent_representation",
     "likelihood_parameters", "normalized_expression", "posterior_fdr_calls",
     "posterior_predictive_sample", "reconstruction_error",
+    "expected_calibration_error", "label_scores", "map_query",
 ]

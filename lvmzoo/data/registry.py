@@ -37,6 +37,8 @@ class DataWarning(UserWarning):
 
 # query_anndata(missing_genes="zero") refuses data sharing fewer of the model's genes.
 MIN_SHARED_GENES = 0.5
+# The label value that means "unlabelled" unless setup_anndata is told otherwise (scvi-tools' name).
+UNLABELED_CATEGORY = "Unknown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,8 @@ class DataRegistry:
         ``"all"`` category when there is no batch key.
       label_categories: label names; unlabelled cells get code ``-1``.
       n_obs: number of cells at registration.
+      unlabeled_category: the label value that means "unlabelled" (like a
+        missing value); not one of ``label_categories``.
     """
 
     kind: str
@@ -68,6 +72,7 @@ class DataRegistry:
     batch_categories: tuple[str, ...]
     label_categories: tuple[str, ...]
     n_obs: int
+    unlabeled_category: Optional[str] = None
 
     @property
     def n_genes(self) -> int:
@@ -90,7 +95,8 @@ class DataRegistry:
             k: tuple(d[k])
             for k in ("covariate_keys", "gene_names", "batch_categories", "label_categories")
         }
-        return cls(**{**d, **tuples})
+        # Registries saved before unlabeled_category existed treated every value as a label.
+        return cls(**{"unlabeled_category": None, **d, **tuples})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +216,7 @@ def setup_anndata(
     covariate_keys: Sequence[str] = (),
     kind: str = "counts",
     transform: str = "none",
+    unlabeled_category: Optional[str] = UNLABELED_CATEGORY,
 ) -> CellData:
     """Validate ``adata`` and register it.
 
@@ -218,11 +225,14 @@ def setup_anndata(
       layer: layer with the observations; ``None`` uses ``adata.X``.
       batch_key: categorical ``obs`` column of batches (experiments, donors).
       labels_key: categorical ``obs`` column of cell labels; missing values
-        mean "unlabelled".
+        and ``unlabeled_category`` mean "unlabelled" (code ``-1``).
       covariate_keys: numeric ``obs`` columns.
       kind: ``"counts"``, ``"continuous"`` or ``"binary"``: what the values are.
       transform: host transform applied after validation (e.g.
         ``"log1p_cp10k"`` for Gaussian models on counts).
+      unlabeled_category: the label value marking unlabelled cells
+        (scvi-tools' ``unlabeled_category``; default ``"Unknown"``); ``None``:
+        only missing values do.
 
     Returns:
       CellData whose ``registry`` records all of the above.
@@ -236,7 +246,8 @@ def setup_anndata(
     x = _observations(adata, layer)
     _check_kind_and_transform(kind, transform)
     batch, batch_categories = _codes(adata, batch_key, "batch_key", allow_missing=False)
-    labels, label_categories = _codes(adata, labels_key, "labels_key", allow_missing=True)
+    labels, label_categories = _codes(adata, labels_key, "labels_key", allow_missing=True,
+                                      unlabeled=unlabeled_category)
     if batch_key is None:
         batch_categories = ("all",)
     covariates = _covariates(adata, covariate_keys)
@@ -252,6 +263,7 @@ def setup_anndata(
         batch_categories=batch_categories,
         label_categories=label_categories,
         n_obs=adata.n_obs,
+        unlabeled_category=unlabeled_category if labels_key is not None else None,
     )
     return _cell_data(adata, x, batch, labels, covariates, registry)
 
@@ -317,6 +329,7 @@ def query_anndata(
     labels, _ = _codes(
         adata, registry.labels_key, "labels_key", allow_missing=True,
         categories=registry.label_categories if registry.labels_key else None,
+        unlabeled=registry.unlabeled_category,
     )
     covariates = _covariates(adata, registry.covariate_keys)
     # New cells may well leave genes unobserved: no warning for those here.
@@ -456,8 +469,8 @@ def _value_counts(x, kind) -> dict[str, Any]:
     return counts
 
 
-def _codes(adata, key, argname, *, allow_missing, categories=None):
-    """Integer codes of a categorical obs column (``-1`` for missing values)."""
+def _codes(adata, key, argname, *, allow_missing, categories=None, unlabeled=None):
+    """Integer codes of a categorical obs column (``-1`` for missing values and ``unlabeled``)."""
     if key is None or (allow_missing and categories is not None and key not in adata.obs):
         # No column: one batch (code 0), or every cell unlabelled (code -1).
         fill = -1 if allow_missing else 0
@@ -474,6 +487,8 @@ def _codes(adata, key, argname, *, allow_missing, categories=None):
             f"obs[{key!r}] has {int(missing.sum())} missing values; give every cell a {argname[:-4]}"
         )
     values = column.astype(str).to_numpy()
+    if unlabeled is not None:
+        missing = missing | (values == str(unlabeled))
     if categories is None:
         if isinstance(column.dtype, pd.CategoricalDtype):
             present = set(values[~missing])

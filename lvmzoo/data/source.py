@@ -147,10 +147,10 @@ class DeviceSource:
         What ``model.init_params`` sees, so that data stored in some order
         still gives a representative start.
         """
-        cells = np.sort(np.asarray(jax.random.permutation(key, self.data.n_cells))[:n])
+        cells = jnp.sort(jax.random.permutation(key, self.data.n_cells)[:n]).astype(jnp.int32)
         if self.placement.mesh is None:
-            return jax.jit(self.gather)(self.arrays, jnp.asarray(cells, jnp.int32))
-        local = DeviceSource(self.data.subset(cells), n_cells=self.n_cells)
+            return jax.jit(self.gather)(self.arrays, cells)
+        local = DeviceSource(self.data.subset(np.asarray(cells)), n_cells=self.n_cells)
         return local.gather(local.arrays, jnp.arange(n)).replace(index=jnp.asarray(cells))
 
     def chunk_specs(self, n_steps: int, batch_size: int) -> dict[int, Any]:

@@ -166,6 +166,42 @@ class FittedModel:
             "log_weights": weights,
         }
 
+    def predict(self, data: CellData, soft: bool = False):
+        """Predicted labels of the cells, for models with a classifier (SCANVI).
+
+        Args:
+          data: cells registered against this model's registry.
+          soft: also return the probabilities.
+
+        Returns:
+          A ``pandas.Series`` of label names indexed by cell name; with
+          ``soft=True``, ``(labels, probabilities)`` where ``probabilities`` is
+          a cells × labels DataFrame (columns in the registry's label order,
+          rows summing to 1).
+        """
+        import pandas as pd
+
+        if not hasattr(self.model, "predict_proba"):
+            raise TypeError(f"model {self.model.name!r} does not predict labels; fit a model "
+                            "with a classifier, e.g. scanvi")
+        from lvmzoo.models.scanvi import label_probabilities
+
+        probs = label_probabilities(self.model, self.params, data)
+        index = pd.Index(np.asarray(data.obs_names).astype(str))
+        categories = list(self.registry.label_categories)
+        labels = pd.Series(pd.Categorical.from_codes(probs.argmax(1), categories), index=index,
+                           name="prediction")
+        if not soft:
+            return labels
+        return labels, pd.DataFrame(probs, index=index, columns=categories)
+
+    def loadings(self):
+        """Gene loadings of a linearly decoded model (LinearSCVI): genes × ``n_latent`` DataFrame."""
+        if not hasattr(self.model, "loadings"):
+            raise TypeError(f"model {self.model.name!r} has no linear decoder; fit e.g. "
+                            "linear_scvi")
+        return self.model.loadings(self.params, self.registry.gene_names)
+
     def annotate(self, adata: ad.AnnData, data: CellData) -> tuple[ad.AnnData, list[str]]:
         """A copy of ``adata`` with ``obsm["X_<model>"]`` and the model's documented extras.
 

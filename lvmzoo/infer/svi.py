@@ -33,6 +33,7 @@ from tqdm import tqdm  # plain bars: tqdm.auto warns in Jupyter without ipywidge
 
 from lvmzoo.data.placement import Devices, Placement
 from lvmzoo.data.registry import CellData
+from lvmzoo.data.source import DeviceSource
 from lvmzoo.data.streaming import BlockShuffle, EvaluationBatches, make_source
 from lvmzoo.infer.guides import NamedGuide, default_learning_rate, make_guide
 from lvmzoo.infer.results import FittedModel
@@ -74,6 +75,7 @@ def fit(
     progress: bool = True,
     devices: Devices = None,
     shuffle: Optional[BlockShuffle] = None,
+    initial_params: Optional[Any] = None,
 ) -> FittedModel:
     """Fit ``model`` to ``data`` by stochastic variational inference.
 
@@ -122,6 +124,11 @@ def fit(
         cells on disk (``data.is_backed``), which are then streamed from the
         file chunk by chunk; a ``BlockShuffle`` gives in-memory data the same
         order as on disk.
+      initial_params: a warm start: constrained params and Flax state keyed
+        by site name (e.g. ``"encoder$params"``, ``"encoder$state"``), or a
+        :class:`FittedModel` (its ``params``; its genes and batches must be
+        ``data``'s).  Each must be a site of ``model`` with the shape it would
+        initialise; sites not given start as usual.
 
     Returns:
       A :class:`FittedModel` with constrained parameters and the loss history
@@ -137,6 +144,8 @@ def fit(
         finite parameters.
     """
     check_data_kind(model, data)
+    if isinstance(initial_params, FittedModel):
+        initial_params = _params_for(initial_params, data)
     guide = model.guide if guide is None else guide
     if isinstance(guide, str):
         guide = make_guide(guide, model)
@@ -164,7 +173,8 @@ def fit(
 
     svi = SVI(model.model, guide, optimizer, loss=model.elbo())
     key_init, key_shuffle, key_validation = jax.random.split(jax.random.PRNGKey(seed), 3)
-    state = placement.replicate(initial_state(svi, model, train, batch_size, key_init))
+    state = placement.replicate(
+        initial_state(svi, model, train, batch_size, key_init, initial_params))
     run_epoch = epoch_function(svi, train, guard=False)
 
     started = time.perf_counter()
@@ -291,8 +301,28 @@ def stop_message(history: dict) -> str:
 INIT_SAMPLE_ELEMENTS = 1 << 24
 
 
-def initial_state(svi, model, source, batch_size, key):
-    """``svi.init`` on a first minibatch, with the model's data-dependent start values.
+def initial_params_of(model: LatentModel, data: CellData, *, batch_size: int = 128,
+                      seed: int = 0, initial_params: Optional[Any] = None) -> dict[str, Any]:
+    """The constrained params and Flax state a fit of ``model`` to ``data`` starts from.
+
+    What :func:`fit` with the default guide, ``seed`` and ``initial_params``
+    initialises before its first step (nothing is compiled), e.g. to build
+    ``initial_params`` for a changed model or to check a warm start.
+    """
+    check_data_kind(model, data)
+    if isinstance(initial_params, FittedModel):
+        initial_params = _params_for(initial_params, data)
+    svi = SVI(model.model, model.guide, optax.identity(), loss=model.elbo())
+    key_init = jax.random.split(jax.random.PRNGKey(seed), 3)[0]
+    source = DeviceSource(data)
+    state = initial_state(svi, model, source, min(batch_size, source.n_cells), key_init,
+                          initial_params)
+    return _all_params(svi, state)
+
+
+def initial_state(svi, model, source, batch_size, key, initial_params=None):
+    """``svi.init`` on a first minibatch, with the model's data-dependent start values
+    and then ``initial_params`` (checked against the sites the model initialises).
 
     ``model.init_params`` sees a random sample of the training cells (all of
     them when ``n_cells * n_genes`` fits :data:`INIT_SAMPLE_ELEMENTS`, and at
@@ -300,13 +330,51 @@ def initial_state(svi, model, source, batch_size, key):
     (by sample, by cell type) still gives a representative start.
     """
     n_sample = min(source.n_cells, max(2048, INIT_SAMPLE_ELEMENTS // max(source.n_genes, 1)))
-    key_sample, key_init = jax.random.split(key)
+    key_sample, key_start = jax.random.split(key)
     sample = source.sample(n_sample, key_sample)
-    return svi.init(
-        key,
-        source.head(batch_size),
-        init_params=model.init_params(sample.replace(n_cells=sample.size), key_init),
-    )
+    batch = source.head(batch_size)
+    start = model.init_params(sample.replace(n_cells=sample.size), key_start)
+    if initial_params:
+        fresh = jax.eval_shape(lambda k: _all_params(svi, svi.init(k, batch, init_params=start)),
+                               key)
+        _check_initial_params(initial_params, fresh, model)
+        # New containers: Flax updates its state dicts in place, never the caller's.
+        initial_params = jax.tree.map(jnp.asarray, initial_params)
+        start = {**(start or {}), **initial_params}
+    state = svi.init(key, batch, init_params=start)
+    if initial_params and state.mutable_state:
+        # svi.init ran the networks once in training mode, which moved batch-norm statistics.
+        given = {k: v for k, v in initial_params.items() if k in state.mutable_state}
+        state = state._replace(mutable_state={**state.mutable_state, **given})
+    return state
+
+
+def _check_initial_params(initial, fresh, model) -> None:
+    """ValueError unless every entry of ``initial`` matches a site of ``fresh`` in structure and shape."""
+    unknown = sorted(set(initial) - set(fresh))
+    if unknown:
+        raise ValueError(f"initial_params has entries {model.name} does not have: "
+                         f"{', '.join(unknown)} (its sites: {', '.join(sorted(fresh))})")
+    for name, value in initial.items():
+        given = jax.tree.map(jnp.shape, value)
+        expected = jax.tree.map(lambda leaf: leaf.shape, fresh[name])
+        if given != expected:
+            raise ValueError(
+                f"initial_params[{name!r}] does not match {model.name}'s site: shapes "
+                f"{given} vs {expected}; warm start from a model with the same architecture, "
+                "genes and batches")
+
+
+def _params_for(fitted: FittedModel, data: CellData) -> dict:
+    """A fitted model's params, after checking it was fitted to ``data``'s genes and batches."""
+    mine, theirs = data.registry, fitted.registry
+    for what in ("gene_names", "batch_categories"):
+        if tuple(getattr(mine, what)) != tuple(getattr(theirs, what)):
+            raise ValueError(
+                f"initial_params: the {fitted.model.name} model was fitted to other "
+                f"{what.replace('_', ' ')} than the data's; warm start from a model fitted "
+                "to these genes and batches (register the same AnnData)")
+    return fitted.params
 
 
 def run_chunks(programs, state, chunks, arrays, epoch, n_epochs):

@@ -6,12 +6,15 @@
 from lvmzoo.models.base import LatentModel, cell_plate
 from lvmzoo.models.factor_analysis import FactorAnalysis
 from lvmzoo.models.gmm import GaussianMixture
+from lvmzoo.models.linear_scvi import LinearSCVI
 from lvmzoo.models.ppca import PPCA
+from lvmzoo.models.scanvi import SCANVI
 from lvmzoo.models.scvi import SCVI
 from lvmzoo.models.vae import VAE
 
 MODELS: dict[str, type[LatentModel]] = {
-    cls.name: cls for cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI)
+    cls.name: cls
+    for cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI, LinearSCVI, SCANVI)
 }
 
 
@@ -22,4 +25,5 @@ def get_model(name: str) -> type[LatentModel]:
     return MODELS[name]
 
 
-__all__ = ["MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "PPCA", "SCVI", "VAE", "cell_plate", "get_model"]
+__all__ = ["MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "LinearSCVI", "PPCA",
+           "SCANVI", "SCVI", "VAE", "cell_plate", "get_model"]

@@ -171,6 +171,7 @@ class Decoder(nn.Module):
     n_genes: int
     hidden: Sequence[int] = (128,)
     batch_norm: bool = False
+    freeze_batch_norm: bool = False
     dispersion_head: bool = False
     dropout_head: bool = False
 
@@ -178,7 +179,8 @@ class Decoder(nn.Module):
     def __call__(self, z, covariate=None, training: bool = False) -> DecoderOutput:
         h = z if covariate is None else jnp.concatenate([z, covariate], axis=-1)
         if self.hidden:  # no hidden layers: the heads are linear in [z, s]
-            h = MLP(hidden=self.hidden, batch_norm=self.batch_norm)(h, training=training)
+            h = MLP(hidden=self.hidden, batch_norm=self.batch_norm,
+                    freeze_batch_norm=self.freeze_batch_norm)(h, training=training)
         dispersion = dropout = None
         if self.dispersion_head:
             dispersion = nn.softplus(nn.Dense(self.n_genes, name="dispersion")(h)) + MIN_DISPERSION
@@ -217,6 +219,9 @@ class SCVI(LatentModel):
       kl_weight: the weight of the ``z`` KL term once warmed up (scvi-tools'
         ``max_kl_weight``); ``1`` trains on the ELBO.  Evaluation always
         uses the ELBO.
+      freeze_batch_norm: batch norm normalises with its running statistics
+        while training too and never updates them (set by
+        :func:`lvmzoo.analysis.query.map_query` for the query fine-tune).
     """
 
     n_latent: int = 10
@@ -230,6 +235,7 @@ class SCVI(LatentModel):
     use_batch_norm: bool = True
     n_epochs_kl_warmup: Union[int, str, None] = "auto"
     kl_weight: float = 1.0
+    freeze_batch_norm: bool = False
 
     name: ClassVar[str] = "scvi"
     data_kind: ClassVar[str] = "counts"
@@ -313,15 +319,20 @@ class SCVI(LatentModel):
         build = COUNT_LIKELIHOODS[self.likelihood].build
         return build(out.log_mean, out.inverse_dispersion, out.dropout_logits)
 
-    def _decode(self, z, code, n_genes: int, training: bool) -> DecoderOutput:
-        """The decoder heads for latent ``z`` ``(..., K)`` and batch one-hot ``code``."""
-        module = Decoder(
+    def _decoder_module(self, n_genes: int) -> nn.Module:
+        """The Flax decoder ``[z, s] -> DecoderOutput`` (an MLP body and linear heads)."""
+        return Decoder(
             n_genes,
             hidden=self._hidden,
             batch_norm=self.use_batch_norm,
+            freeze_batch_norm=self.freeze_batch_norm,
             dispersion_head=self._needs_dispersion and self.dispersion == "gene-cell",
             dropout_head=COUNT_LIKELIHOODS[self.likelihood].needs_dropout,
         )
+
+    def _decode(self, z, code, n_genes: int, training: bool) -> DecoderOutput:
+        """The decoder heads for latent ``z`` ``(..., K)`` and batch one-hot ``code``."""
+        module = self._decoder_module(n_genes)
         example_code = None if code is None else jnp.zeros((1, code.shape[-1]))
         decoder = flax_module("decoder", module, jnp.zeros((1, self.n_latent)), example_code,
                               mutable=self._mutable)
@@ -403,7 +414,8 @@ class SCVI(LatentModel):
         x = jnp.log1p(batch.x)  # counts span orders of magnitude; the network sees logs
         code = _one_hot(batch.batch, batch.n_batches) if self.encode_batch else None
         module = GaussianEncoder(n_out, hidden=self._hidden, dropout_rate=self.dropout_rate,
-                                 batch_norm=self.use_batch_norm)
+                                 batch_norm=self.use_batch_norm,
+                                 freeze_batch_norm=self.freeze_batch_norm)
         encoder = flax_module(name, module, x, code, apply_rng=["dropout"], mutable=self._mutable)
         if batch.training:
             return encoder(x, code, training=True, rngs={"dropout": numpyro.prng_key()})

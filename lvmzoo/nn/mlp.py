@@ -11,6 +11,9 @@ Every neural model (VAE, scVI, ...) is built from two pieces:
 Every ``__call__`` takes ``training``: ``True`` turns dropout on (the caller
 must then pass ``rngs={"dropout": key}``) and makes batch norm use, and
 update, minibatch statistics; ``False`` (evaluation) makes both deterministic.
+``freeze_batch_norm=True`` makes batch norm use (and keep) its running
+statistics while training too, as when a reference model is fine-tuned on a
+query (:func:`lvmzoo.analysis.query.map_query`).
 Inside a NumPyro program wrap the modules with
 ``numpyro.contrib.module.flax_module`` (see :mod:`lvmzoo.models.vae`).
 """
@@ -26,6 +29,9 @@ import jax.numpy as jnp
 # Floor on the encoder's standard deviation: keeps log q(z | x) finite when the
 # network drives the pre-activation very negative.
 MIN_SCALE = 1e-4
+# torch's BatchNorm1d(momentum=0.01, eps=1e-3), as scvi-tools uses (Flax's momentum is 1 - torch's).
+BATCH_NORM_MOMENTUM = 0.99
+BATCH_NORM_EPSILON = 1e-3
 
 
 def _with_covariate(x: jax.Array, covariate: Optional[jax.Array]) -> jax.Array:
@@ -48,6 +54,8 @@ class MLP(nn.Module):
       batch_norm: batch-normalise each hidden layer before the activation; the
         running statistics live in the ``"batch_stats"`` collection, so wrap
         with ``flax_module(..., mutable=["batch_stats"])``.
+      freeze_batch_norm: normalise with the running statistics even while
+        training, leaving them unchanged.
       layer_norm: layer-normalise each hidden layer before the activation.
       activation: elementwise non-linearity of the hidden layers.
     """
@@ -56,6 +64,7 @@ class MLP(nn.Module):
     n_out: Optional[int] = None
     dropout_rate: float = 0.0
     batch_norm: bool = False
+    freeze_batch_norm: bool = False
     layer_norm: bool = False
     activation: Callable[[jax.Array], jax.Array] = nn.relu
 
@@ -77,9 +86,7 @@ class MLP(nn.Module):
         for width in self.hidden:
             h = nn.Dense(width)(h)
             if self.batch_norm:
-                # torch's BatchNorm1d(momentum=0.01, eps=1e-3), as scvi-tools uses.
-                h = nn.BatchNorm(use_running_average=not training, momentum=0.99,
-                                 epsilon=1e-3)(h)
+                h = batch_norm(h, training, self.freeze_batch_norm)
             if self.layer_norm:
                 h = nn.LayerNorm()(h)
             h = self.activation(h)
@@ -88,6 +95,16 @@ class MLP(nn.Module):
         if self.n_out is not None:
             h = nn.Dense(self.n_out)(h)
         return h
+
+
+def batch_norm(h: jax.Array, training: bool, frozen: bool = False, name=None) -> jax.Array:
+    """Batch-normalise ``h`` over all but its last axis (inside a compact module).
+
+    torch's ``BatchNorm1d(momentum=0.01, eps=1e-3)``, as scvi-tools uses;
+    minibatch statistics while training unless ``frozen``.
+    """
+    return nn.BatchNorm(use_running_average=not training or frozen,
+                        momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, name=name)(h)
 
 
 class GaussianEncoder(nn.Module):
@@ -100,13 +117,15 @@ class GaussianEncoder(nn.Module):
     Attributes:
       n_latent: dimension ``K`` of ``z``.
       hidden: hidden-layer widths of the body; ``()`` gives linear heads.
-      dropout_rate, dropout_rate, batch_norm, layer_norm, activation: as in :class:`MLP`.
+      dropout_rate, batch_norm, freeze_batch_norm, layer_norm, activation: as
+        in :class:`MLP`.
     """
 
     n_latent: int
     hidden: Sequence[int] = (128,)
     dropout_rate: float = 0.0
     batch_norm: bool = False
+    freeze_batch_norm: bool = False
     layer_norm: bool = False
     activation: Callable[[jax.Array], jax.Array] = nn.relu
 
@@ -121,6 +140,7 @@ class GaussianEncoder(nn.Module):
                 hidden=self.hidden,
                 dropout_rate=self.dropout_rate,
                 batch_norm=self.batch_norm,
+                freeze_batch_norm=self.freeze_batch_norm,
                 layer_norm=self.layer_norm,
                 activation=self.activation,
             )

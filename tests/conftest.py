@@ -1,0 +1,52 @@
+"""Fixtures shared by several test modules, built once per session.
+
+``labelled_simulation``: a simulated 600 cells × 150 genes in 3 batches (4 cell
+types, a strong batch effect).  batch0 and batch1 are the *reference*, where
+10 % of the cells keep their cell type in ``obs["label"]`` and the others are
+``"Unknown"``; batch2 is the *query*, measured on a slightly different panel:
+15 of the reference's genes missing and 5 genes of its own.
+
+``scanvi_reference``: SCANVI (``encode_batch=True``) fitted to the reference
+(one compiled fit), used
+by tests/test_scanvi.py (label transfer) and tests/test_query.py (mapping).
+"""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import lvmzoo
+from lvmzoo import datasets
+
+LABEL_FRACTION = 0.1
+QUERY_BATCH = "batch2"
+
+
+@pytest.fixture(scope="session")
+def labelled_simulation():
+    adata = datasets.simulate_counts(n_cells=600, n_genes=150, n_batches=3,
+                                     batch_effect_scale=0.8, seed=3)
+    reference = adata[adata.obs["batch"] != QUERY_BATCH].copy()
+    labelled = np.random.default_rng(0).random(reference.n_obs) < LABEL_FRACTION
+    reference.obs["label"] = np.where(labelled, reference.obs["cell_type"].astype(str), "Unknown")
+    query = adata[adata.obs["batch"] == QUERY_BATCH].copy()
+    rng = np.random.default_rng(0)
+    kept = np.sort(rng.permutation(query.n_vars)[15:])
+    extra = ad.AnnData(sp.csr_matrix(rng.poisson(1.0, (query.n_obs, 5)).astype(np.float32)),
+                       obs=query.obs[[]], var=pd.DataFrame(index=[f"new{i}" for i in range(5)]))
+    query = ad.concat([query[:, kept], extra], axis=1, merge="first")
+    query.obs = adata.obs.loc[query.obs_names, ["batch", "cell_type"]].copy()
+    return reference, query, labelled
+
+
+@pytest.fixture(scope="session")
+def scanvi_reference(labelled_simulation):
+    from lvmzoo.models import SCANVI
+
+    reference, _, _ = labelled_simulation
+    data = lvmzoo.setup_anndata(reference, batch_key="batch", labels_key="label")
+    # encode_batch: the query's batch enters the encoder too, so mapping can correct its latent.
+    model = SCANVI(n_hidden=32, n_latent=8, n_epochs_kl_warmup=50, encode_batch=True)
+    return lvmzoo.fit(model, data, epochs=100, batch_size=128, progress=False), data
