@@ -65,10 +65,11 @@ import numpyro
 import optax
 import pandas as pd
 from numpyro import handlers
-from numpyro.infer import Trace_ELBO, autoguide
+from numpyro.infer import autoguide
 
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import Batch, DeviceSource
+from lvmzoo.infer.elbo import Trace_ELBO
 from lvmzoo.models.base import LatentModel, cell_plate
 
 GUIDES: dict[str, str] = {
@@ -196,6 +197,12 @@ class NamedGuide:
         for part in self._parts:
             result.update(part(batch) or {})
         return result
+
+    def holds_per_cell_params(self, batch: Batch) -> bool:
+        """:attr:`per_cell`, building the guide on ``batch`` first if needed."""
+        if self._parts is None:
+            self._build(batch)
+        return self.per_cell
 
     # -- construction ---------------------------------------------------------
 

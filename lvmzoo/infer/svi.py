@@ -333,7 +333,9 @@ def initial_state(svi, model, source, batch_size, key, initial_params=None):
     key_sample, key_start = jax.random.split(key)
     sample = source.sample(n_sample, key_sample)
     batch = source.head(batch_size)
-    start = model.init_params(sample.replace(n_cells=sample.size), key_start)
+    per_cell = isinstance(svi.guide, NamedGuide) and svi.guide.holds_per_cell_params(batch)
+    init_params = model.init_params_per_cell if per_cell else model.init_params
+    start = init_params(sample.replace(n_cells=sample.size), key_start)
     if initial_params:
         fresh = jax.eval_shape(lambda k: _all_params(svi, svi.init(k, batch, init_params=start)),
                                key)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Optional
 import jax
 import numpyro
 from numpyro import handlers
-from numpyro.infer import ELBO, Trace_ELBO
+from numpyro.infer import ELBO
 
 from lvmzoo.data.source import Batch
 
@@ -98,11 +98,21 @@ class LatentModel(abc.ABC):
 
     def elbo(self) -> ELBO:
         """The ELBO estimator the driver optimises (override for enumeration)."""
+        from lvmzoo.infer.elbo import Trace_ELBO  # here: lvmzoo.infer imports the models
+
         return Trace_ELBO()
 
     def init_params(self, batch: Batch, key: jax.Array) -> Optional[Params]:
         """Initial values of some params from a sample of cells; ``None`` = model defaults."""
         return None
+
+    def init_params_per_cell(self, batch: Batch, key: jax.Array) -> Optional[Params]:
+        """Initial values when a per-cell guide (``mean_field``, ``delta``, ...) replaces
+        the model's own: its cells' latents then start at the prior, so a start
+        that assumes the model's guide (e.g. globals at their maximum-likelihood
+        values) can be worse than a neutral one.  Default: :meth:`init_params`.
+        """
+        return self.init_params(batch, key)
 
     @abc.abstractmethod
     def latent(self, params: Params, batch: Batch, key: jax.Array) -> jax.Array:

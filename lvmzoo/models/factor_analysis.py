@@ -99,11 +99,10 @@ class FactorAnalysis(LatentModel):
 
         With priors on the globals, small random loadings instead.
         """
-        start = lg.init_from_data(batch, self.n_latent, key)
         if self.global_prior_scale is not None:
+            start = lg.init_from_data(batch, self.n_latent, key)
             return {"W": start["W"], "mu": start["mu"], "psi": start["variance"]}
-        floor = NOISE_FLOOR * jnp.mean(batch.x.var(0))
-        floor = jnp.where(floor > 0, floor, NOISE_FLOOR)  # constant data: any positive floor
+        floor = self._floor(batch)
         mu, W, sigma2 = lg.principal_subspace(batch.x, self.n_latent)
         psi = jnp.maximum(jnp.full_like(mu, sigma2), floor)
         W, psi = lg.factor_analysis_em(batch.x, W, psi, floor)
@@ -111,6 +110,21 @@ class FactorAnalysis(LatentModel):
                 # strictly above the floor: the unconstrained value of 0 would be -inf
                 "psi": jnp.maximum(psi - floor, 1e-3 * floor),
                 **lg.exact_encoder(W, mu, psi)}
+
+    @compiled
+    def init_params_per_cell(self, batch: Batch, key: jax.Array) -> dict:
+        """Small random loadings, the data's mean and variance (see PPCA's)."""
+        start = lg.init_from_data(batch, self.n_latent, key)
+        if self.global_prior_scale is not None:
+            return {"W": start["W"], "mu": start["mu"], "psi": start["variance"]}
+        floor = self._floor(batch)
+        return {"W": start["W"], "mu": start["mu"], "psi_floor": floor,
+                "psi": jnp.maximum(start["variance"] - floor, 1e-3 * floor)}
+
+    @staticmethod
+    def _floor(batch: Batch) -> jax.Array:
+        floor = NOISE_FLOOR * jnp.mean(batch.x.var(0))
+        return jnp.where(floor > 0, floor, NOISE_FLOOR)  # constant data: any positive floor
 
     def default_epochs(self, n_cells: int) -> int:
         """30: the fit starts at an EM solution on a sample of cells."""
