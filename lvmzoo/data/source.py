@@ -35,11 +35,17 @@ class Batch:
       batch: ``(B,)`` int32 batch codes.
       labels: ``(B,)`` int32 label codes, ``-1`` when unlabelled.
       covariates: ``(B, n_covariates)`` float32.
+      categorical_covariates: ``(B, n_categorical_covariates)`` int32 codes,
+        one column per key of ``categorical_covariate_keys``.
       epoch: ``()`` float32, the driver's current epoch (0-based), for
         schedules such as KL warm-up; 0 outside training.
       n_cells: total number of cells the minibatch is drawn from (static);
         the plate rescales log-densities by ``n_cells / B``.
       n_batches / n_labels: numbers of categories (static).
+      covariate_keys: ``obs`` names of the columns of ``covariates`` (static).
+      categorical_covariate_keys: ``obs`` names of the columns of
+        ``categorical_covariates`` (static).
+      categorical_covariate_sizes: number of categories of each (static).
       training: ``True`` while fitting (dropout on); ``False`` for evaluation.
     """
 
@@ -53,10 +59,43 @@ class Batch:
     n_batches: int = struct.field(pytree_node=False, default=1)
     n_labels: int = struct.field(pytree_node=False, default=0)
     training: bool = struct.field(pytree_node=False, default=True)
+    categorical_covariates: Any = None
+    covariate_keys: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    categorical_covariate_keys: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    categorical_covariate_sizes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     @property
     def size(self) -> int:
         return self.x.shape[0]
+
+    def categorical(self, key: str) -> tuple[jax.Array, int]:
+        """``(codes (B,) int32, number of categories)`` of categorical covariate ``key``.
+
+        Raises:
+          KeyError: ``key`` was not registered (``setup_anndata(...,
+            categorical_covariate_keys=[key])``).
+        """
+        if key not in self.categorical_covariate_keys:
+            raise KeyError(
+                f"obs column {key!r} is not a registered categorical covariate (registered: "
+                f"{', '.join(self.categorical_covariate_keys) or 'none'}); pass it in "
+                "setup_anndata(..., categorical_covariate_keys=[...])")
+        i = self.categorical_covariate_keys.index(key)
+        return self.categorical_covariates[:, i], self.categorical_covariate_sizes[i]
+
+    def covariate(self, key: str) -> jax.Array:
+        """``(B,)`` float32 values of continuous covariate ``key``.
+
+        Raises:
+          KeyError: ``key`` was not registered (``setup_anndata(...,
+            covariate_keys=[key])``).
+        """
+        if key not in self.covariate_keys:
+            raise KeyError(
+                f"obs column {key!r} is not a registered covariate (registered: "
+                f"{', '.join(self.covariate_keys) or 'none'}); pass it in "
+                "setup_anndata(..., covariate_keys=[...])")
+        return self.covariates[:, self.covariate_keys.index(key)]
 
 
 class DeviceSource:
@@ -77,10 +116,18 @@ class DeviceSource:
         self.n_genes = data.n_genes
         self.n_batches = data.registry.n_batches
         self.n_labels = data.registry.n_labels
+        registry = data.registry
+        self.static = dict(
+            covariate_keys=tuple(registry.covariate_keys),
+            categorical_covariate_keys=tuple(registry.categorical_covariate_keys),
+            categorical_covariate_sizes=tuple(
+                len(c) for c in registry.categorical_covariate_categories),
+        )
         common = dict(
             batch=jnp.asarray(data.batch),
             labels=jnp.asarray(data.labels),
             covariates=jnp.asarray(data.covariates),
+            categorical_covariates=jnp.asarray(data.categorical_covariates, jnp.int32),
         )
         if data.is_sparse:
             csr = data.x
@@ -107,9 +154,11 @@ class DeviceSource:
             batch=arrays["batch"][index],
             labels=arrays["labels"][index],
             covariates=arrays["covariates"][index],
+            categorical_covariates=arrays["categorical_covariates"][index],
             n_cells=self.n_cells,
             n_batches=self.n_batches,
             n_labels=self.n_labels,
+            **self.static,
         )
 
     def full_batch(self, index: np.ndarray | None = None) -> Batch:
