@@ -4,6 +4,7 @@
 """
 
 from lvmzoo.models.base import LatentModel, cell_plate
+from lvmzoo.models.cpa import CPA
 from lvmzoo.models.factor_analysis import FactorAnalysis
 from lvmzoo.models.gmm import GaussianMixture
 from lvmzoo.models.ppca import PPCA
@@ -11,7 +12,7 @@ from lvmzoo.models.scvi import SCVI
 from lvmzoo.models.vae import VAE
 
 MODELS: dict[str, type[LatentModel]] = {
-    cls.name: cls for cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI)
+    cls.name: cls for cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI, CPA)
 }
 
 
@@ -22,4 +23,4 @@ def get_model(name: str) -> type[LatentModel]:
     return MODELS[name]
 
 
-__all__ = ["MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "PPCA", "SCVI", "VAE", "cell_plate", "get_model"]
+__all__ = ["CPA", "MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "PPCA", "SCVI", "VAE", "cell_plate", "get_model"]
