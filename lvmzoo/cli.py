@@ -6,6 +6,7 @@ A thin layer over the Python API; every step is a call a notebook could make::
     lvmzoo evaluate runs/ppca new.h5ad            # load_model → query_anndata → evaluate
     lvmzoo de runs/scvi --groupby cell_type --group1 B --out de.csv
                                                   # load_model → differential_expression
+    lvmzoo perturb runs/cpa --predict B --out p   # load_model → predict/evaluate_perturbation
     lvmzoo datasets                               # datasets.list_datasets()
 
 ``lvmzoo fit`` writes into ``--out``:
@@ -45,7 +46,7 @@ EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
 # Hyperparameters the CLI exposes, passed only to models whose dataclass has them.
 MODEL_OPTIONS = ("n_latent", "n_components", "n_hidden", "n_layers", "likelihood", "dispersion",
-                 "latent_library")
+                 "latent_library", "perturbation_key", "covariate_keys", "dose_key")
 # Smallest accepted value of the integer options (1 for those not listed).
 _MINIMUM = {"n_layers": 0}
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_de(commands)
     _add_compare(commands)
+    _add_perturb(commands)
     listing = commands.add_parser(
         "datasets", help="list the bundled data sets",
         description="List the data sets bundled with lvmzoo, with their shapes.",
@@ -177,8 +179,17 @@ def _add_fit(commands, models) -> None:
     fit.add_argument("model", metavar="MODEL",
                      help=f"model to fit, one of: {', '.join(sorted(models))}")
     fit.add_argument("data", metavar="DATA", nargs="?", default=None,
-                     help="cells × genes .h5ad file (default: the bundled "
-                          f"'{DEFAULT_DATASET}' data set)")
+                     help="cells × genes .h5ad file (default: the bundled data set of "
+                          f"--dataset, '{DEFAULT_DATASET}')")
+    fit.add_argument("--dataset", metavar="NAME", default=None,
+                     help="fit a bundled data set instead of DATA ('lvmzoo datasets' lists "
+                          f"them; default: '{DEFAULT_DATASET}')")
+    fit.add_argument("--exclude", metavar="KEY=VALUE[,KEY=VALUE...]", action="append",
+                     default=[],
+                     help="leave out the cells with all these obs values, e.g. "
+                          "cell_type=B,condition=stim to fit without the stimulated B cells "
+                          "and predict them later with 'lvmzoo perturb'; repeat for more "
+                          "groups (recorded in model.json; result.h5ad holds the fitted cells)")
     fit.add_argument("--out", required=True, metavar="DIR",
                      help="output directory (created if needed; earlier outputs are replaced)")
     fit.add_argument("--layer", metavar="L", default=None,
@@ -205,6 +216,15 @@ def _add_fit(commands, models) -> None:
     fit.add_argument("--latent-library", action=argparse.BooleanOptionalAction, default=None,
                      help="make the library size latent rather than observed, for scvi "
                           "(default: the model's)")
+    fit.add_argument("--perturbation-key", metavar="K", default=None,
+                     help="categorical obs column of the perturbation, for cpa "
+                          "(default: the model's, 'condition')")
+    fit.add_argument("--covariate-keys", metavar="K[,K...]", type=_names, default=None,
+                     help="categorical obs columns whose effects add to the latent, for cpa "
+                          "(default: the model's, 'cell_type')")
+    fit.add_argument("--dose-key", metavar="K", default=None,
+                     help="numeric obs column of the dose (0 for control cells), for cpa "
+                          "(default: none)")
     fit.add_argument("--epochs", type=int, metavar="N", default=100,
                      help="passes over the training cells (default: %(default)s)")
     fit.add_argument("--batch-size", type=int, metavar="N", default=128,
@@ -228,6 +248,14 @@ def _add_fit(commands, models) -> None:
                      help="what the input values are: raw counts, continuous values or 0/1 "
                           "(default: binary for binary models, counts otherwise)")
     fit.set_defaults(run=_fit, command_parser=fit)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ``("a", "b")``: a comma-separated list of obs column names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one column name")
+    return names
 
 
 def _first_line(doc: Optional[str]) -> str:
@@ -358,6 +386,59 @@ def _add_compare(commands) -> None:
     compare.set_defaults(run=_compare, command_parser=compare)
 
 
+def _add_perturb(commands) -> None:
+    perturb = commands.add_parser(
+        "perturb",
+        help="predict how a held-out cell type responds to a perturbation, and score it "
+             "beside baselines",
+        description=textwrap.fill(
+            "Load the model saved in RUN_DIR (fitted without the held-out type's perturbed "
+            "cells: 'lvmzoo fit ... --exclude CELL_TYPE_KEY=TYPE,CONDITION_KEY=PERTURBED'), "
+            "predict the --predict type's control cells under the --perturbed condition "
+            "(counterfactual decoding for models with the perturbation in their story, such "
+            "as cpa; latent arithmetic as scGen for vae and scvi), and compare the prediction "
+            "with the measured perturbed cells of that type beside the no-change and "
+            "mean-shift baselines: R² of per-gene mean log-normalised expression (all genes, "
+            "top differentially expressed genes), correlation of the predicted and measured "
+            "change, energy distance. Writes predicted.h5ad (X: counts drawn from the model; "
+            "layers['expected']), metrics.csv, metrics.md and perturbation.png into --out."
+        ),
+    )
+    perturb.add_argument("run_dir", metavar="RUN_DIR",
+                         help="the --out directory of 'lvmzoo fit' (or its model/ subdirectory)")
+    perturb.add_argument("data", metavar="DATA", nargs="?", default=None,
+                         help=".h5ad file of raw counts with the model's genes and obs columns, "
+                              "including the held-out cells (default: the bundled "
+                              "'kang_ifnb' data set)")
+    perturb.add_argument("--condition-key", metavar="K", default="condition",
+                         help="obs column of conditions (default: %(default)s)")
+    perturb.add_argument("--control", metavar="C", default="ctrl",
+                         help="control condition (default: %(default)s)")
+    perturb.add_argument("--perturbed", metavar="P", default="stim",
+                         help="perturbed condition to predict (default: %(default)s)")
+    perturb.add_argument("--cell-type-key", metavar="K", default="cell_type",
+                         help="obs column of cell types (default: %(default)s)")
+    perturb.add_argument("--predict", required=True, metavar="TYPE",
+                         help="the held-out cell type whose perturbed cells are predicted")
+    perturb.add_argument("--method", choices=("auto", "counterfactual", "latent_arithmetic"),
+                         default="auto",
+                         help="counterfactual (cpa), latent_arithmetic (vae, scvi), or auto: "
+                              "the first the model offers (default: %(default)s)")
+    perturb.add_argument("--dose", type=float, metavar="D", default=None,
+                         help="dose to predict at, for models with a dose key (default: the "
+                              "most common dose of the perturbed cells)")
+    perturb.add_argument("--layer", metavar="L", default=None,
+                         help="layer of DATA with the raw counts (default: .X)")
+    perturb.add_argument("--n-top-genes", type=int, metavar="N", default=100,
+                         help="differentially expressed genes of the 'top' metrics "
+                              "(default: %(default)s)")
+    perturb.add_argument("--seed", type=int, metavar="S", default=0,
+                         help="seed of the predicted counts (default: %(default)s)")
+    perturb.add_argument("--out", required=True, metavar="DIR",
+                         help="output directory (created if needed; earlier outputs replaced)")
+    perturb.set_defaults(run=_perturb, command_parser=perturb)
+
+
 # --------------------------------------------------------------------------
 # lvmzoo compare
 # --------------------------------------------------------------------------
@@ -398,7 +479,8 @@ def _compare(args) -> int:
         model = cls(**{k: v for k, v in sizes.items() if k in fields})
         kind = "binary" if model.data_kind == "binary" else "counts"
         data = setup_anndata(adata, layer=args.layer, kind=kind,
-                             transform=model.default_transform if kind == "counts" else "none")
+                             transform=model.default_transform if kind == "counts" else "none",
+                             **model.registration())
         tables.append(compare([model], methods, data, settings, progress=True))
     table = pd.concat(tables, ignore_index=True)
     atomic_write_text(out / "compare.csv", table.to_csv(index=False))
@@ -445,20 +527,18 @@ def _fit(args) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file; give a directory")
 
-    if args.data is None:
-        source = f"bundled data set '{datasets.DEFAULT_DATASET}'"
-        adata = datasets.load(datasets.DEFAULT_DATASET)
-    else:
-        source = args.data
-        adata = _read_h5ad(args.data)
+    adata, source = _input_data(args.data, args.dataset, datasets.DEFAULT_DATASET)
+    adata, excluded = _excluded(adata, args.exclude)
     data = setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
-                         labels_key=args.labels_key, kind=kind, transform=transform)
+                         labels_key=args.labels_key, kind=kind, transform=transform,
+                         **model.registration())
     _check_model_accepts(model, data)
     out = _output_dir(args.out)
     settings = {
         "epochs": args.epochs, "requested_batch_size": args.batch_size,
         "learning_rate": model.default_learning_rate if args.lr is None else args.lr,
         "validation_fraction": args.validation_fraction, "data": source,
+        "exclude": excluded, "n_excluded": sum(g["n_cells"] for g in excluded),
     }
 
     started = time.perf_counter()
@@ -488,7 +568,53 @@ def _fit(args) -> int:
     metrics = _fit_metrics(fitted, data)
     _write_json(out / "metrics.json", metrics)
     print(_summary(fitted, data, source, metrics, added, out, fit_seconds))
+    for group in excluded:
+        spelled = ",".join(f"{k}={v}" for k, v in group["cells"].items())
+        print(f"left out {group['n_cells']:,} cells with {spelled} (--exclude)")
     return 0
+
+
+def _input_data(path: Optional[str], dataset: Optional[str], default: str):
+    """``(adata, description)`` of DATA, or of the bundled ``dataset`` (or ``default``)."""
+    from lvmzoo import datasets
+
+    if path is not None and dataset is not None:
+        raise UsageError("give DATA or --dataset, not both")
+    if path is not None:
+        return _read_h5ad(path), path
+    name = default if dataset is None else dataset
+    if name not in datasets.DATASETS:
+        raise UsageError(f"unknown --dataset {name!r}; bundled: {', '.join(datasets.DATASETS)}")
+    return datasets.load(name), f"bundled data set '{name}'"
+
+
+def _excluded(adata, specs: Sequence[str]):
+    """``(adata without the --exclude groups, [{"cells": {key: value}, "n_cells": n}])``."""
+    from lvmzoo.analysis.perturbation import exclude_cells
+
+    groups = [_key_values(spec) for spec in specs]
+    if not groups:
+        return adata, []
+    counts = []
+    for group in groups:
+        match = exclude_cells(adata, [group])  # checks the columns and that cells match
+        counts.append(adata.n_obs - match.n_obs)
+    return exclude_cells(adata, groups), [
+        {"cells": group, "n_cells": n} for group, n in zip(groups, counts)]
+
+
+def _key_values(spec: str) -> dict[str, str]:
+    pairs = [p.strip() for p in spec.split(",") if p.strip()]
+    group = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError(f"--exclude {spec!r}: write KEY=VALUE[,KEY=VALUE...], e.g. "
+                             "cell_type=B,condition=stim")
+        group[key.strip()] = value.strip()
+    if not group:
+        raise UsageError("--exclude needs KEY=VALUE pairs, e.g. cell_type=B,condition=stim")
+    return group
 
 
 def _model_class(name: str):
@@ -706,6 +832,93 @@ def _de_summary(table, args, data, top: int = 10) -> str:
         shown = rows[_DE_SHOWN[args.mode]].head(top)
         lines.append(shown.to_string(float_format="{:.4g}".format))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# lvmzoo perturb
+# --------------------------------------------------------------------------
+
+
+def _perturb(args) -> int:
+    from lvmzoo.analysis.perturbation import (
+        compare_perturbation, markdown_table, perturbation_design, predict_perturbation,
+        prediction_method)
+    from lvmzoo.data.registry import DataWarning
+    from lvmzoo.io import atomic_write_text
+    from lvmzoo.plotting import save_perturbation_plot
+
+    if args.n_top_genes < 1:
+        raise UsageError(f"--n-top-genes must be at least 1, got {args.n_top_genes}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
+    model_dir, _ = _de_run_dirs(args.run_dir)
+    fitted = _load_for_de(model_dir, args.run_dir)
+    adata, source = _input_data(args.data, None, "kang_ifnb")
+    design = dict(condition_key=args.condition_key, control=args.control,
+                  perturbed=args.perturbed, cell_type_key=args.cell_type_key,
+                  cell_type=args.predict)
+    perturbation_design(adata, **design)  # bad input fails here, before any warning
+    try:
+        prediction_method(fitted.model, args.method)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if not _fit_excluded(model_dir, args.cell_type_key, args.predict, args.condition_key,
+                         args.perturbed):
+        warnings.warn(
+            f"the model in {args.run_dir} was not fitted with --exclude "
+            f"{args.cell_type_key}={args.predict},{args.condition_key}={args.perturbed}: it may "
+            "have seen the cells it predicts, so the metrics are not those of a held-out "
+            "prediction", DataWarning)
+    predicted = predict_perturbation(fitted, adata, **design, method=args.method,
+                                     dose=args.dose, seed=args.seed)
+    name = f"{fitted.model.name} ({predicted.uns['perturbation']['method'].replace('_', ' ')})"
+    evaluation = compare_perturbation(adata, {name: predicted}, **design, layer=args.layer,
+                                      n_top_genes=args.n_top_genes, seed=args.seed)
+    out = _output_dir(args.out)
+    _write_h5ad(out / "predicted.h5ad", predicted)
+    metrics = evaluation.metrics
+    atomic_write_text(out / "metrics.csv", metrics.to_csv())
+    atomic_write_text(out / "metrics.md", markdown_table(metrics))
+    save_perturbation_plot(evaluation, out / "perturbation.png")
+    print(_perturb_summary(evaluation, name, source, args, out))
+    return 0
+
+
+def _fit_excluded(model_dir: Path, cell_type_key, cell_type, condition_key, perturbed) -> bool:
+    """Whether the saved fit left out (at least) the held-out type's perturbed cells."""
+    from lvmzoo.io import MODEL_FILE
+
+    settings = json.loads((model_dir / MODEL_FILE).read_text("utf-8")).get("fit", {})
+    wanted = {cell_type_key: str(cell_type), condition_key: str(perturbed)}
+    for group in settings.get("exclude") or []:
+        cells = group.get("cells", {})
+        # A group with a subset of these conditions excludes even more cells.
+        if cells and all(wanted.get(k) == str(v) for k, v in cells.items()):
+            return True
+    return False
+
+
+def _perturb_summary(evaluation, name, source, args, out) -> str:
+    from lvmzoo.analysis.perturbation import markdown_table
+
+    metrics = evaluation.metrics
+    design = evaluation.design
+    row, shift = metrics.loc[name], metrics.loc["mean shift"]
+    better = [m for m in ("r2", "r2_top", "delta_pearson", "delta_pearson_top")
+              if row[m] > shift[m]]
+    if row["energy_distance"] < shift["energy_distance"]:
+        better.append("energy_distance")
+    verdict = (f"beats the mean-shift baseline on {', '.join(better)}" if better
+               else "does not beat the mean-shift baseline on any metric")
+    return "\n".join([
+        f"predicted {int(design.held_out_control.sum()):,} {design.cell_type!r} cells under "
+        f"{design.perturbed!r} from their {design.control!r} cells ({source}); "
+        f"compared with {int(design.held_out_perturbed.sum()):,} measured ones, top "
+        f"{args.n_top_genes} genes by |Welch t|",
+        markdown_table(metrics).rstrip(),
+        f"{name} {verdict}",
+        f"wrote {out}/: predicted.h5ad, metrics.csv, metrics.md, perturbation.png",
+    ])
 
 
 # --------------------------------------------------------------------------

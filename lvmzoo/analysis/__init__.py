@@ -1,4 +1,5 @@
-"""Downstream analysis of fitted models: per-cell outputs and differential expression.
+"""Downstream analysis of fitted models: per-cell outputs, differential expression,
+perturbation prediction.
 
 All functions take a :class:`~lvmzoo.infer.results.FittedModel` and the
 :class:`~lvmzoo.data.registry.CellData` of the cells to describe, and return
@@ -15,9 +16,16 @@ from lvmzoo.analysis.expression import (
     posterior_predictive_sample,
     reconstruction_error,
 )
+from lvmzoo.analysis.perturbation import (
+    compare_perturbation,
+    evaluate_perturbation,
+    exclude_cells,
+    predict_perturbation,
+)
 
 __all__ = [
-    "batch_codes", "cell_scores", "differential_expression", "latent_representation",
+    "batch_codes", "cell_scores", "compare_perturbation", "differential_expression",
+    "evaluate_perturbation", "exclude_cells", "latent_representation", "predict_perturbation",
     "likelihood_parameters", "normalized_expression", "posterior_fdr_calls",
     "posterior_predictive_sample", "reconstruction_error",
 ]
