@@ -47,6 +47,7 @@ SMALL_SETTINGS: dict[str, dict[str, object]] = {
                       "N_HIDDEN": 16, "DE_SAMPLES": 200},
     "03_compare_inference.ipynb": {"N_CELLS": 80, "N_GENES": 5, "EPOCHS": 5, "NUTS_DRAWS": 30,
                                    "METHODS": ["amortized", "mean_field", "map", "nuts"]},
+    "05_perturbation.ipynb": {"EPOCHS": 2, "N_CELLS": 600, "N_HIDDEN": 16},
 }
 
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=", re.MULTILINE)
