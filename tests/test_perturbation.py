@@ -124,6 +124,11 @@ def test_cpa_recovers_the_planted_dose_response():
     assert np.corrcoef(fitted_curve, truth)[0, 1] > 0.9
     assert fitted_curve[0] == 0.0
 
+    # predict_perturbation at the perturbed cells' most common dose, recorded with the cells.
+    predicted = predict_perturbation(fitted, adata, **DESIGN)
+    dose = predicted.uns["perturbation"]["dose"]
+    assert dose in DOSES and (predicted.obs["dose"] == dose).all()
+
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _counterfactual_mean(model, params, batch, key, code, dose):
@@ -255,7 +260,8 @@ def test_exclude_cells_checks_its_groups(simulation):
 
 
 def test_a_model_without_encoder_and_decoder_cannot_predict(simulation):
-    fitted = types.SimpleNamespace(model=PPCA(n_latent=2))  # the check needs only the model
+    model = PPCA(n_latent=2)
+    fitted = types.SimpleNamespace(model=model, guide=model.guide)  # the checks need no fit
     with pytest.raises(ValueError, match="neither counterfactual\\(\\) nor an encoder"):
         predict_perturbation(fitted, simulation, **DESIGN)
     with pytest.raises(ValueError, match="unknown method 'magic'"):

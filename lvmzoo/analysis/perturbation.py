@@ -224,6 +224,10 @@ def predict_perturbation(
                                  cell_type)
     model = result.model
     method = prediction_method(model, method)
+    if result.guide != model.guide:
+        # Both methods read the model's own encoder, which another guide does not train.
+        raise ValueError(f"{model.name!r} was fitted with another guide than its own; "
+                         "perturbation prediction needs the model's amortised encoder")
     scale = _prediction_scale(result.registry)
     if method == "counterfactual":
         sample, expected, detail = _counterfactual(result, adata, design, dose, seed)
@@ -233,6 +237,8 @@ def predict_perturbation(
     obs = adata.obs.loc[design.held_out_control].copy()
     obs["predicted_from"] = np.asarray(cells, dtype=str)
     obs[condition_key] = pd.Categorical([design.perturbed] * len(obs))
+    if "dose" in detail:
+        obs[model.dose_key] = detail["dose"]
     obs.index = pd.Index([f"{c}->{design.perturbed}" for c in cells])
     x = sp.csr_matrix(sample) if scale == COUNTS else sample
     predicted = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=list(result.registry.gene_names)))
@@ -307,6 +313,8 @@ def _counterfactual(result, adata, design: Design, dose, seed: int):
         raise DataError(f"the model's perturbation is obs[{key!r}]; pass condition_key={key!r}")
     code = registry.categorical_codes(key, [design.perturbed])[0]
     dose_key = getattr(model, "dose_key", None)
+    if dose_key is not None and dose_key not in adata.obs.columns:
+        raise DataError(f"the model's dose is obs[{dose_key!r}], which the data lack")
     if dose_key is not None and dose is None:
         doses = pd.to_numeric(adata.obs[dose_key], errors="coerce").to_numpy()
         perturbed = doses[adata.obs[key].astype(str).to_numpy() == design.perturbed]
