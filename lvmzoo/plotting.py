@@ -82,7 +82,8 @@ def perturbation_figure(evaluation, n_labels: int = 10) -> Figure:
     axes = fig.subplots(1, len(methods), squeeze=False)[0]
     top = evaluation.top_genes
     observed = means["observed"]
-    limits = (0.0, float(max(means.drop(columns="control").max().max(), 1e-3)) * 1.05)
+    shown = means.drop(columns="control")  # a Gaussian model's means may dip below 0
+    limits = (min(0.0, float(shown.min().min())), float(max(shown.max().max(), 1e-3)) * 1.05)
     for ax, method in zip(axes, methods):
         predicted = means[method]
         ax.scatter(observed, predicted, s=4, c="0.6", label="all genes", rasterized=True)
