@@ -288,14 +288,15 @@ def test_cli_fit_excluding_cells_then_perturb(simulation, tmp_path, capsys):
     path = tmp_path / "sim.h5ad"
     simulation.write_h5ad(path)
     run = tmp_path / "run"
+    n_held_out = int(((simulation.obs["cell_type"] == HELD_OUT)
+                      & (simulation.obs["condition"] == "perturbed")).sum())
     assert main(["fit", "cpa", str(path), "--exclude", "cell_type=type0,condition=perturbed",
                  "--n-hidden", "16", "--n-layers", "0", "--epochs", "3", "--no-progress",
-                 "--out", str(run)]) == 0
+                 "--validation-fraction", "0", "--out", str(run)]) == 0
+    assert (f"left out {n_held_out} cells with cell_type=type0,condition=perturbed"
+            in capsys.readouterr().out)
     fitted = lvmzoo.load_model(run / "model")
-    assert fitted.registry.n_obs == simulation.n_obs - int(
-        ((simulation.obs["cell_type"] == HELD_OUT)
-         & (simulation.obs["condition"] == "perturbed")).sum())
-    capsys.readouterr()
+    assert fitted.registry.n_obs == simulation.n_obs - n_held_out
 
     out = tmp_path / "perturb"
     assert main(["perturb", str(run), str(path), "--condition-key", "condition",
