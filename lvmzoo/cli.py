@@ -9,6 +9,7 @@ A thin layer over the Python API; every step is a call a notebook could make::
     lvmzoo predict runs/scanvi new.h5ad --out p.csv  # load_model → FittedModel.predict
     lvmzoo map-query runs/scanvi query.h5ad --out runs/query
                                                   # load_model → analysis.query.map_query
+    lvmzoo perturb runs/cpa --predict B --out p   # load_model → predict/evaluate_perturbation
     lvmzoo datasets                               # datasets.list_datasets()
 
 ``lvmzoo fit`` writes into ``--out``:
@@ -55,7 +56,8 @@ EXIT_INTERRUPTED = 130
 # Hyperparameters the CLI exposes, passed only to models whose dataclass has them.
 MODEL_OPTIONS = ("n_latent", "n_components", "n_hidden", "n_layers", "likelihood", "dispersion",
                  "latent_library", "n_epochs_kl_warmup", "min_scale", "variance_prior",
-                 "encode_batch", "classification_ratio")
+                 "encode_batch", "classification_ratio", "perturbation_key", "covariate_keys",
+                 "dose_key")
 # Options whose flag is not the field name with dashes.
 _FLAGS = {"n_epochs_kl_warmup": "--kl-warmup"}
 # Models whose default DATA is a bundled labelled data set: (data set, labels key, batch key).
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_map_query(commands)
     _add_integration_metrics(commands)
+    _add_perturb(commands)
     listing = commands.add_parser(
         "datasets", help="list the bundled data sets",
         description="List the data sets bundled with lvmzoo, with their shapes.",
@@ -202,9 +205,18 @@ def _add_fit(commands, models) -> None:
     fit.add_argument("model", metavar="MODEL",
                      help=f"model to fit, one of: {', '.join(sorted(models))}")
     fit.add_argument("data", metavar="DATA", nargs="?", default=None,
-                     help="cells × genes .h5ad file (default: the bundled "
-                          f"'{DEFAULT_DATASET}' data set; for scanvi the labelled 'wu2020' "
+                     help="cells × genes .h5ad file (default: the bundled data set of "
+                          f"--dataset, '{DEFAULT_DATASET}'; for scanvi the labelled 'wu2020' "
                           "with --labels-key cluster_orig --batch-key patient)")
+    fit.add_argument("--dataset", metavar="NAME", default=None,
+                     help="fit a bundled data set instead of DATA ('lvmzoo datasets' lists "
+                          f"them; default: '{DEFAULT_DATASET}')")
+    fit.add_argument("--exclude", metavar="KEY=VALUE[,KEY=VALUE...]", action="append",
+                     default=[],
+                     help="leave out the cells with all these obs values, e.g. "
+                          "cell_type=B,condition=stim to fit without the stimulated B cells "
+                          "and predict them later with 'lvmzoo perturb'; repeat for more "
+                          "groups (recorded in model.json; result.h5ad holds the fitted cells)")
     fit.add_argument("--out", required=True, metavar="DIR",
                      help="output directory (created if needed; earlier outputs are replaced)")
     fit.add_argument("--layer", metavar="L", default=None,
@@ -270,6 +282,15 @@ def _add_fit(commands, models) -> None:
     fit.add_argument("--patience", type=int, metavar="N", default=None,
                      help="epochs without improvement before early stopping "
                           "(default: max(3, 10%% of the epochs))")
+    fit.add_argument("--perturbation-key", metavar="K", default=None,
+                     help="categorical obs column of the perturbation, for cpa "
+                          "(default: the model's, 'condition')")
+    fit.add_argument("--covariate-keys", metavar="K[,K...]", type=_names, default=None,
+                     help="categorical obs columns whose effects add to the latent, for cpa "
+                          "(default: the model's, 'cell_type')")
+    fit.add_argument("--dose-key", metavar="K", default=None,
+                     help="numeric obs column of the dose (0 for control cells), for cpa "
+                          "(default: none)")
     fit.add_argument("--batch-size", type=int, metavar="N", default=128,
                      help="cells per optimisation step (default: %(default)s)")
     fit.add_argument("--lr", type=float, metavar="X", default=None,
@@ -315,6 +336,12 @@ def _warmup(value: str):
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, got {value!r}")
+def _names(text: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ``("a", "b")``: a comma-separated list of obs column names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one column name")
+    return names
 
 
 def _first_line(doc: Optional[str]) -> str:
@@ -512,6 +539,57 @@ def _add_map_query(commands) -> None:
     map_query.add_argument("--no-progress", action="store_true",
                            help="do not show the per-epoch progress bar")
     map_query.set_defaults(run=_map_query, command_parser=map_query)
+def _add_perturb(commands) -> None:
+    perturb = commands.add_parser(
+        "perturb",
+        help="predict how a held-out cell type responds to a perturbation, and score it "
+             "beside baselines",
+        description=textwrap.fill(
+            "Load the model saved in RUN_DIR (fitted without the held-out type's perturbed "
+            "cells: 'lvmzoo fit ... --exclude CELL_TYPE_KEY=TYPE,CONDITION_KEY=PERTURBED'), "
+            "predict the --predict type's control cells under the --perturbed condition "
+            "(counterfactual decoding for models with the perturbation in their story, such "
+            "as cpa; latent arithmetic as scGen for vae and scvi), and compare the prediction "
+            "with the measured perturbed cells of that type beside the no-change and "
+            "mean-shift baselines: R² of per-gene mean log-normalised expression (all genes, "
+            "top differentially expressed genes), correlation of the predicted and measured "
+            "change, energy distance. Writes predicted.h5ad (X: counts drawn from the model; "
+            "layers['expected']), metrics.csv, metrics.md and perturbation.png into --out."
+        ),
+    )
+    perturb.add_argument("run_dir", metavar="RUN_DIR",
+                         help="the --out directory of 'lvmzoo fit' (or its model/ subdirectory)")
+    perturb.add_argument("data", metavar="DATA", nargs="?", default=None,
+                         help=".h5ad file of raw counts with the model's genes and obs columns, "
+                              "including the held-out cells (default: the bundled "
+                              "'kang_ifnb' data set)")
+    perturb.add_argument("--condition-key", metavar="K", default="condition",
+                         help="obs column of conditions (default: %(default)s)")
+    perturb.add_argument("--control", metavar="C", default="ctrl",
+                         help="control condition (default: %(default)s)")
+    perturb.add_argument("--perturbed", metavar="P", default="stim",
+                         help="perturbed condition to predict (default: %(default)s)")
+    perturb.add_argument("--cell-type-key", metavar="K", default="cell_type",
+                         help="obs column of cell types (default: %(default)s)")
+    perturb.add_argument("--predict", required=True, metavar="TYPE",
+                         help="the held-out cell type whose perturbed cells are predicted")
+    perturb.add_argument("--method", choices=("auto", "counterfactual", "latent_arithmetic"),
+                         default="auto",
+                         help="counterfactual (cpa), latent_arithmetic (vae, scvi), or auto: "
+                              "the first the model offers (default: %(default)s)")
+    perturb.add_argument("--dose", type=float, metavar="D", default=None,
+                         help="dose to predict at, for models with a dose key (default: the "
+                              "most common dose of the perturbed cells)")
+    perturb.add_argument("--layer", metavar="L", default=None,
+                         help="layer of DATA with the raw counts (default: .X)")
+    perturb.add_argument("--n-top-genes", type=int, metavar="N", default=100,
+                         help="differentially expressed genes of the 'top' metrics "
+                              "(default: %(default)s)")
+    perturb.add_argument("--seed", type=int, metavar="S", default=0,
+                         help="seed of the predicted counts (default: %(default)s)")
+    perturb.add_argument("--out", required=True, metavar="DIR",
+                         help="output directory (created if needed; earlier outputs replaced)")
+    perturb.set_defaults(run=_perturb, command_parser=perturb)
 
 
 # --------------------------------------------------------------------------
@@ -554,7 +632,8 @@ def _compare(args) -> int:
         model = cls(**{k: v for k, v in sizes.items() if k in fields})
         kind = "binary" if model.data_kind == "binary" else "counts"
         data = setup_anndata(adata, layer=args.layer, kind=kind,
-                             transform=model.default_transform if kind == "counts" else "none")
+                             transform=model.default_transform if kind == "counts" else "none",
+                             **model.registration())
         tables.append(compare([model], methods, data, settings, progress=True))
     table = pd.concat(tables, ignore_index=True)
     atomic_write_text(out / "compare.csv", table.to_csv(index=False))
@@ -605,11 +684,14 @@ def _fit(args) -> int:
         raise UsageError(f"--out {args.out} is a file; give a directory")
 
     devices = _devices(args.devices)
+    if args.data is not None and args.dataset is not None:
+        raise UsageError("give DATA or --dataset, not both")
     if args.data is None:
         name, labels_key, batch_key = LABELLED_DEFAULTS.get(
             args.model, (datasets.DEFAULT_DATASET, None, None))
-        source = f"bundled data set '{name}'"
-        adata = datasets.load(name)
+        if args.dataset is not None:
+            name, labels_key, batch_key = args.dataset, None, None
+        adata, source = _input_data(None, name, name)
         args.labels_key = args.labels_key or labels_key
         args.batch_key = args.batch_key or (None if warm_start else batch_key)
         backed = False
@@ -617,11 +699,15 @@ def _fit(args) -> int:
         source = args.data
         backed = _train_from_disk(args)
         adata = _read_backed(args.data) if backed else _read_h5ad(args.data)
+    if backed and args.exclude:
+        raise UsageError("--exclude needs the cells in memory; leave out --backed, or write "
+                         "the cells to keep to a file of their own")
+    adata, excluded = _excluded(adata, args.exclude)
     if warm_start:
         _use_warm_start_registry(args, warm_start.registry)
     data = setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
                          labels_key=args.labels_key, kind=kind, transform=transform,
-                         unlabeled_category=args.unlabeled_category)
+                         unlabeled_category=args.unlabeled_category, **model.registration())
     _check_model_accepts(model, data)
     if warm_start:
         _check_same_cells_layout(data.registry, warm_start.registry, args.from_run)
@@ -632,6 +718,7 @@ def _fit(args) -> int:
         "learning_rate": model.default_learning_rate if args.lr is None else args.lr,
         "validation_fraction": args.validation_fraction, "data": source,
         "backed": data.is_backed, "devices": args.devices, "warm_start": args.from_run,
+        "exclude": excluded, "n_excluded": sum(g["n_cells"] for g in excluded),
     }
 
     started = time.perf_counter()
@@ -668,6 +755,9 @@ def _fit(args) -> int:
     metrics = _fit_metrics(fitted, data)
     _write_json(out / "metrics.json", metrics)
     print(_summary(fitted, data, source, metrics, added, out, fit_seconds, view))
+    for group in excluded:
+        spelled = ",".join(f"{k}={v}" for k, v in group["cells"].items())
+        print(f"left out {group['n_cells']:,} cells with {spelled} (--exclude)")
     return 0
 
 
@@ -738,6 +828,49 @@ def _load_run(run_dir: str, what: str = "RUN_DIR"):
         return load_model(run)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"cannot load a model from {run_dir}: {err}") from None
+
+
+def _input_data(path: Optional[str], dataset: Optional[str], default: str):
+    """``(adata, description)`` of DATA, or of the bundled ``dataset`` (or ``default``)."""
+    from lvmzoo import datasets
+
+    if path is not None and dataset is not None:
+        raise UsageError("give DATA or --dataset, not both")
+    if path is not None:
+        return _read_h5ad(path), path
+    name = default if dataset is None else dataset
+    if name not in datasets.DATASETS:
+        raise UsageError(f"unknown --dataset {name!r}; bundled: {', '.join(datasets.DATASETS)}")
+    return datasets.load(name), f"bundled data set '{name}'"
+
+
+def _excluded(adata, specs: Sequence[str]):
+    """``(adata without the --exclude groups, [{"cells": {key: value}, "n_cells": n}])``."""
+    from lvmzoo.analysis.perturbation import exclude_cells
+
+    groups = [_key_values(spec) for spec in specs]
+    if not groups:
+        return adata, []
+    counts = []
+    for group in groups:
+        match = exclude_cells(adata, [group])  # checks the columns and that cells match
+        counts.append(adata.n_obs - match.n_obs)
+    return exclude_cells(adata, groups), [
+        {"cells": group, "n_cells": n} for group, n in zip(groups, counts)]
+
+
+def _key_values(spec: str) -> dict[str, str]:
+    pairs = [p.strip() for p in spec.split(",") if p.strip()]
+    group = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError(f"--exclude {spec!r}: write KEY=VALUE[,KEY=VALUE...], e.g. "
+                             "cell_type=B,condition=stim")
+        group[key.strip()] = value.strip()
+    if not group:
+        raise UsageError("--exclude needs KEY=VALUE pairs, e.g. cell_type=B,condition=stim")
+    return group
 
 
 def _model_class(name: str):
@@ -1276,6 +1409,90 @@ def _integration_metrics(args) -> int:
 
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+# lvmzoo perturb
+# --------------------------------------------------------------------------
+
+
+def _perturb(args) -> int:
+    from lvmzoo.analysis.perturbation import (
+        compare_perturbation, markdown_table, perturbation_design, predict_perturbation,
+        prediction_method)
+    from lvmzoo.data.registry import DataWarning
+    from lvmzoo.io import atomic_write_text
+    from lvmzoo.plotting import save_perturbation_plot
+
+    if args.n_top_genes < 1:
+        raise UsageError(f"--n-top-genes must be at least 1, got {args.n_top_genes}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
+    model_dir, _ = _de_run_dirs(args.run_dir)
+    fitted = _load_for_de(model_dir, args.run_dir)
+    adata, source = _input_data(args.data, None, "kang_ifnb")
+    design = dict(condition_key=args.condition_key, control=args.control,
+                  perturbed=args.perturbed, cell_type_key=args.cell_type_key,
+                  cell_type=args.predict)
+    perturbation_design(adata, **design)  # bad input fails here, before any warning
+    try:
+        prediction_method(fitted.model, args.method)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if not _fit_excluded(model_dir, args.cell_type_key, args.predict, args.condition_key,
+                         args.perturbed):
+        warnings.warn(
+            f"the model in {args.run_dir} was not fitted with --exclude "
+            f"{args.cell_type_key}={args.predict},{args.condition_key}={args.perturbed}: it may "
+            "have seen the cells it predicts, so the metrics are not those of a held-out "
+            "prediction", DataWarning)
+    predicted = predict_perturbation(fitted, adata, **design, method=args.method,
+                                     dose=args.dose, seed=args.seed)
+    name = f"{fitted.model.name} ({predicted.uns['perturbation']['method'].replace('_', ' ')})"
+    evaluation = compare_perturbation(adata, {name: predicted}, **design, layer=args.layer,
+                                      n_top_genes=args.n_top_genes, seed=args.seed)
+    out = _output_dir(args.out)
+    _write_h5ad(out / "predicted.h5ad", predicted)
+    metrics = evaluation.metrics
+    atomic_write_text(out / "metrics.csv", metrics.to_csv())
+    atomic_write_text(out / "metrics.md", markdown_table(metrics))
+    save_perturbation_plot(evaluation, out / "perturbation.png")
+    print(_perturb_summary(evaluation, name, source, args, out))
+    return 0
+
+
+def _fit_excluded(model_dir: Path, cell_type_key, cell_type, condition_key, perturbed) -> bool:
+    """Whether the saved fit left out (at least) the held-out type's perturbed cells."""
+    from lvmzoo.io import MODEL_FILE
+
+    settings = json.loads((model_dir / MODEL_FILE).read_text("utf-8")).get("fit", {})
+    wanted = {cell_type_key: str(cell_type), condition_key: str(perturbed)}
+    for group in settings.get("exclude") or []:
+        cells = group.get("cells", {})
+        # A group with a subset of these conditions excludes even more cells.
+        if cells and all(wanted.get(k) == str(v) for k, v in cells.items()):
+            return True
+    return False
+
+
+def _perturb_summary(evaluation, name, source, args, out) -> str:
+    from lvmzoo.analysis.perturbation import markdown_table
+
+    metrics = evaluation.metrics
+    design = evaluation.design
+    row, shift = metrics.loc[name], metrics.loc["mean shift"]
+    better = [m for m in ("r2", "r2_top", "delta_pearson", "delta_pearson_top")
+              if row[m] > shift[m]]
+    if row["energy_distance"] < shift["energy_distance"]:
+        better.append("energy_distance")
+    verdict = (f"beats the mean-shift baseline on {', '.join(better)}" if better
+               else "does not beat the mean-shift baseline on any metric")
+    return "\n".join([
+        f"predicted {int(design.held_out_control.sum()):,} {design.cell_type!r} cells under "
+        f"{design.perturbed!r} from their {design.control!r} cells ({source}); "
+        f"compared with {int(design.held_out_perturbed.sum()):,} measured ones, top "
+        f"{args.n_top_genes} genes by |Welch t|",
+        markdown_table(metrics).rstrip(),
+        f"{name} {verdict}",
+        f"wrote {out}/: predicted.h5ad, metrics.csv, metrics.md, perturbation.png",
+    ])
 
 
 # --------------------------------------------------------------------------

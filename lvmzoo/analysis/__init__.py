@@ -1,5 +1,5 @@
 """Downstream analysis of fitted models: per-cell outputs, differential expression,
-query mapping and label scores.
+query mapping, label scores and perturbation prediction.
 
 All functions take a :class:`~lvmzoo.infer.results.FittedModel` and the
 :class:`~lvmzoo.data.registry.CellData` of the cells to describe, and return
@@ -18,9 +18,16 @@ from lvmzoo.analysis.expression import (
 )
 from lvmzoo.analysis.labels import expected_calibration_error, label_scores
 from lvmzoo.analysis.query import map_query
+from lvmzoo.analysis.perturbation import (
+    compare_perturbation,
+    evaluate_perturbation,
+    exclude_cells,
+    predict_perturbation,
+)
 
 __all__ = [
-    "batch_codes", "cell_scores", "differential_expression", "latent_representation",
+    "batch_codes", "cell_scores", "compare_perturbation", "differential_expression",
+    "evaluate_perturbation", "exclude_cells", "latent_representation", "predict_perturbation",
     "likelihood_parameters", "normalized_expression", "posterior_fdr_calls",
     "posterior_predictive_sample", "reconstruction_error",
     "expected_calibration_error", "label_scores", "map_query",

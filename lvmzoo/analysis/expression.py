@@ -63,9 +63,9 @@ def latent_representation(
     """
     model = checked_model(fitted, data)
     if n_samples is None:
-        return _map_cells(_latent_mean_program, fitted, data, seed, extra=(), per_cell=1)
+        return map_cells(_latent_mean_program, fitted, data, seed, extra=(), per_cell=1)
     _check_positive(n_samples, "n_samples")
-    z = _map_cells(_latent_draws_program, fitted, data, seed, extra=(n_samples,),
+    z = map_cells(_latent_draws_program, fitted, data, seed, extra=(n_samples,),
                    per_cell=n_samples * model.n_latent)
     return np.moveaxis(z, 0, 1)
 
@@ -110,7 +110,7 @@ def normalized_expression(
         raise ValueError(f"library_size must be a positive number or 'latent', "
                          f"got {library_size!r}")
     n_codes = 1 if codes is None else len(codes)
-    return _map_cells(
+    return map_cells(
         _expression_program, fitted, data, seed,
         extra=(None if codes is None else jnp.asarray(codes), n_samples, own_library),
         per_cell=n_samples * n_codes * data.n_genes,
@@ -135,7 +135,7 @@ def posterior_predictive_sample(
     if transform_batch is not None and not isinstance(transform_batch, str):
         raise ValueError("posterior_predictive_sample takes one transform_batch name")
     codes = batch_codes(fitted.registry, transform_batch)
-    x = _map_cells(_predictive_program, fitted, data, seed,
+    x = map_cells(_predictive_program, fitted, data, seed,
                    extra=(None if codes is None else jnp.asarray(codes[0]), n_samples),
                    per_cell=2 * n_samples * data.n_genes)
     return np.moveaxis(x, 0, 1)
@@ -153,7 +153,7 @@ def likelihood_parameters(
     """
     checked_model(fitted, data)
     _check_positive(n_samples, "n_samples")
-    out = _map_cells(_parameters_program, fitted, data, seed, extra=(n_samples,),
+    out = map_cells(_parameters_program, fitted, data, seed, extra=(n_samples,),
                      per_cell=4 * n_samples * data.n_genes)
     return {name: value for name, value in out.items() if value is not None}
 
@@ -170,7 +170,7 @@ def reconstruction_error(
     """
     checked_model(fitted, data)
     _check_positive(n_samples, "n_samples")
-    return _map_cells(_reconstruction_program, fitted, data, seed, extra=(n_samples,),
+    return map_cells(_reconstruction_program, fitted, data, seed, extra=(n_samples,),
                       per_cell=4 * n_samples * data.n_genes)
 
 
@@ -190,7 +190,7 @@ def cell_scores(fitted, data: CellData, *, n_samples: int = 100, seed: int = 0) 
     _check_positive(n_samples, "n_samples")
     columns = {}
     program = functools.partial(_scores_program, guide=model.guide)
-    scores = _map_cells(program, fitted, data, seed, extra=(n_samples,),
+    scores = map_cells(program, fitted, data, seed, extra=(n_samples,),
                         per_cell=4 * n_samples * data.n_genes)
     columns["log_likelihood"], columns["elbo"] = scores
     if has_count_decoder(model):
@@ -274,7 +274,7 @@ def chunk_size(per_cell: int) -> int:
     return int(max(1, min(_MAX_CHUNK_CELLS, _CHUNK_ELEMENTS // max(per_cell, 1))))
 
 
-def _map_cells(program, fitted, data: CellData, seed: int, extra: tuple, per_cell: int):
+def map_cells(program, fitted, data: CellData, seed: int, extra: tuple, per_cell: int):
     """Run ``program(model, params, batch, key, *extra)`` over chunks of cells and concatenate.
 
     Every chunk has the same size (the last is padded with copies of the last

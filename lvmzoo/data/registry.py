@@ -60,6 +60,11 @@ class DataRegistry:
       n_obs: number of cells at registration.
       unlabeled_category: the label value that means "unlabelled" (like a
         missing value); not one of ``label_categories``.
+      categorical_covariate_keys: categorical ``obs`` columns passed to models
+        as integer codes (e.g. a perturbation and a cell type), as scvi-tools'
+        ``categorical_covariate_keys``.
+      categorical_covariate_categories: for each of those keys, its category
+        names; index ``i`` is code ``i``.
     """
 
     kind: str
@@ -73,6 +78,8 @@ class DataRegistry:
     label_categories: tuple[str, ...]
     n_obs: int
     unlabeled_category: Optional[str] = None
+    categorical_covariate_keys: tuple[str, ...] = ()
+    categorical_covariate_categories: tuple[tuple[str, ...], ...] = ()
 
     @property
     def n_genes(self) -> int:
@@ -95,8 +102,32 @@ class DataRegistry:
             k: tuple(d[k])
             for k in ("covariate_keys", "gene_names", "batch_categories", "label_categories")
         }
+        # Registries saved before categorical covariates existed have neither field.
+        tuples["categorical_covariate_keys"] = tuple(d.get("categorical_covariate_keys", ()))
+        tuples["categorical_covariate_categories"] = tuple(
+            tuple(c) for c in d.get("categorical_covariate_categories", ()))
         # Registries saved before unlabeled_category existed treated every value as a label.
         return cls(**{"unlabeled_category": None, **d, **tuples})
+
+    def categorical_codes(self, key: str, values: Sequence[str]) -> np.ndarray:
+        """Codes ``(n,)`` int32 of ``values`` of categorical covariate ``key``.
+
+        Raises:
+          DataError: ``key`` is not a registered categorical covariate, or a
+            value is not one of its categories.
+        """
+        if key not in self.categorical_covariate_keys:
+            raise DataError(
+                f"{key!r} is not a categorical covariate of this registry; registered: "
+                f"{', '.join(self.categorical_covariate_keys) or 'none'}")
+        categories = self.categorical_covariate_categories[
+            self.categorical_covariate_keys.index(key)]
+        lookup = {c: i for i, c in enumerate(categories)}
+        unknown = sorted({str(v) for v in values} - set(lookup))
+        if unknown:
+            raise DataError(f"obs[{key!r}] has no category {', '.join(map(repr, unknown))}; "
+                            f"known: {', '.join(categories)}")
+        return np.array([lookup[str(v)] for v in values], np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +143,8 @@ class CellData:
       covariates: ``(n_cells, n_covariates)`` float32.
       obs_names: ``(n_cells,)`` cell names, to write results back.
       registry: the description the codes refer to.
+      categorical_covariates: ``(n_cells, n_categorical_covariates)`` int32
+        codes, one column per ``registry.categorical_covariate_keys``.
     """
 
     x: Any
@@ -120,6 +153,12 @@ class CellData:
     covariates: np.ndarray
     obs_names: np.ndarray
     registry: DataRegistry
+    categorical_covariates: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.categorical_covariates is None:  # none registered: zero columns
+            object.__setattr__(self, "categorical_covariates",
+                               np.zeros((len(self.batch), 0), np.int32))
 
     @property
     def n_cells(self) -> int:
@@ -152,6 +191,7 @@ class CellData:
             labels=self.labels[index],
             covariates=self.covariates[index],
             obs_names=self.obs_names[index],
+            categorical_covariates=self.categorical_covariates[index],
         )
 
     def dense_x(self) -> np.ndarray:
@@ -214,6 +254,7 @@ def setup_anndata(
     batch_key: Optional[str] = None,
     labels_key: Optional[str] = None,
     covariate_keys: Sequence[str] = (),
+    categorical_covariate_keys: Sequence[str] = (),
     kind: str = "counts",
     transform: str = "none",
     unlabeled_category: Optional[str] = UNLABELED_CATEGORY,
@@ -227,6 +268,9 @@ def setup_anndata(
       labels_key: categorical ``obs`` column of cell labels; missing values
         and ``unlabeled_category`` mean "unlabelled" (code ``-1``).
       covariate_keys: numeric ``obs`` columns.
+      categorical_covariate_keys: categorical ``obs`` columns (no missing
+        values) that models read as integer codes, e.g. a perturbation and a
+        cell type; ``Batch.categorical_covariates`` holds one column per key.
       kind: ``"counts"``, ``"continuous"`` or ``"binary"``: what the values are.
       transform: host transform applied after validation (e.g.
         ``"log1p_cp10k"`` for Gaussian models on counts).
@@ -251,6 +295,8 @@ def setup_anndata(
     if batch_key is None:
         batch_categories = ("all",)
     covariates = _covariates(adata, covariate_keys)
+    categorical, categorical_categories = _categorical_covariates(
+        adata, categorical_covariate_keys)
     _check_values(x, kind)
     registry = DataRegistry(
         kind=kind,
@@ -264,8 +310,10 @@ def setup_anndata(
         label_categories=label_categories,
         n_obs=adata.n_obs,
         unlabeled_category=unlabeled_category if labels_key is not None else None,
+        categorical_covariate_keys=tuple(categorical_covariate_keys),
+        categorical_covariate_categories=categorical_categories,
     )
-    return _cell_data(adata, x, batch, labels, covariates, registry)
+    return _cell_data(adata, x, batch, labels, covariates, registry, categorical)
 
 
 def query_anndata(
@@ -332,9 +380,11 @@ def query_anndata(
         unlabeled=registry.unlabeled_category,
     )
     covariates = _covariates(adata, registry.covariate_keys)
+    categorical, _ = _categorical_covariates(
+        adata, registry.categorical_covariate_keys, registry.categorical_covariate_categories)
     # New cells may well leave genes unobserved: no warning for those here.
     _check_values(x, registry.kind, warn_unobserved_genes=False)
-    return _cell_data(adata, x, batch, labels, covariates, registry)
+    return _cell_data(adata, x, batch, labels, covariates, registry, categorical)
 
 
 def _with_zero_genes(adata, genes, layer) -> ad.AnnData:
@@ -351,7 +401,7 @@ def _with_zero_genes(adata, genes, layer) -> ad.AnnData:
     return filled
 
 
-def _cell_data(adata, x, batch, labels, covariates, registry) -> CellData:
+def _cell_data(adata, x, batch, labels, covariates, registry, categorical) -> CellData:
     if isinstance(x, BackedMatrix):
         x = x.with_transform(registry.transform)  # applied block by block as cells are read
     else:
@@ -364,6 +414,7 @@ def _cell_data(adata, x, batch, labels, covariates, registry) -> CellData:
         covariates=covariates,
         obs_names=np.asarray(adata.obs_names),
         registry=registry,
+        categorical_covariates=categorical,
     )
 
 
@@ -484,7 +535,8 @@ def _codes(adata, key, argname, *, allow_missing, categories=None, unlabeled=Non
     missing = column.isna().to_numpy()
     if missing.any() and not allow_missing:
         raise DataError(
-            f"obs[{key!r}] has {int(missing.sum())} missing values; give every cell a {argname[:-4]}"
+            f"obs[{key!r}] has {int(missing.sum())} missing values; give every cell a "
+            f"{argname[:-4] if argname.endswith('_key') else 'value'}"
         )
     values = column.astype(str).to_numpy()
     if unlabeled is not None:
@@ -505,6 +557,26 @@ def _codes(adata, key, argname, *, allow_missing, categories=None, unlabeled=Non
     codes = np.array([lookup.get(v, -1) for v in values], np.int32)
     codes[missing] = -1
     return codes, tuple(categories)
+
+
+def _categorical_covariates(adata, keys, categories=None):
+    """``(n_obs, len(keys))`` int32 codes and the categories of each key.
+
+    With ``categories`` (a saved registry's), values are encoded against them
+    and unknown ones are errors; otherwise each key's categories are read
+    from the column, as for batches.
+    """
+    if len(set(keys)) != len(keys):
+        raise DataError(f"categorical_covariate_keys repeats a column: {list(keys)}")
+    columns, found = [], []
+    for i, key in enumerate(keys):
+        codes, cats = _codes(adata, key, "categorical covariate", allow_missing=False,
+                             categories=None if categories is None else categories[i])
+        columns.append(codes)
+        found.append(cats)
+    if not columns:
+        return np.zeros((adata.n_obs, 0), np.int32), ()
+    return np.stack(columns, axis=1), tuple(found)
 
 
 def _covariates(adata, keys):

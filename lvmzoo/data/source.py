@@ -48,6 +48,8 @@ class Batch:
       batch: ``(B,)`` int32 batch codes.
       labels: ``(B,)`` int32 label codes, ``-1`` when unlabelled.
       covariates: ``(B, n_covariates)`` float32.
+      categorical_covariates: ``(B, n_categorical_covariates)`` int32 codes,
+        one column per key of ``categorical_covariate_keys``.
       epoch: ``()`` float32, the driver's current epoch (0-based), for
         schedules such as KL warm-up; 0 outside training.
       n_epochs: ``()`` float32, the fit's number of epochs (its maximum with
@@ -56,6 +58,10 @@ class Batch:
       n_cells: total number of cells the minibatch is drawn from (static);
         the plate rescales log-densities by ``n_cells / B``.
       n_batches / n_labels: numbers of categories (static).
+      covariate_keys: ``obs`` names of the columns of ``covariates`` (static).
+      categorical_covariate_keys: ``obs`` names of the columns of
+        ``categorical_covariates`` (static).
+      categorical_covariate_sizes: number of categories of each (static).
       training: ``True`` while fitting (dropout on); ``False`` for evaluation.
     """
 
@@ -70,10 +76,53 @@ class Batch:
     n_batches: int = struct.field(pytree_node=False, default=1)
     n_labels: int = struct.field(pytree_node=False, default=0)
     training: bool = struct.field(pytree_node=False, default=True)
+    categorical_covariates: Any = None
+    covariate_keys: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    categorical_covariate_keys: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    categorical_covariate_sizes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     @property
     def size(self) -> int:
         return self.x.shape[0]
+
+    def categorical(self, key: str) -> tuple[jax.Array, int]:
+        """``(codes (B,) int32, number of categories)`` of categorical covariate ``key``.
+
+        Raises:
+          KeyError: ``key`` was not registered (``setup_anndata(...,
+            categorical_covariate_keys=[key])``).
+        """
+        if key not in self.categorical_covariate_keys:
+            raise KeyError(
+                f"obs column {key!r} is not a registered categorical covariate (registered: "
+                f"{', '.join(self.categorical_covariate_keys) or 'none'}); pass it in "
+                "setup_anndata(..., categorical_covariate_keys=[...])")
+        i = self.categorical_covariate_keys.index(key)
+        return self.categorical_covariates[:, i], self.categorical_covariate_sizes[i]
+
+    def covariate(self, key: str) -> jax.Array:
+        """``(B,)`` float32 values of continuous covariate ``key``.
+
+        Raises:
+          KeyError: ``key`` was not registered (``setup_anndata(...,
+            covariate_keys=[key])``).
+        """
+        if key not in self.covariate_keys:
+            raise KeyError(
+                f"obs column {key!r} is not a registered covariate (registered: "
+                f"{', '.join(self.covariate_keys) or 'none'}); pass it in "
+                "setup_anndata(..., covariate_keys=[...])")
+        return self.covariates[:, self.covariate_keys.index(key)]
+
+
+def batch_static_fields(registry) -> dict[str, Any]:
+    """The static covariate fields of every :class:`Batch` of a registry's cells."""
+    return dict(
+        covariate_keys=tuple(registry.covariate_keys),
+        categorical_covariate_keys=tuple(registry.categorical_covariate_keys),
+        categorical_covariate_sizes=tuple(
+            len(c) for c in registry.categorical_covariate_categories),
+    )
 
 
 class DeviceSource:
@@ -102,7 +151,9 @@ class DeviceSource:
         self.n_genes = data.n_genes
         self.n_batches = data.registry.n_batches
         self.n_labels = data.registry.n_labels
-        common = dict(batch=data.batch, labels=data.labels, covariates=data.covariates)
+        self.static = batch_static_fields(data.registry)
+        common = dict(batch=data.batch, labels=data.labels, covariates=data.covariates,
+                      categorical_covariates=np.asarray(data.categorical_covariates, np.int32))
         if data.is_sparse:
             csr = data.x
             self.max_row_nnz = max(int(np.diff(csr.indptr).max()), 1)
@@ -129,9 +180,11 @@ class DeviceSource:
             batch=arrays["batch"][index],
             labels=arrays["labels"][index],
             covariates=arrays["covariates"][index],
+            categorical_covariates=arrays["categorical_covariates"][index],
             n_cells=self.n_cells,
             n_batches=self.n_batches,
             n_labels=self.n_labels,
+            **self.static,
         )
 
     def head(self, n: int) -> Batch:

@@ -47,7 +47,7 @@ import scipy.sparse as sp
 from lvmzoo.data.backed import BackedMatrix
 from lvmzoo.data.placement import Placement
 from lvmzoo.data.registry import CellData, DataError
-from lvmzoo.data.source import Batch, DeviceSource, scatter_rows
+from lvmzoo.data.source import Batch, DeviceSource, batch_static_fields, scatter_rows
 
 # Bytes of step inputs per chunk fed from the host (the rows of ~16 steps of
 # 128 cells × 2,000 genes); big enough that per-call overhead vanishes,
@@ -126,8 +126,10 @@ class StreamingSource:
         self.n_batches = data.registry.n_batches
         self.n_labels = data.registry.n_labels
         self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        self.static = batch_static_fields(data.registry)
         self.arrays: dict[str, Any] = self.placement.replicate(dict(
-            batch=data.batch, labels=data.labels, covariates=data.covariates))
+            batch=data.batch, labels=data.labels, covariates=data.covariates,
+            categorical_covariates=np.asarray(data.categorical_covariates, np.int32)))
         # Padded entries cost 8 bytes (value + column) against 4 per dense
         # entry: send whichever is smaller.
         width = int(self.matrix.row_nnz().max(initial=1))
@@ -148,9 +150,11 @@ class StreamingSource:
             batch=arrays["batch"][index],
             labels=arrays["labels"][index],
             covariates=arrays["covariates"][index],
+            categorical_covariates=arrays["categorical_covariates"][index],
             n_cells=self.n_cells,
             n_batches=self.n_batches,
             n_labels=self.n_labels,
+            **self.static,
         )
 
     # -- on the host -------------------------------------------------------
@@ -180,7 +184,9 @@ class StreamingSource:
             batch=jnp.asarray(self.data.batch[cells]),
             labels=jnp.asarray(self.data.labels[cells]),
             covariates=jnp.asarray(self.data.covariates[cells]),
+            categorical_covariates=jnp.asarray(self.data.categorical_covariates[cells], jnp.int32),
             n_cells=self.n_cells, n_batches=self.n_batches, n_labels=self.n_labels,
+            **self.static,
         )
 
     def steps_per_chunk(self, steps_per_epoch: int, batch_size: int) -> int:
@@ -401,8 +407,9 @@ class EvaluationBatches:
             index=jnp.arange(start, stop, dtype=jnp.int32),
             batch=jnp.asarray(d.batch[start:stop]), labels=jnp.asarray(d.labels[start:stop]),
             covariates=jnp.asarray(d.covariates[start:stop]),
+            categorical_covariates=jnp.asarray(d.categorical_covariates[start:stop], jnp.int32),
             n_cells=stop - start, n_batches=d.registry.n_batches, n_labels=d.registry.n_labels,
-            training=False,
+            training=False, **batch_static_fields(d.registry),
         )
 
 

@@ -4,6 +4,7 @@
 """
 
 from lvmzoo.models.base import LatentModel, cell_plate
+from lvmzoo.models.cpa import CPA
 from lvmzoo.models.factor_analysis import FactorAnalysis
 from lvmzoo.models.gmm import GaussianMixture
 from lvmzoo.models.linear_scvi import LinearSCVI
@@ -14,7 +15,7 @@ from lvmzoo.models.vae import VAE
 
 MODELS: dict[str, type[LatentModel]] = {
     cls.name: cls
-    for cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI, LinearSCVI, SCANVI)
+    for cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI, LinearSCVI, SCANVI, CPA)
 }
 
 
@@ -25,5 +26,5 @@ def get_model(name: str) -> type[LatentModel]:
     return MODELS[name]
 
 
-__all__ = ["MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "LinearSCVI", "PPCA",
-           "SCANVI", "SCVI", "VAE", "cell_plate", "get_model"]
+__all__ = ["CPA", "MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "LinearSCVI",
+           "PPCA", "SCANVI", "SCVI", "VAE", "cell_plate", "get_model"]

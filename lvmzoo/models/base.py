@@ -8,8 +8,10 @@ data) with
 * ``guide(batch)`` – its default variational family (same site names);
 * ``latent(params, batch, key)`` – the per-cell representation it reports;
 * optionally ``log_likelihood(params, batch)`` – the exact per-cell marginal
-  ``log p(x)`` where the model has one in closed form, and
-  ``init_params(batch, key)`` – data-dependent initial values.
+  ``log p(x)`` where the model has one in closed form,
+  ``init_params(batch, key)`` – data-dependent initial values, and
+  ``registration()`` – ``obs`` columns beyond batch and labels that the model
+  reads (e.g. a perturbation as a categorical covariate).
 
 The SVI driver (:func:`lvmzoo.fit`) needs nothing else, so adding a model never
 touches it.  ``params`` are always the *constrained* values keyed by site name.
@@ -121,6 +123,12 @@ class LatentModel(abc.ABC):
     def log_likelihood(self, params: Params, batch: Batch) -> Optional[jax.Array]:
         """Exact per-cell ``log p(x)``, ``(B,)``; ``None`` when there is no closed form."""
         return None
+
+    def registration(self) -> dict[str, tuple[str, ...]]:
+        """Keyword arguments of :func:`~lvmzoo.data.setup_anndata` naming the ``obs``
+        columns this model reads besides batch and labels (``categorical_covariate_keys``,
+        ``covariate_keys``); the CLI registers them.  The default reads none."""
+        return {}
 
     def annotate(self, adata, params: Params, latent, data) -> list[str]:
         """Write model-specific outputs into ``adata`` (already a copy); return their keys.

@@ -478,6 +478,19 @@ class SCVI(LatentModel):
 
         return _with_params(decode, params)()
 
+    def decode(self, params, batch: Batch, z: jax.Array) -> dist.Distribution:
+        """``p(x | z, l)`` for latents ``z`` ``(..., B, K)`` of the cells of ``batch``.
+
+        Decoded in each cell's own batch at its own library size: its observed
+        total count, or the posterior mean of ``log l`` when the library is
+        latent.  Batch shape ``(..., B, G)``.
+        """
+        if self.latent_library:
+            log_library = self.posterior(params, batch).library_loc
+        else:
+            log_library = jnp.log(batch.x.sum(-1))
+        return self.observation(self.generative(params, batch, z, log_library))
+
     def expression(
         self,
         params,

@@ -127,14 +127,17 @@ class VAE(LatentModel):
         return (self.n_hidden,) * self.n_layers
 
     def model(self, batch: Batch) -> None:
-        n_genes = batch.x.shape[-1]
-        decoder = flax_module(
-            "decoder", MLP(hidden=self._hidden, n_out=n_genes), jnp.zeros((1, self.n_latent))
-        )
-        observation = LIKELIHOODS[self.likelihood].declare(n_genes)
+        decoder, observation = self._decoder(batch.x.shape[-1])
         with cell_plate(batch):
             z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([self.n_latent]).to_event(1))
             numpyro.sample("x", observation(decoder(z)).to_event(1), obs=batch.x)
+
+    def _decoder(self, n_genes: int):
+        """The decoder network and the observation model it feeds (globals: outside the plate)."""
+        decoder = flax_module(
+            "decoder", MLP(hidden=self._hidden, n_out=n_genes), jnp.zeros((1, self.n_latent))
+        )
+        return decoder, LIKELIHOODS[self.likelihood].declare(n_genes)
 
     def guide(self, batch: Batch) -> None:
         loc, scale = self._encode(batch)
@@ -158,3 +161,12 @@ class VAE(LatentModel):
         """Encoder mean ``E_q[z | x]``, ``(B, n_latent)`` (deterministic unless ``batch.training``)."""
         loc, _ = handlers.seed(handlers.substitute(self._encode, data=params), key)(batch)
         return loc
+
+    def decode(self, params, batch: Batch, z: jax.Array) -> dist.Distribution:
+        """``p(x | z)`` for latents ``z`` ``(..., B, K)``: batch shape ``(..., B, G)``."""
+
+        def program():
+            decoder, observation = self._decoder(batch.x.shape[-1])
+            return observation(decoder(z))
+
+        return handlers.substitute(program, data=params)()
