@@ -54,8 +54,8 @@ MODELS = {
     "ppca": (lambda: PPCA(n_latent=N_LATENT), dict(epochs=5)),
     "fa": (lambda: FactorAnalysis(n_latent=N_LATENT), dict(epochs=5)),
     "gmm": (lambda: GaussianMixture(n_components=10), dict(epochs=10)),
-    "vae": (lambda: VAE(n_latent=N_LATENT, n_hidden=32), dict(epochs=2)),
-    "scvi": (lambda: SCVI(n_latent=N_LATENT, n_hidden=32), dict(epochs=2)),
+    "vae": (lambda: VAE(n_latent=N_LATENT, n_hidden=32), dict(epochs=2, batch_size=512)),
+    "scvi": (lambda: SCVI(n_latent=N_LATENT, n_hidden=32), dict(epochs=2, batch_size=512)),
 }
 
 
@@ -98,9 +98,10 @@ def test_fit_then_evaluate_held_out_cells(name, view):
     unobserved = int((np.asarray(adata[train].X.sum(axis=0)).ravel() == 0).sum())
     assert sum(issubclass(w.category, DataWarning) for w in seen) == (1 if unobserved else 0)
 
-    fitted = lvmzoo.fit(model, data, batch_size=256, seed=SEED, progress=False, **options)
+    fitted = lvmzoo.fit(model, data, seed=SEED, progress=False, **{"batch_size": 256, **options})
     held_data = lvmzoo.query_anndata(adata[held].copy(), fitted.registry)
-    score = fitted.evaluate(held_data, n_samples=20)["avg_log_likelihood"]
+    # Deep models: a 5-sample importance-sampled bound (finite is what is tested here).
+    score = fitted.evaluate(held_data, n_samples=5)["avg_log_likelihood"]
     assert np.isfinite(score), (name, view)
     assert np.all(np.isfinite(fitted.latent(held_data)))
 
