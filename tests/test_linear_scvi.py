@@ -83,6 +83,7 @@ def test_loadings_recover_planted_programs(fitted):
     learned = loadings.to_numpy()[observed]
     correlation = np.abs(np.corrcoef(learned.T, truth.T)[:3, 3:])  # learned × planted
     best_match = correlation.max(0)
+    print(f"LinearSCVI best-match |correlation| {best_match.mean():.3f}")
     assert best_match.mean() > 0.8, correlation.round(2)
 
 

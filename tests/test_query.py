@@ -66,6 +66,7 @@ def test_mapped_query_lands_next_to_the_same_labels(split, mapped, reference_fit
     truth = query.obs["cell_type"].astype(str).to_numpy()
     knn = KNeighborsClassifier(15).fit(z_reference, reference.obs["cell_type"].astype(str))
     transfer = np.mean(knn.predict(z_query) == truth)
+    print(f"query kNN label transfer {transfer:.3f}")
     assert transfer > 0.85, transfer
     labels, probabilities = result.predict(data, soft=True)
     assert np.mean(labels.to_numpy().astype(str) == truth) > 0.85
