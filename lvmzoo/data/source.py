@@ -115,6 +115,19 @@ class Batch:
         return self.covariates[:, self.covariate_keys.index(key)]
 
 
+# The per-cell fields of a Batch besides ``x``, held per cell by every source.
+PER_CELL_FIELDS = ("batch", "labels", "covariates", "categorical_covariates")
+
+
+def assemble_batch(x, index, cells, registry, n_cells: int, training: bool = True) -> Batch:
+    """A :class:`Batch` of rows ``x`` (cells ``index``) whose per-cell fields ``cells[name]``
+    (:data:`PER_CELL_FIELDS`) are already selected; the one constructor every source uses."""
+    fields = {name: jnp.asarray(cells[name]) for name in PER_CELL_FIELDS}
+    fields["categorical_covariates"] = fields["categorical_covariates"].astype(jnp.int32)
+    return Batch(x=x, index=index, **fields, n_cells=n_cells, n_batches=registry.n_batches,
+                 n_labels=registry.n_labels, training=training, **batch_static_fields(registry))
+
+
 def batch_static_fields(registry) -> dict[str, Any]:
     """The static covariate fields of every :class:`Batch` of a registry's cells."""
     return dict(
@@ -151,7 +164,6 @@ class DeviceSource:
         self.n_genes = data.n_genes
         self.n_batches = data.registry.n_batches
         self.n_labels = data.registry.n_labels
-        self.static = batch_static_fields(data.registry)
         common = dict(batch=data.batch, labels=data.labels, covariates=data.covariates,
                       categorical_covariates=np.asarray(data.categorical_covariates, np.int32))
         if data.is_sparse:
@@ -174,18 +186,9 @@ class DeviceSource:
             x = arrays["x"][index]
         else:
             x = _densify_rows(arrays, index, self.max_row_nnz, self.n_genes)
-        return Batch(
-            x=self.placement.constrain_cells(x),
-            index=index,
-            batch=arrays["batch"][index],
-            labels=arrays["labels"][index],
-            covariates=arrays["covariates"][index],
-            categorical_covariates=arrays["categorical_covariates"][index],
-            n_cells=self.n_cells,
-            n_batches=self.n_batches,
-            n_labels=self.n_labels,
-            **self.static,
-        )
+        return assemble_batch(self.placement.constrain_cells(x), index,
+                              {name: arrays[name][index] for name in PER_CELL_FIELDS},
+                              self.data.registry, self.n_cells)
 
     def head(self, n: int) -> Batch:
         """The first ``n`` cells as a training Batch on the default device (for ``svi.init``)."""

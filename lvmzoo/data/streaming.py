@@ -47,7 +47,8 @@ import scipy.sparse as sp
 from lvmzoo.data.backed import BackedMatrix
 from lvmzoo.data.placement import Placement
 from lvmzoo.data.registry import CellData, DataError
-from lvmzoo.data.source import Batch, DeviceSource, batch_static_fields, scatter_rows
+from lvmzoo.data.source import (PER_CELL_FIELDS, Batch, DeviceSource, assemble_batch,
+                                 scatter_rows)
 
 # Bytes of step inputs per chunk fed from the host (the rows of ~16 steps of
 # 128 cells × 2,000 genes); big enough that per-call overhead vanishes,
@@ -126,7 +127,6 @@ class StreamingSource:
         self.n_batches = data.registry.n_batches
         self.n_labels = data.registry.n_labels
         self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-        self.static = batch_static_fields(data.registry)
         self.arrays: dict[str, Any] = self.placement.replicate(dict(
             batch=data.batch, labels=data.labels, covariates=data.covariates,
             categorical_covariates=np.asarray(data.categorical_covariates, np.int32)))
@@ -144,18 +144,9 @@ class StreamingSource:
             x = step["x"]
         else:
             x = scatter_rows(step["values"], step["columns"], self.n_genes)
-        return Batch(
-            x=self.placement.constrain_cells(x),
-            index=index,
-            batch=arrays["batch"][index],
-            labels=arrays["labels"][index],
-            covariates=arrays["covariates"][index],
-            categorical_covariates=arrays["categorical_covariates"][index],
-            n_cells=self.n_cells,
-            n_batches=self.n_batches,
-            n_labels=self.n_labels,
-            **self.static,
-        )
+        return assemble_batch(self.placement.constrain_cells(x), index,
+                              {name: arrays[name][index] for name in PER_CELL_FIELDS},
+                              self.data.registry, self.n_cells)
 
     # -- on the host -------------------------------------------------------
 
@@ -178,16 +169,9 @@ class StreamingSource:
         return self._batch(np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]), rows)
 
     def _batch(self, cells: np.ndarray, rows) -> Batch:
-        return Batch(
-            x=jnp.asarray(rows.toarray()),
-            index=jnp.asarray(cells, jnp.int32),
-            batch=jnp.asarray(self.data.batch[cells]),
-            labels=jnp.asarray(self.data.labels[cells]),
-            covariates=jnp.asarray(self.data.covariates[cells]),
-            categorical_covariates=jnp.asarray(self.data.categorical_covariates[cells], jnp.int32),
-            n_cells=self.n_cells, n_batches=self.n_batches, n_labels=self.n_labels,
-            **self.static,
-        )
+        return assemble_batch(jnp.asarray(rows.toarray()), jnp.asarray(cells, jnp.int32),
+                              {name: getattr(self.data, name)[cells] for name in PER_CELL_FIELDS},
+                              self.data.registry, self.n_cells)
 
     def steps_per_chunk(self, steps_per_epoch: int, batch_size: int) -> int:
         """Steps per chunk: at most ``chunk_bytes`` of inputs, dividing the epoch if it can.
@@ -402,15 +386,10 @@ class EvaluationBatches:
     def _read(self, start: int) -> Batch:
         stop = min(start + self.chunk, self.data.n_cells)
         d = self.data
-        return Batch(
-            x=jnp.asarray(d.x.read(start, stop).toarray()),
-            index=jnp.arange(start, stop, dtype=jnp.int32),
-            batch=jnp.asarray(d.batch[start:stop]), labels=jnp.asarray(d.labels[start:stop]),
-            covariates=jnp.asarray(d.covariates[start:stop]),
-            categorical_covariates=jnp.asarray(d.categorical_covariates[start:stop], jnp.int32),
-            n_cells=stop - start, n_batches=d.registry.n_batches, n_labels=d.registry.n_labels,
-            training=False, **batch_static_fields(d.registry),
-        )
+        return assemble_batch(jnp.asarray(d.x.read(start, stop).toarray()),
+                              jnp.arange(start, stop, dtype=jnp.int32),
+                              {name: getattr(d, name)[start:stop] for name in PER_CELL_FIELDS},
+                              d.registry, stop - start, training=False)
 
 
 def make_source(data: CellData, placement: Placement, shuffle) -> Any:
