@@ -63,7 +63,7 @@ def test_early_stopping_is_on_with_a_validation_split_and_keeps_the_best_epoch(c
 
 def _fit_in_subprocess(cache_dir: Path, out: Path) -> dict:
     """Fit PPCA in a fresh process; return its compile seconds and JAX's cache events."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json, collections
         import jax
         events = collections.Counter()
@@ -77,10 +77,10 @@ def _fit_in_subprocess(cache_dir: Path, out: Path) -> dict:
         fitted = lvmzoo.fit(PPCA(n_latent=2), data, epochs=2, batch_size=50,
                             validation_fraction=0.1, progress=False)
         fitted.evaluate(data)
-        print(json.dumps({{"compile_seconds": fitted.history["compile_seconds"],
+        print(json.dumps({"compile_seconds": fitted.history["compile_seconds"],
                           "hits": events["/jax/compilation_cache/cache_hits"],
                           "misses": events["/jax/compilation_cache/cache_misses"],
-                          "cache": str(lvmzoo.cache.compilation_cache_dir())}}))
+                          "cache": str(lvmzoo.cache.compilation_cache_dir())}))
     """)
     env = {**os.environ, "LVMZOO_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,

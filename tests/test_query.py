@@ -19,7 +19,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import lvmzoo
 from lvmzoo import io
-from lvmzoo.analysis.query import batch_surgery, map_query, train_only
+from lvmzoo.analysis.query import batch_surgery, map_query
 from lvmzoo.cli import main
 from lvmzoo.data import DataWarning
 

@@ -41,7 +41,6 @@ from typing import Any, Optional, Union
 
 import arviz as az
 import jax
-import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 from numpyro import handlers

@@ -39,7 +39,16 @@ so each term is written to be both stable in float32 and cheap:
   nor large ``theta`` with small counts cancel catastrophically.  This is as
   accurate as ``-betaln(theta, x) - log x`` and about 8× cheaper with its
   gradient (``betaln`` evaluates several series on every element);
-* the zero-inflation mixture goes through ``logaddexp``.
+* the zero-inflation mixture goes through ``logaddexp``;
+* gradients are analytic (a ``jax.custom_jvp`` on the elementwise log-pmf):
+  the partial derivatives reuse the forward pass's exponentials and
+  logarithms, and the derivative of the log binomial coefficient,
+  ``psi(x + theta) - psi(theta)``, comes from the same Stirling split
+  (:func:`digamma_remainder`).  Automatic differentiation of the expressions
+  above cost more (measured on 2 CPU cores, value and gradient on a
+  128 × 2,000 minibatch: ZINB 8.4 → 3.9 ms, NB 4.8 → 3.7 ms; a scVI epoch of
+  10,000 × 2,000 counts: ZINB 1.06 → 0.75 s, NB 0.65 → 0.56 s); forward mode
+  (Hessians) still works, through the derivative rule.
 """
 
 from __future__ import annotations
@@ -82,6 +91,49 @@ def stirling_remainder(z: jax.Array) -> jax.Array:
     return jnp.where(small, from_shift, series)
 
 
+def digamma_remainder(z: jax.Array) -> jax.Array:
+    """``psi(z) - [log z - 1/(2 z)]`` for ``z > 0``: the derivative of :func:`stirling_remainder`.
+
+    For ``z >= 6`` the asymptotic series ``-1/(12 z^2) + 1/(120 z^4) - 1/(252 z^6)
+    + 1/(240 z^8)`` (error below ``1e-10``); smaller ``z`` is shifted up by the
+    recurrence ``psi(z) = psi(z + 6) - sum_{k<6} 1/(z + k)``.
+    """
+    small = z < _SHIFT
+    shifted = jnp.where(small, z + _SHIFT, z)
+    inv = 1.0 / shifted
+    inv2 = inv * inv
+    series = -inv2 * (1 / 12 - inv2 * (1 / 120 - inv2 * (1 / 252 - inv2 / 240)))
+    z_small = jnp.where(small, z, 1.0)  # keeps the unused branch finite
+    harmonic = (1 / z_small + 1 / (z_small + 1) + 1 / (z_small + 2) + 1 / (z_small + 3)
+                + 1 / (z_small + 4) + 1 / (z_small + 5))
+    from_shift = series + jnp.log1p(_SHIFT / z_small) - 0.5 / shifted + 0.5 / z_small - harmonic
+    return jnp.where(small, from_shift, series)
+
+
+def _log_binomial_coefficient_terms(x, theta):
+    """:func:`log_binomial_coefficient` and its derivative ``psi(x + theta) - psi(theta)``.
+
+    The derivative comes from the same Stirling split: the main terms give
+    ``log1p(x / theta) + x / (2 theta (theta + x))``, the remainders
+    :func:`digamma_remainder` ``(x + theta) - (theta)``; both are ``0`` at ``x = 0``.
+    """
+    positive = x > 0
+    x_pos = jnp.maximum(x, 1.0)  # keeps the unused branch (and its derivative) finite
+    log1p_ratio = jnp.log1p(x_pos / theta)
+    main = (
+        (x_pos + 0.5) * jnp.log1p((theta - 1.0) / (x_pos + 1.0))
+        + (theta - 1.0) * log1p_ratio
+        - 0.5 * jnp.log(theta)
+        + (1.0 - _HALF_LOG_2PI)
+    )
+    remainders = (
+        stirling_remainder(x_pos + theta) - stirling_remainder(theta) - stirling_remainder(x_pos + 1.0)
+    )
+    derivative = (log1p_ratio + 0.5 * x_pos / (theta * (theta + x_pos))
+                  + digamma_remainder(x_pos + theta) - digamma_remainder(theta))
+    return jnp.where(positive, main + remainders, 0.0), jnp.where(positive, derivative, 0.0)
+
+
 def log_binomial_coefficient(x: jax.Array, theta: jax.Array) -> jax.Array:
     """``log Gamma(x + theta) - log Gamma(theta) - log Gamma(x + 1)``, elementwise.
 
@@ -95,28 +147,86 @@ def log_binomial_coefficient(x: jax.Array, theta: jax.Array) -> jax.Array:
     whose pieces are each of the size of the result, then
     ``+ R(x + theta) - R(theta) - R(x + 1)``.
     """
-    x_pos = jnp.maximum(x, 1.0)  # keeps the unused branch (and its gradient) finite
-    main = (
-        (x_pos + 0.5) * jnp.log1p((theta - 1.0) / (x_pos + 1.0))
-        + (theta - 1.0) * jnp.log1p(x_pos / theta)
-        - 0.5 * jnp.log(theta)
-        + (1.0 - _HALF_LOG_2PI)
-    )
-    remainders = (
-        stirling_remainder(x_pos + theta) - stirling_remainder(theta) - stirling_remainder(x_pos + 1.0)
-    )
-    return jnp.where(x > 0, main + remainders, 0.0)
+    return _log_binomial_coefficient_terms(x, theta)[0]
 
 
+def _negative_binomial_terms(x, log_mean, theta):
+    """The NB log-pmf and its partial derivatives in ``log mu`` and ``theta``, elementwise.
+
+    With ``d = log mu - log theta``, ``s = sigmoid(d) = mu / (theta + mu)``::
+
+        d/d log mu = x (1 - s) - theta s
+        d/d theta  = psi(x + theta) - psi(theta) - softplus(d) + s - x (1 - s) / theta
+    """
+    lbc, lbc_theta = _log_binomial_coefficient_terms(x, theta)
+    d = log_mean - jnp.log(theta)
+    e = jnp.exp(-jnp.abs(d))
+    shared = jnp.log1p(e)  # softplus(d) = max(d, 0) + shared, softplus(-d) = max(-d, 0) + shared
+    softplus_d = jnp.maximum(d, 0.0) + shared
+    inv = 1.0 / (1.0 + e)
+    mean_share = jnp.where(d >= 0, inv, e * inv)  # mu / (theta + mu), without cancellation
+    theta_share = jnp.where(d >= 0, e * inv, inv)  # theta / (theta + mu)
+    value = lbc - x * (jnp.maximum(-d, 0.0) + shared) - theta * softplus_d
+    d_log_mean = x * theta_share - theta * mean_share
+    d_theta = lbc_theta - softplus_d + mean_share - x * theta_share / theta
+    return value, d_log_mean, d_theta
+
+
+@jax.custom_jvp
 def negative_binomial_log_prob(x, log_mean, inverse_dispersion) -> jax.Array:
-    """Elementwise NB log-pmf of counts ``x`` given ``log mu`` and ``theta`` (see the module docstring)."""
-    d = log_mean - jnp.log(inverse_dispersion)
-    shared = jnp.log1p(jnp.exp(-jnp.abs(d)))  # softplus(d) = max(d, 0) + shared
-    return (
-        log_binomial_coefficient(x, inverse_dispersion)
-        - x * (jnp.maximum(-d, 0.0) + shared)  # x log(mu / (theta + mu))
-        - inverse_dispersion * (jnp.maximum(d, 0.0) + shared)  # theta log(theta / (theta + mu))
-    )
+    """Elementwise NB log-pmf of counts ``x`` given ``log mu`` and ``theta`` (see the module docstring).
+
+    Differentiable in ``log_mean`` and ``inverse_dispersion`` by its analytic
+    derivatives (a custom JVP); the counts are data (no derivative in ``x``).
+    """
+    return _negative_binomial_terms(x, log_mean, inverse_dispersion)[0]
+
+
+@negative_binomial_log_prob.defjvp
+def _negative_binomial_jvp(primals, tangents):
+    x, log_mean, theta = primals
+    _, log_mean_dot, theta_dot = tangents
+    value, d_log_mean, d_theta = _negative_binomial_terms(x, log_mean, theta)
+    return value, d_log_mean * log_mean_dot + d_theta * theta_dot
+
+
+def _zero_inflated_terms(x, log_mean, theta, dropout_logits):
+    """The ZINB log-pmf and its partial derivatives in ``log mu``, ``theta`` and the logits.
+
+    With ``l`` the logit of ``pi``: ``log(1 - pi) = -softplus(l)``, and at
+    ``x = 0`` the mixture ``log(pi + (1 - pi) NB(0)) = -softplus(l) +
+    logaddexp(l, log NB(0))``.  ``w = sigmoid(l - log NB(0))`` is the posterior
+    probability of a structural zero (``0`` for ``x > 0``): the NB terms'
+    derivatives are weighted by ``1 - w`` and ``d/dl = w - sigmoid(l)``.
+    """
+    nb, d_log_mean, d_theta = _negative_binomial_terms(x, log_mean, theta)
+    zero = x == 0
+    e = jnp.exp(-jnp.abs(dropout_logits))
+    inv = 1.0 / (1.0 + e)
+    softplus_l = jnp.maximum(dropout_logits, 0.0) + jnp.log1p(e)
+    dropout = jnp.where(dropout_logits >= 0, inv, e * inv)  # pi = sigmoid(l)
+    gap = dropout_logits - nb
+    t = jnp.exp(-jnp.abs(gap))
+    inv_t = 1.0 / (1.0 + t)
+    mixture = jnp.maximum(dropout_logits, nb) + jnp.log1p(t)  # logaddexp(l, log NB(0))
+    structural = jnp.where(zero, jnp.where(gap >= 0, inv_t, t * inv_t), 0.0)
+    value = jnp.where(zero, mixture, nb) - softplus_l
+    kept = 1.0 - structural
+    return value, kept * d_log_mean, kept * d_theta, structural - dropout
+
+
+@jax.custom_jvp
+def zero_inflated_negative_binomial_log_prob(x, log_mean, inverse_dispersion, dropout_logits):
+    """Elementwise ZINB log-pmf (see :class:`ZeroInflatedNegativeBinomial`), analytic derivatives."""
+    return _zero_inflated_terms(x, log_mean, inverse_dispersion, dropout_logits)[0]
+
+
+@zero_inflated_negative_binomial_log_prob.defjvp
+def _zero_inflated_jvp(primals, tangents):
+    x, log_mean, theta, dropout_logits = primals
+    _, log_mean_dot, theta_dot, logits_dot = tangents
+    value, d_log_mean, d_theta, d_logits = _zero_inflated_terms(x, log_mean, theta, dropout_logits)
+    return value, d_log_mean * log_mean_dot + d_theta * theta_dot + d_logits * logits_dot
 
 
 class NegativeBinomial(dist.Distribution):
@@ -211,13 +321,8 @@ class ZeroInflatedNegativeBinomial(dist.Distribution):
         return jnp.where(zero, 0.0, counts)
 
     def log_prob(self, value):
-        # log pi and log(1 - pi) from the logits, without forming pi itself.
-        log_dropout = -jax.nn.softplus(-self.dropout_logits)
-        log_kept = -jax.nn.softplus(self.dropout_logits)
-        log_nb = self.base.log_prob(value)
-        return jnp.where(
-            value == 0, jnp.logaddexp(log_dropout, log_kept + log_nb), log_kept + log_nb
-        )
+        return zero_inflated_negative_binomial_log_prob(
+            value, self.log_mean, self.inverse_dispersion, self.dropout_logits)
 
 
 class CountLikelihood(NamedTuple):

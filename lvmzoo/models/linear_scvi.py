@@ -44,7 +44,7 @@ import pandas as pd
 
 from lvmzoo.models.likelihoods import COUNT_LIKELIHOODS
 from lvmzoo.models.scvi import MIN_DISPERSION, SCVI, DecoderOutput
-from lvmzoo.nn.mlp import BATCH_NORM_EPSILON, batch_norm
+from lvmzoo.nn.mlp import BATCH_NORM_EPSILON, Dense, batch_norm
 
 LOADINGS_VARM = "linear_scvi_loadings"
 
@@ -63,7 +63,7 @@ class LinearDecoder(nn.Module):
         h = z if covariate is None else jnp.concatenate([z, covariate], axis=-1)
 
         def head(name):
-            y = nn.Dense(self.n_genes, use_bias=False, name=name)(h)
+            y = Dense(self.n_genes, use_bias=False, name=name)(h)
             if self.batch_norm:
                 y = batch_norm(y, training, self.freeze_batch_norm, name=f"{name}_norm")
             return y

@@ -48,7 +48,10 @@ the gene-cell dispersion is ``softplus`` of a decoder head rather than
 ``exp``, the encoder scale is ``softplus(.) + 1e-4`` rather than
 ``sqrt(exp(.) + 1e-4)``, batch norm's running variance is the biased
 minibatch variance (torch keeps the unbiased one), and the validation loss is
-the unweighted ELBO (scvi-tools applies the current warm-up weight).
+the unweighted ELBO (scvi-tools applies the current warm-up weight).  Weights
+start as torch's ``Linear`` does (``lvmzoo.nn.Dense``; biases at zero): with
+Flax's larger default the batch-normalised decoder learned batch effects too
+slowly and the latent kept them.
 
 References:
   Lopez, R., Regier, J., Cole, M. B., Jordan, M. I. & Yosef, N. (2018). Deep
@@ -76,7 +79,7 @@ from numpyro.distributions import constraints
 from lvmzoo.data.source import Batch, DeviceSource
 from lvmzoo.models.base import LatentModel, cell_plate
 from lvmzoo.models.likelihoods import COUNT_LIKELIHOODS
-from lvmzoo.nn import MLP, GaussianEncoder
+from lvmzoo.nn import MLP, Dense, GaussianEncoder
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 # Floor on a decoder-predicted inverse dispersion, so NB stays well defined.
@@ -183,10 +186,10 @@ class Decoder(nn.Module):
                     freeze_batch_norm=self.freeze_batch_norm)(h, training=training)
         dispersion = dropout = None
         if self.dispersion_head:
-            dispersion = nn.softplus(nn.Dense(self.n_genes, name="dispersion")(h)) + MIN_DISPERSION
+            dispersion = nn.softplus(Dense(self.n_genes, name="dispersion")(h)) + MIN_DISPERSION
         if self.dropout_head:
-            dropout = nn.Dense(self.n_genes, name="dropout")(h)
-        return DecoderOutput(nn.Dense(self.n_genes, name="expression")(h), dispersion, dropout)
+            dropout = Dense(self.n_genes, name="dropout")(h)
+        return DecoderOutput(Dense(self.n_genes, name="expression")(h), dispersion, dropout)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,18 @@ MIN_SCALE = 1e-4
 # torch's BatchNorm1d(momentum=0.01, eps=1e-3), as scvi-tools uses (Flax's momentum is 1 - torch's).
 BATCH_NORM_MOMENTUM = 0.99
 BATCH_NORM_EPSILON = 1e-3
+# torch.nn.Linear's weight initialisation, as scvi-tools' networks start: uniform with
+# variance 1 / (3 fan_in). Flax's default (LeCun normal, variance 1 / fan_in) is 1.7 times
+# larger, and behind batch norm larger weights learn more slowly (the output does not
+# depend on their scale, so each Adam step turns them by less): scVI's decoder then
+# under-learned batch effects and its latent kept them (batch mixing 0.04 vs 0.48 with
+# this init, scvi-tools 0.47; 4,000 simulated cells, 3 batches, 40 epochs).
+TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def Dense(features: int, **kwargs) -> nn.Dense:
+    """``flax.linen.Dense`` with torch's weight initialisation (:data:`TORCH_LINEAR_INIT`)."""
+    return nn.Dense(features, kernel_init=TORCH_LINEAR_INIT, **kwargs)
 
 
 def _with_covariate(x: jax.Array, covariate: Optional[jax.Array]) -> jax.Array:
@@ -84,7 +96,7 @@ class MLP(nn.Module):
             raise ValueError("an MLP with no hidden layers needs n_out")
         h = _with_covariate(x, covariate)
         for width in self.hidden:
-            h = nn.Dense(width)(h)
+            h = Dense(width)(h)
             if self.batch_norm:
                 h = batch_norm(h, training, self.freeze_batch_norm)
             if self.layer_norm:
@@ -93,7 +105,7 @@ class MLP(nn.Module):
             if self.dropout_rate > 0:
                 h = nn.Dropout(self.dropout_rate, deterministic=not training)(h)
         if self.n_out is not None:
-            h = nn.Dense(self.n_out)(h)
+            h = Dense(self.n_out)(h)
         return h
 
 
@@ -145,6 +157,6 @@ class GaussianEncoder(nn.Module):
                 activation=self.activation,
             )
             h = body(h, training=training)
-        loc = nn.Dense(self.n_latent, name="loc")(h)
-        scale = nn.softplus(nn.Dense(self.n_latent, name="scale")(h)) + MIN_SCALE
+        loc = Dense(self.n_latent, name="loc")(h)
+        scale = nn.softplus(Dense(self.n_latent, name="scale")(h)) + MIN_SCALE
         return loc, scale
