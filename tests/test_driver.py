@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from numpyro.distributions import constraints
 
 import lvmzoo
+from lvmzoo.data.source import n_steps_per_epoch
 from lvmzoo.models import PPCA, LatentModel, cell_plate
 
 TRACES = {"model": 0}
@@ -120,6 +121,27 @@ def test_one_epoch_is_one_compiled_call(continuous, monkeypatch):
     result = lvmzoo.fit(PPCA(n_latent=2), continuous, epochs=5, batch_size=50, progress=False)
     assert len(compiled_calls) == 5
     assert result.history["steps_per_epoch"] == 10
+
+
+def test_an_epoch_trains_every_cell_and_fills_its_last_minibatch(continuous):
+    """ceil(n / B) steps; the last minibatch is topped up with the epoch's first cells."""
+    from lvmzoo.data.streaming import BlockShuffle
+    from lvmzoo.infer.svi import epoch_order
+
+    key = jax.random.PRNGKey(0)
+    for n_cells, batch_size in [(200, 128), (500, 64), (95, 10), (40, 40)]:
+        steps = n_steps_per_epoch(n_cells, batch_size)
+        assert steps == -(-n_cells // batch_size)
+        for order in (np.asarray(epoch_order(key, 3, n_cells, steps, batch_size)),
+                      BlockShuffle(block_size=7, window_blocks=2).order(key, 3, n_cells, steps,
+                                                                       batch_size)):
+            assert order.shape == (steps, batch_size)
+            flat = order.ravel()
+            assert set(flat.tolist()) == set(range(n_cells))  # every cell, every epoch
+            np.testing.assert_array_equal(flat[n_cells:], flat[: steps * batch_size - n_cells])
+            assert len(set(order[-1].tolist())) == batch_size  # no cell twice in one minibatch
+    result = lvmzoo.fit(PPCA(n_latent=2), continuous, epochs=1, batch_size=64, progress=False)
+    assert result.history["steps_per_epoch"] == 8  # 500 cells: 7 full minibatches and one topped up
 
 
 def test_same_seed_same_parameters_bit_for_bit(continuous):

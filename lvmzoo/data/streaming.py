@@ -48,7 +48,7 @@ from lvmzoo.data.backed import BackedMatrix
 from lvmzoo.data.placement import Placement
 from lvmzoo.data.registry import CellData, DataError
 from lvmzoo.data.source import (PER_CELL_FIELDS, Batch, DeviceSource, assemble_batch,
-                                 scatter_rows)
+                                 epoch_steps, scatter_rows)
 
 # Bytes of step inputs per chunk fed from the host (the rows of ~16 steps of
 # 128 cells × 2,000 genes); big enough that per-call overhead vanishes,
@@ -98,8 +98,7 @@ class BlockShuffle:
             window = np.concatenate([np.arange(s, min(s + self.block_size, n_cells))
                                      for s in starts[w:w + self.window_blocks]])
             pieces.append(window[rng.permutation(len(window))])
-        order = np.concatenate(pieces)[: steps_per_epoch * batch_size]
-        return order.reshape(steps_per_epoch, batch_size).astype(np.int32)
+        return epoch_steps(np.concatenate(pieces), steps_per_epoch, batch_size).astype(np.int32)
 
 
 class StreamingSource:

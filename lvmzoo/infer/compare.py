@@ -54,6 +54,7 @@ import pandas as pd
 from jax.scipy.special import logsumexp
 
 from lvmzoo.data.registry import CellData
+from lvmzoo.data.source import n_steps_per_epoch
 from lvmzoo.infer.diagnostics import (
     mcmc_checks, pareto_k, pareto_k_summary, per_cell_pareto_k)
 from lvmzoo.infer.mcmc import run_nuts
@@ -147,7 +148,7 @@ def _svi_row(model, method, data, settings):
     batch_size = min(settings.batch_size, train.n_cells)
     epochs = settings.epochs
     if method in JOINT:  # full batch: as many updates as the minibatch methods get
-        epochs *= train.n_cells // batch_size
+        epochs *= n_steps_per_epoch(train.n_cells, batch_size)
         batch_size = train.n_cells
     # Every method gets the same schedule: Adam at a constant step size for the
     # first half of the fit, then decayed 20-fold over the second half, so each
@@ -156,7 +157,7 @@ def _svi_row(model, method, data, settings):
     learning_rate = settings.learning_rate
     if learning_rate is None:
         learning_rate = default_learning_rate(method, model)
-    n_steps = epochs * (train.n_cells // batch_size)
+    n_steps = epochs * n_steps_per_epoch(train.n_cells, batch_size)
     half = max(n_steps // 2, 1)
     schedule = optax.exponential_decay(learning_rate, transition_steps=half, decay_rate=0.05,
                                        transition_begin=half, end_value=0.05 * learning_rate)

@@ -68,7 +68,7 @@ from numpyro import handlers
 from numpyro.infer import autoguide
 
 from lvmzoo.data.registry import CellData
-from lvmzoo.data.source import Batch, DeviceSource
+from lvmzoo.data.source import Batch, DeviceSource, n_steps_per_epoch
 from lvmzoo.infer.elbo import Trace_ELBO
 from lvmzoo.models.base import LatentModel, cell_plate
 
@@ -498,7 +498,7 @@ def refit_local(fitted, data: CellData, *, epochs: Optional[int] = None,
         learning_rate = min(0.1, MAX_DEFAULT_LEARNING_RATE.get(name, 0.1))
     # Decay the step size 20-fold: the per-cell optimum is then reached rather
     # than circled at the noise level of single-draw gradients.
-    n_steps = epochs * (data.n_cells // batch_size)
+    n_steps = epochs * n_steps_per_epoch(data.n_cells, batch_size)
     optimizer = optax.adam(optax.exponential_decay(learning_rate, max(n_steps, 1), 0.05))
     return fit(frozen, data, guide=make_guide(name, frozen, **options), epochs=epochs,
                batch_size=batch_size, optimizer=optimizer, seed=seed, progress=progress)

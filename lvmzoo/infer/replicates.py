@@ -23,7 +23,7 @@ from scipy.spatial import procrustes
 from tqdm import tqdm
 
 from lvmzoo.data.registry import CellData
-from lvmzoo.data.source import DeviceSource
+from lvmzoo.data.source import DeviceSource, n_steps_per_epoch
 from lvmzoo.infer.results import FittedModel
 from lvmzoo.infer.svi import (
     _all_params,
@@ -64,7 +64,7 @@ def fit_replicates(
     guide = model.guide if guide is None else guide
     source = DeviceSource(data)
     batch_size = min(batch_size, source.n_cells)
-    steps_per_epoch = source.n_cells // batch_size
+    steps_per_epoch = n_steps_per_epoch(source.n_cells, batch_size)
     svi = SVI(model.model, guide, optax.adam(learning_rate), loss=model.elbo())
 
     keys = [jax.random.split(jax.random.PRNGKey(seed), 3) for seed in seeds]

@@ -33,7 +33,7 @@ from tqdm import tqdm  # plain bars: tqdm.auto warns in Jupyter without ipywidge
 
 from lvmzoo.data.placement import Devices, Placement
 from lvmzoo.data.registry import CellData
-from lvmzoo.data.source import DeviceSource
+from lvmzoo.data.source import DeviceSource, epoch_steps, n_steps_per_epoch
 from lvmzoo.data.streaming import BlockShuffle, EvaluationBatches, make_source
 from lvmzoo.infer.guides import NamedGuide, default_learning_rate, make_guide
 from lvmzoo.infer.results import FittedModel
@@ -95,8 +95,10 @@ def fit(
         deep models scvi-tools' rule ``min(round(20000 / n * 400), 400)``; a
         few dozen for the classical models, which start from a data-driven
         solution).
-      batch_size: cells per step (capped at the number of training cells); the
-        last incomplete minibatch of each shuffled epoch is dropped.
+      batch_size: cells per step (capped at the number of training cells).  An
+        epoch trains every cell: ``ceil(n / batch_size)`` steps, the last
+        minibatch topped up with the epoch's first cells
+        (:func:`lvmzoo.data.source.n_steps_per_epoch`).
       seed: the fit is bit-for-bit reproducible on CPU for a given seed.
       validation_fraction: share of cells held out; their ELBO is reported
         per epoch (``history["validation_loss"]``).
@@ -164,7 +166,7 @@ def fit(
     # Without a validation split the training cells are all cells: no copy of them.
     train = make_source(data.subset(train_idx) if len(val_idx) else data, placement, shuffle)
     batch_size = placement.global_batch_size(min(batch_size, train.n_cells))
-    steps_per_epoch = train.n_cells // batch_size
+    steps_per_epoch = n_steps_per_epoch(train.n_cells, batch_size)
     if epochs is None:
         epochs = model.default_epochs(train.n_cells)
     stopping = _EarlyStopping.from_options(
@@ -471,7 +473,7 @@ def epoch_order(key, epoch, n_cells, steps_per_epoch, batch_size):
         # A full batch: a plate that does not subsample does not index per-cell
         # params by batch.index either, so the cells must stay in order.
         order = jnp.arange(n_cells)
-    return order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(jnp.int32)
+    return epoch_steps(order, steps_per_epoch, batch_size).astype(jnp.int32)
 
 
 def check_data_kind(model, data):
