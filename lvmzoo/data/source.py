@@ -132,7 +132,7 @@ def epoch_steps(order, n_steps: int, batch_size: int):
     """An epoch's cell ``order`` (all cells, numpy or JAX) as ``(n_steps, batch_size)``.
 
     Wraps around to the start of ``order`` to fill the last step (see
-    :func:`steps_per_epoch`).
+    :func:`n_steps_per_epoch`).
     """
     positions = np.arange(n_steps * batch_size) % order.shape[0]
     return order[positions].reshape(n_steps, batch_size)

@@ -150,6 +150,18 @@ def log_binomial_coefficient(x: jax.Array, theta: jax.Array) -> jax.Array:
     return _log_binomial_coefficient_terms(x, theta)[0]
 
 
+def _log1p_exp_and_sigmoids(a):
+    """``log1p(exp(-|a|))``, ``sigmoid(a)`` and ``sigmoid(-a)`` from one ``exp``, stable at any ``a``.
+
+    ``softplus(a) = max(a, 0) + log1p(exp(-|a|))`` and ``softplus(-a) =
+    max(-a, 0) + log1p(exp(-|a|))``; neither sigmoid cancels.
+    """
+    e = jnp.exp(-jnp.abs(a))
+    inv = 1.0 / (1.0 + e)
+    positive = a >= 0
+    return jnp.log1p(e), jnp.where(positive, inv, e * inv), jnp.where(positive, e * inv, inv)
+
+
 def _negative_binomial_terms(x, log_mean, theta):
     """The NB log-pmf and its partial derivatives in ``log mu`` and ``theta``, elementwise.
 
@@ -160,12 +172,9 @@ def _negative_binomial_terms(x, log_mean, theta):
     """
     lbc, lbc_theta = _log_binomial_coefficient_terms(x, theta)
     d = log_mean - jnp.log(theta)
-    e = jnp.exp(-jnp.abs(d))
-    shared = jnp.log1p(e)  # softplus(d) = max(d, 0) + shared, softplus(-d) = max(-d, 0) + shared
+    # mean_share = mu / (theta + mu), theta_share = theta / (theta + mu)
+    shared, mean_share, theta_share = _log1p_exp_and_sigmoids(d)
     softplus_d = jnp.maximum(d, 0.0) + shared
-    inv = 1.0 / (1.0 + e)
-    mean_share = jnp.where(d >= 0, inv, e * inv)  # mu / (theta + mu), without cancellation
-    theta_share = jnp.where(d >= 0, e * inv, inv)  # theta / (theta + mu)
     value = lbc - x * (jnp.maximum(-d, 0.0) + shared) - theta * softplus_d
     d_log_mean = x * theta_share - theta * mean_share
     d_theta = lbc_theta - softplus_d + mean_share - x * theta_share / theta
@@ -201,15 +210,12 @@ def _zero_inflated_terms(x, log_mean, theta, dropout_logits):
     """
     nb, d_log_mean, d_theta = _negative_binomial_terms(x, log_mean, theta)
     zero = x == 0
-    e = jnp.exp(-jnp.abs(dropout_logits))
-    inv = 1.0 / (1.0 + e)
-    softplus_l = jnp.maximum(dropout_logits, 0.0) + jnp.log1p(e)
-    dropout = jnp.where(dropout_logits >= 0, inv, e * inv)  # pi = sigmoid(l)
+    shared_l, dropout, _ = _log1p_exp_and_sigmoids(dropout_logits)  # dropout = pi
+    softplus_l = jnp.maximum(dropout_logits, 0.0) + shared_l
     gap = dropout_logits - nb
-    t = jnp.exp(-jnp.abs(gap))
-    inv_t = 1.0 / (1.0 + t)
-    mixture = jnp.maximum(dropout_logits, nb) + jnp.log1p(t)  # logaddexp(l, log NB(0))
-    structural = jnp.where(zero, jnp.where(gap >= 0, inv_t, t * inv_t), 0.0)
+    shared_gap, posterior_zero, _ = _log1p_exp_and_sigmoids(gap)
+    mixture = jnp.maximum(dropout_logits, nb) + shared_gap  # logaddexp(l, log NB(0))
+    structural = jnp.where(zero, posterior_zero, 0.0)
     value = jnp.where(zero, mixture, nb) - softplus_l
     kept = 1.0 - structural
     return value, kept * d_log_mean, kept * d_theta, structural - dropout
