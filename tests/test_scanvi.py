@@ -188,36 +188,51 @@ def test_warm_start_from_scvi(simulated):
 def test_wu2020_against_knn_on_pca_with_the_same_labels():
     """SCANVI vs 1-NN on 10 PCs, the same 10 % of cells labelled, label draws 0-3.
 
-    **SCANVI from scratch does not beat this baseline on wu2020** (16 fine
-    T-cell clusters, ~20 labelled cells of 200; some clusters have no labelled
-    cell at all). Measured (100 epochs, warm-up 50, lr 5e-3): draws 0-5 SCANVI
-    0.196, 0.193, 0.247, 0.146, 0.147, 0.180 vs kNN 0.223, 0.182, 0.292, 0.168,
-    0.212, 0.253 (means over 0-3: 0.195 vs 0.216; over 0-5: 0.185 vs 0.222).
-    Longer fits did no better (300 or the default 400 epochs: 0.18-0.19); the
-    classifier is about as good as 1-NN in its own latent, which keeps less of
-    the clusters than PCA does on 200 cells. Warm-started from a 400-epoch scVI
-    (``benchmarks/bench_family.py``'s recipe) it scored 0.172 over draws 0-5;
-    scvi-tools' SCANVI is below the baseline too (0.188-0.229 on draw 0 in that
-    benchmark). This test guards the draws 0-3 mean against regressions (a
-    broken classifier is near chance, 1/16).
+    **SCANVI does not beat this baseline on wu2020** (16 fine T-cell clusters,
+    13-25 labelled cells of 200; some clusters have no labelled cell at all).
+    The baseline is the strongest of a grid of kNN-on-PCA settings (means
+    over label draws 0-5; PCA of log1p-cp10k): 1-NN on 5/10/20/50 PCs
+    0.204/0.222/0.211/0.188; k=5 (scikit-learn's default) 0.166 on 10 PCs,
+    0.139 on 50 PCs (scanpy's default). Measured (100 epochs, warm-up 50,
+    lr 5e-3): SCANVI 0.185 over draws 0-5 (0.178 and 0.184 with fit seeds 1
+    and 2) and 0.176 over draws 6-11, where 1-NN on 10 PCs scores 0.222 and
+    0.234: SCANVI beats the default kNN settings, not the best one.
+    Variations tried (means over draws 0-5): classification_ratio 1/5/10
+    0.185/0.199/0.194, 30 epochs 0.190, full-batch steps 0.167, no dropout
+    0.180, n_hidden 32 0.169, log1p-cp10k encoder input 0.167, linear
+    classifier 0.186, a warm start from a 400-epoch scVI 0.172 (scvi-tools'
+    SCANVI: 0.188-0.229 on draw 0 in ``benchmarks/bench_family.py``). The
+    limit is the representation: 1-NN in a fitted scVI latent scores
+    0.154-0.193 whatever the settings (epochs, KL weight, likelihood,
+    batch key, width, n_latent, LinearSCVI), below 1-NN on 10 PCs; and a
+    semi-supervised method on PCA does no better than 1-NN (label spreading
+    on a 10-NN graph: 0.221 over 12 draws, 1-NN 0.228). This test guards the
+    draws 0-3 mean against regressions (a broken classifier is near chance,
+    1/16) and prints the default-setting kNN beside it.
     """
     base = datasets.load_wu2020()
     truth = base.obs["cluster_orig"].astype(str).to_numpy()
     x = base.X.toarray()
-    pcs = PCA(10, random_state=0).fit_transform(np.log1p(1e4 * x / x.sum(1, keepdims=True)))
-    ours, baseline = [], []
+    log_normalised = np.log1p(1e4 * x / x.sum(1, keepdims=True))
+    pcs = PCA(10, random_state=0).fit_transform(log_normalised)
+    pcs_50 = PCA(50, random_state=0).fit_transform(log_normalised)
+    ours, baseline, default_knn = [], [], []
     for draw in range(4):
         adata, labelled = _hide_labels(base, "cluster_orig", 0.1, seed=draw)
         knn = KNeighborsClassifier(1).fit(pcs[labelled], truth[labelled])
         baseline.append(np.mean(knn.predict(pcs[~labelled]) == truth[~labelled]))
+        knn_5 = KNeighborsClassifier(5).fit(pcs_50[labelled], truth[labelled])
+        default_knn.append(np.mean(knn_5.predict(pcs_50[~labelled]) == truth[~labelled]))
         data = lvmzoo.setup_anndata(adata, batch_key="patient", labels_key="label")
         result = lvmzoo.fit(SCANVI(n_epochs_kl_warmup=50), data, epochs=100, batch_size=64,
                             learning_rate=5e-3, progress=False)
         predicted = result.predict(data).to_numpy().astype(str)
         ours.append(np.mean(predicted[~labelled] == truth[~labelled]))
     print(f"wu2020 draws 0-3: SCANVI {np.round(ours, 3)} mean {np.mean(ours):.3f}, "
-          f"kNN on PCA {np.round(baseline, 3)} mean {np.mean(baseline):.3f}")
+          f"1-NN on 10 PCs {np.round(baseline, 3)} mean {np.mean(baseline):.3f}, "
+          f"5-NN on 50 PCs mean {np.mean(default_knn):.3f}")
     assert np.mean(ours) > np.mean(baseline) - 0.05, (ours, baseline)
+    assert np.mean(ours) > np.mean(default_knn), (ours, default_knn)
 
 
 @pytest.mark.slow  # ~60 s on the shared 2-core machine: two small compiled fits and the CLI's
