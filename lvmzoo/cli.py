@@ -1110,18 +1110,25 @@ def _predict(args) -> int:
     line = (f"predicted the labels of {data.n_cells:,} cells with the {fitted.model.name} model "
             f"in {args.run_dir}; wrote {args.out}; most predicted: "
             + ", ".join(f"{label} {n}" for label, n in counts.head(5).items()))
-    key = fitted.registry.labels_key
-    if key is not None and key in adata.obs.columns:
-        from lvmzoo.analysis.labels import label_scores
-
-        truth = adata.obs[key].astype(str).to_numpy()
-        if pd.Series(truth).isin(probabilities.columns).any():
-            scores = label_scores(truth, probabilities)
-            line += (f"; against obs[{key!r}] ({scores['n_cells']:,} cells with a known label): "
-                     f"accuracy {scores['accuracy']:.3f}, macro F1 {scores['macro_f1']:.3f}, "
-                     f"ECE {scores['ece']:.3f}")
-    print(line)
+    print(line + _scores_against_known_labels(adata, fitted.registry.labels_key, probabilities))
     return 0
+
+
+def _scores_against_known_labels(adata, key, probabilities, qualifier: str = "") -> str:
+    """``"; against obs[key] (...): accuracy ..."`` when the cells carry the model's labels, else ``""``."""
+    import pandas as pd
+
+    if key is None or key not in adata.obs.columns:
+        return ""
+    from lvmzoo.analysis.labels import label_scores
+
+    truth = adata.obs[key].astype(str).to_numpy()
+    if not pd.Series(truth).isin(probabilities.columns).any():
+        return ""
+    scores = label_scores(truth, probabilities)
+    return (f"; against obs[{key!r}] ({scores['n_cells']:,} cells with a known label{qualifier}): "
+            f"accuracy {scores['accuracy']:.3f}, macro F1 {scores['macro_f1']:.3f}, "
+            f"ECE {scores['ece']:.3f}")
 
 
 def _fit_dir(run_dir: str) -> Path:
@@ -1184,19 +1191,23 @@ def _map_query(args) -> int:
     save_model(mapped, out / "model", fit_settings={
         "mapped_from": args.run_dir, "query": args.query, "epochs": args.epochs,
         "requested_batch_size": args.batch_size, "learning_rate": args.lr})
-    annotated, added = _mapped_query(mapped, query, data)
+    annotated, added, probabilities = _mapped_query(mapped, query, data)
     _write_h5ad(out / "query.h5ad", annotated)
     new = mapped.registry.batch_categories[reference.registry.n_batches:]
     how = (f"{len(new)} new batches: {', '.join(new[:5])}{' …' if len(new) > 5 else ''}; "
            f"{len(mapped.history.get('epoch', []))} fine-tuning epochs, {seconds:.1f} s" if new
            else "no new batches: encoded by the reference as it is, nothing fine-tuned")
     print(f"mapped {data.n_cells:,} query cells ({how}) onto the {mapped.model.name} reference "
-          f"in {args.run_dir}; wrote {out}/: model/, query.h5ad (added {', '.join(added)})")
+          f"in {args.run_dir}; wrote {out}/: model/, query.h5ad (added {', '.join(added)})"
+          + ("" if probabilities is None else
+             _scores_against_known_labels(query, mapped.registry.labels_key, probabilities,
+                                          ", which the fine-tune used")))
     return 0
 
 
 def _mapped_query(mapped, query, data):
-    """A copy of the query with its latent (and predicted labels); the query's genes unchanged."""
+    """A copy of the query with its latent (and predicted labels), the keys added, the label
+    probabilities (``None`` for a model without a classifier); the query's genes unchanged."""
     import numpy as np
     import pandas as pd
 
@@ -1204,6 +1215,7 @@ def _mapped_query(mapped, query, data):
     key = f"X_{mapped.model.name}"
     annotated.obsm[key] = mapped.latent(data)
     added = [f'obsm["{key}"]']
+    probabilities = None
     if hasattr(mapped.model, "predict_proba"):
         from lvmzoo.models.scanvi import PREDICTION_OBS, PROBABILITY_OBS
 
@@ -1212,7 +1224,7 @@ def _mapped_query(mapped, query, data):
             labels.to_numpy(), categories=list(mapped.registry.label_categories))
         annotated.obs[PROBABILITY_OBS] = probabilities.max(axis=1).to_numpy(np.float32)
         added += [f'obs["{PREDICTION_OBS}"]', f'obs["{PROBABILITY_OBS}"]']
-    return annotated, added
+    return annotated, added, probabilities
 
 
 # --------------------------------------------------------------------------

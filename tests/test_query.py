@@ -146,6 +146,7 @@ def test_cli_map_query_and_predict(saved_reference, split, capsys):
     stdout = capsys.readouterr().out
     assert status == 0
     assert f"mapped {split[1].n_obs} query cells (1 new batches: batch2; 2 fine-tuning" in stdout
+    assert "against obs" not in stdout  # the query has no obs["label"]: nothing to score
     mapped = ad.read_h5ad(out / "query.h5ad")
     assert mapped.obsm["X_scanvi"].shape == (split[1].n_obs, 8)
     assert set(mapped.obs["scanvi_prediction"].cat.categories) <= {f"type{i}" for i in range(4)}
@@ -192,3 +193,18 @@ def test_cli_errors_are_one_line(saved_reference, split, tmp_path, capsys):
         assert len(errors) == 1 and errors[0].startswith("lvmzoo: error: "), err
         assert message in errors[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_label_scores_line_needs_the_models_labels_column():
+    from lvmzoo.cli import _scores_against_known_labels
+
+    adata = ad.AnnData(np.zeros((4, 1), np.float32),
+                       obs=pd.DataFrame({"label": ["a", "b", "Unknown", "b"]},
+                                        index=[f"c{i}" for i in range(4)]))
+    probabilities = pd.DataFrame([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.6, 0.4]],
+                                 index=adata.obs_names, columns=["a", "b"])
+    line = _scores_against_known_labels(adata, "label", probabilities, ", which the fine-tune used")
+    assert line.startswith("; against obs['label'] (3 cells with a known label, which the "
+                           "fine-tune used): accuracy 0.667"), line
+    assert _scores_against_known_labels(adata, "other", probabilities) == ""
+    assert _scores_against_known_labels(adata, None, probabilities) == ""

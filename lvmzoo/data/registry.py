@@ -553,6 +553,8 @@ def _codes(adata, key, argname, *, allow_missing, categories=None, unlabeled=Non
         raise DataError(
             f"obs[{key!r}] has categories the model has not seen: {', '.join(unknown[:10])}; "
             f"known: {', '.join(categories[:10])}{' …' if len(categories) > 10 else ''}"
+            + ("; to place cells of new batches in the model's latent space, map them first "
+               "(lvmzoo.analysis.map_query / 'lvmzoo map-query')" if argname == "batch_key" else "")
         )
     codes = np.array([lookup.get(v, -1) for v in values], np.int32)
     codes[missing] = -1

@@ -234,7 +234,7 @@ def fit(
             history["validation_loss"].append(val_loss)
             history["seconds"].append(seconds)
             bar.set_postfix(loss=f"{history['loss'][-1]:.4g}",
-                            val=f"{val_loss:.4g}",
+                            **({"val": f"{val_loss:.4g}"} if validate else {}),
                             cells_per_s=f"{steps_per_epoch * batch_size / seconds:.3g}")
             if stopping and validate and stopping.update(epoch, val_loss, state):
                 state, reason = stopping.best_state, stopping.reason(val_loss)
