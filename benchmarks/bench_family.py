@@ -48,6 +48,14 @@ Usage::
 
     python benchmarks/bench_family.py            # writes results/family.{json,md}
     python benchmarks/bench_family.py --quick    # tiny sizes and epochs; prints, writes nothing
+    python benchmarks/bench_family.py --data-sets kang_ifnb --repeats 3   # results/family_kang_ifnb.*
+
+Data sets: a 10,000 × 2,000 simulation (3 batches, 6 types), the bundled
+wu2020 (200 T cells, ``patient`` as batch, 16 clusters) and the bundled Kang
+PBMCs (``condition`` as batch, the 10 marker-derived types; its
+``unassigned`` cells are left out). Beside the tools: 1-NN on 10 PCs, and the
+best kNN on PCA over k ∈ {1, 5, 15} × {10, 50} PCs picked on the scored
+labels themselves (an optimistic bar).
 """
 
 from __future__ import annotations
@@ -96,6 +104,7 @@ class DataSet:
     scanvi_epochs: int
     n_cells: int = 0  # simulated cells (0: bundled data)
     n_genes: int = 0
+    drop_truth: tuple[str, ...] = ()  # cells with these true labels are left out
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,7 @@ class Settings:
     data_sets: tuple[DataSet, ...] = (
         DataSet("simulated", "batch", "cell_type", 50, 20, n_cells=10_000, n_genes=2_000),
         DataSet("wu2020", "patient", "cluster_orig", 400, 100),
+        DataSet("kang_ifnb", "condition", "cell_type", 100, 20, drop_truth=("unassigned",)),
     )
     repeats: int = 1
     worker_timeout: float = 7200.0
@@ -131,6 +141,11 @@ def prepare_data(spec: DataSet, directory: Path) -> tuple[Path, dict[str, Any]]:
     else:
         adata = datasets.load(spec.name)
         source = f"bundled {spec.name}"
+        if spec.drop_truth:
+            dropped = adata.obs[spec.truth_key].astype(str).isin(spec.drop_truth).to_numpy()
+            adata = adata[~dropped].copy()
+            source += (f" without its {int(dropped.sum())} cells labelled "
+                       f"{', '.join(spec.drop_truth)}")
     labelled = np.random.default_rng(LABEL_SEED).random(adata.n_obs) < LABEL_FRACTION
     truth = adata.obs[spec.truth_key].astype(str).to_numpy()
     adata.obs["label"] = np.where(labelled, truth, UNLABELED)
@@ -318,6 +333,35 @@ def knn_pca_baseline(adata, truth_key: str) -> float:
     return float(np.mean(knn.predict(pcs[~labelled]) == truth[~labelled]))
 
 
+KNN_GRID = {"k": (1, 5, 15), "n_pcs": (10, 50)}
+
+
+def knn_pca_best(adata, truth_key: str) -> dict[str, Any]:
+    """The best kNN on PCA over :data:`KNN_GRID`, chosen on the scored cells themselves.
+
+    An optimistic bar (its two settings are picked on the labels it is scored
+    against), beside the fixed 1-NN on 10 PCs.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from lvmzoo.data.transforms import apply_transform
+
+    x = apply_transform("log1p_cp10k", adata.X.astype(np.float32))
+    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+    labelled = adata.obs["labelled"].to_numpy()
+    truth = adata.obs[truth_key].astype(str).to_numpy()
+    scores = []
+    for n_pcs in KNN_GRID["n_pcs"]:
+        pcs = PCA(n_pcs, random_state=0).fit_transform(x)
+        for k in KNN_GRID["k"]:
+            if k <= labelled.sum():
+                knn = KNeighborsClassifier(k).fit(pcs[labelled], truth[labelled])
+                scores.append({"k": k, "n_pcs": n_pcs, "accuracy": float(
+                    np.mean(knn.predict(pcs[~labelled]) == truth[~labelled]))})
+    return max(scores, key=lambda score: score["accuracy"])
+
+
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
@@ -370,6 +414,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {ratio('scvi')} |")
         lines.append(f"{head}| kNN on PCA (1-NN, 10 PCs) | | {entry['knn_pca_accuracy']:.3f} "
                      "| | | | | | | | |")
+        if "knn_pca_best" in entry:
+            best = entry["knn_pca_best"]
+            lines.append(f"{head}| best kNN on PCA (k ∈ {{1, 5, 15}} × {{10, 50}} PCs, picked on "
+                         f"these labels: k={best['k']}, {best['n_pcs']} PCs) | | "
+                         f"{best['accuracy']:.3f} | | | | | | | | |")
         if entry.get("integration"):
             from lvmzoo.analysis.integration import markdown_table
             import pandas as pd
@@ -418,9 +467,13 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="1,000 simulated cells × 200 genes and wu2020, 3 + 3 epochs; "
+                        help="1,000 simulated cells × 200 genes, wu2020 and Kang, 3 + 3 epochs; "
                              "prints only (unless --output-dir is given)")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per tool (default 1)")
+    parser.add_argument("--data-sets", default=None, metavar="NAME[,NAME...]",
+                        help="run only these data sets (simulated, wu2020, kang_ifnb); the "
+                             "results go to family_NAME[_NAME...].{json,md} instead of "
+                             "family.{json,md}")
     parser.add_argument("--no-integration", action="store_true",
                         help="skip the integration metrics")
     parser.add_argument("--output-dir", type=Path, default=None,
@@ -441,7 +494,16 @@ def parse_args(argv=None):
     data_sets = Settings.data_sets
     if args.quick:
         data_sets = (DataSet("simulated", "batch", "cell_type", 3, 3, n_cells=1000, n_genes=200),
-                     DataSet("wu2020", "patient", "cluster_orig", 3, 3))
+                     DataSet("wu2020", "patient", "cluster_orig", 3, 3),
+                     DataSet("kang_ifnb", "condition", "cell_type", 3, 3,
+                             drop_truth=("unassigned",)))
+    if args.data_sets:
+        wanted = args.data_sets.split(",")
+        unknown = sorted(set(wanted) - {spec.name for spec in data_sets})
+        if unknown:
+            parser.error(f"unknown data set(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(spec.name for spec in data_sets)}")
+        data_sets = tuple(spec for spec in data_sets if spec.name in wanted)
     settings = Settings(data_sets=data_sets, repeats=args.repeats or 1,
                         integration=not args.no_integration)
     output = args.output_dir or (None if args.quick else RESULTS_DIR)
@@ -481,7 +543,8 @@ def main(argv=None) -> Optional[dict[str, Any]]:
                           f"SCANVI epoch {run['scanvi']['steady_epoch_seconds']:.3f} s, scVI "
                           f"epoch {run['scvi']['steady_epoch_seconds']:.3f} s", flush=True)
             entry = {"data": info, "summary": summarise(runs), "runs": runs,
-                     "knn_pca_accuracy": knn_pca_baseline(adata, spec.truth_key)}
+                     "knn_pca_accuracy": knn_pca_baseline(adata, spec.truth_key),
+                     "knn_pca_best": knn_pca_best(adata, spec.truth_key)}
             if settings.integration:
                 tables = [integration_table(adata, info, latents[r]) for r in sorted(latents)]
                 for r, table in enumerate(tables):
@@ -504,14 +567,16 @@ def main(argv=None) -> Optional[dict[str, Any]]:
         "results": results,
         "wall_seconds": time.perf_counter() - started,
     }
+    stem = "family" if not args.data_sets else "family_" + "_".join(
+        spec.name for spec in settings.data_sets)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        write_text(output / "family.json", to_json(report))
+        write_text(output / f"{stem}.json", to_json(report))
     markdown = render_markdown(report)
     print(markdown)
     if output is not None:
-        write_text(output / "family.md", markdown)
-        print(f"wrote {output / 'family.json'} and {output / 'family.md'}")
+        write_text(output / f"{stem}.md", markdown)
+        print(f"wrote {output / stem}.json and {output / stem}.md")
     return report
 
 
