@@ -1118,7 +1118,7 @@ def _scores_against_known_labels(adata, key, probabilities, qualifier: str = "")
     """``"; against obs[key] (...): accuracy ..."`` when the cells carry the model's labels, else ``""``."""
     import pandas as pd
 
-    if key is None or key not in adata.obs.columns:
+    if probabilities is None or key is None or key not in adata.obs.columns:
         return ""
     from lvmzoo.analysis.labels import label_scores
 
@@ -1199,9 +1199,8 @@ def _map_query(args) -> int:
            else "no new batches: encoded by the reference as it is, nothing fine-tuned")
     print(f"mapped {data.n_cells:,} query cells ({how}) onto the {mapped.model.name} reference "
           f"in {args.run_dir}; wrote {out}/: model/, query.h5ad (added {', '.join(added)})"
-          + ("" if probabilities is None else
-             _scores_against_known_labels(query, mapped.registry.labels_key, probabilities,
-                                          ", which the fine-tune used")))
+          + _scores_against_known_labels(query, mapped.registry.labels_key, probabilities,
+                                         ", which the fine-tune used"))
     return 0
 
 
