@@ -1,5 +1,5 @@
 """Figures written by the CLI: the loss curve of a fit, a picture of the cells, a
-perturbation prediction.
+perturbation prediction (scored against measured cells, or on its own).
 
 Figures are drawn on Matplotlib's Agg canvas directly (no ``pyplot``), so no
 global backend is selected and nothing needs a display; in a notebook a
@@ -253,6 +253,65 @@ def save_perturbation_plot(evaluation, path: PathLike, n_labels: int = 10) -> Pa
     buffer = io.BytesIO()
     perturbation_figure(evaluation, n_labels).savefig(buffer, format="png", dpi=100)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def prediction_figure(prediction, n_labels: int = 10) -> Figure:
+    """Predicted vs control mean expression of the held-out type, when nothing measured compares.
+
+    One panel per method (the predictions, then the mean-shift baseline when
+    there is one): each gene's mean log-normalised expression in the held-out
+    type's measured control cells (x) and in the prediction (y), the genes the
+    first prediction changes most in colour and the ``n_labels`` most changed
+    named, with the diagonal (no change).  The baseline panels give the Pearson
+    correlation of their change with the first prediction's.
+
+    Args:
+      prediction: a :class:`~lvmzoo.analysis.perturbation.PerturbationPrediction`.
+      n_labels: most changed genes to name in each panel.
+
+    Returns:
+      A Matplotlib figure attached to an Agg canvas.
+    """
+    from lvmzoo.analysis.perturbation import pearson
+
+    means = prediction.gene_means
+    methods = [m for m in means.columns if m != "control"]
+    fig = Figure(figsize=(4.2 * len(methods), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    top = prediction.top_genes
+    control = means["control"]
+    limits = (min(0.0, float(means.min().min())), float(max(means.max().max(), 1e-3)) * 1.05)
+    first = methods[0]
+    for ax, method in zip(axes, methods):
+        predicted = means[method]
+        ax.scatter(control, predicted, s=4, c="0.6", label="all genes", rasterized=True)
+        ax.scatter(control[top], predicted[top], s=8, c="tab:red",
+                   label=f"{len(top)} most changed by {first}" if len(methods) > 1
+                   else f"{len(top)} most changed")
+        for gene in top[:n_labels]:
+            ax.annotate(gene, (control[gene], predicted[gene]), fontsize=7,
+                        xytext=(2, 2), textcoords="offset points")
+        ax.plot(limits, limits, c="k", lw=0.8)
+        ax.set_xlim(limits)
+        ax.set_ylim(limits)
+        title = method
+        if method != first:
+            r = pearson(means[first] - control, predicted - control)
+            title += f"\nchange vs {first}: Pearson {r:.3f}"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("control mean (log1p CP10k)")
+    axes[0].set_ylabel("predicted mean (log1p CP10k)")
+    axes[0].legend(fontsize=7, loc="upper left")
+    design = prediction.design
+    fig.suptitle(f"{design.cell_type}: {design.control} → {design.perturbed} "
+                 f"(predicted; no measured {design.perturbed} cells to compare)", fontsize=10)
+    return fig
+
+
+def save_prediction_plot(prediction, path: PathLike, n_labels: int = 10) -> Path:
+    """Write :func:`prediction_figure` as a PNG to ``path`` atomically."""
+    return save_figure(prediction_figure(prediction, n_labels), path)
 
 
 def _finite(values) -> list[float]:

@@ -48,8 +48,8 @@ The checks (``CheckReport`` row names) and their tolerances:
 ``log_likelihood``
     Where ``log_likelihood`` is not ``None``: compared with 256 importance
     samples from the guide of a 40-epoch fit (the weights of
-    :mod:`lvmzoo.infer.evaluate`, a latent left to the prior counted once:
-    :func:`_proposal_log_weights`), per-cell averages.  The IWAE estimate is a lower bound in expectation, so it may
+    :func:`lvmzoo.infer.evaluate.log_weights`, in which a latent the guide
+    leaves to its prior has the prior as its proposal), per-cell averages.  The IWAE estimate is a lower bound in expectation, so it may
     not exceed ``log_likelihood`` by more than ``3`` Monte Carlo standard
     errors + ``0.05`` nats/cell; ``log_likelihood`` may not exceed it by more
     than :data:`LOG_LIKELIHOOD_TOLERANCE` (0.5 nats/cell) + 3 standard errors
@@ -99,6 +99,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 from numpyro.distributions import constraints
+from lvmzoo.infer.evaluate import log_weights
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 DEFAULT_GUIDES = ("mean_field", "map")
@@ -722,41 +723,10 @@ def _check_latent(ctx: _Context) -> str:
     return f"(B, K) = {shape}"
 
 
-def _proposal_log_weights(model, guide, params, batch, key):
-    """``log p(x, z) - log q(z | x)`` per cell ``(B,)`` for one draw ``z ~ q``.
-
-    Like :func:`lvmzoo.infer.evaluate.log_weights`, except that a latent the
-    guide does not sample (e.g. an enumerated discrete site) is drawn from its
-    prior inside the replayed model, so its proposal density is its prior and
-    the two cancel: only observed sites and the guide's sites enter the
-    model's side.  (``log_weights`` counts such a site's prior once more,
-    ``log p(x, c) / 1`` instead of ``p(x, c) / p(c)``: see
-    ``tests/test_check_model.py``.)
-    """
-    key_guide, key_model = jax.random.split(key)
-    guide_trace = handlers.trace(
-        handlers.seed(handlers.substitute(guide, data=params), key_guide)).get_trace(batch)
-    model_trace = handlers.trace(handlers.replay(
-        handlers.seed(handlers.substitute(model.model, data=params), key_model), guide_trace
-    )).get_trace(batch)
-
-    def per_cell(trace, keep):
-        total = jnp.zeros(batch.size)
-        for name, site in trace.items():
-            if site["type"] == "sample" and _in_cells(site) and keep(name, site):
-                log_prob = site["fn"].log_prob(site["value"])
-                total = total + log_prob.reshape(-1, log_prob.shape[-1]).sum(0)
-        return total
-
-    drawn = {n for n, s in guide_trace.items() if s["type"] == "sample"}
-    return (per_cell(model_trace, lambda n, s: s["is_observed"] or n in drawn)
-            - per_cell(guide_trace, lambda n, s: True))
-
-
 def _importance_program(model, guide, n_samples):
     def run(params, batch, key):
         keys = jax.random.split(key, n_samples)
-        return jax.lax.map(lambda k: _proposal_log_weights(model, guide, params, batch, k), keys,
+        return jax.lax.map(lambda k: log_weights(model.model, guide, params, batch, k), keys,
                            batch_size=16)
 
     return jax.jit(run)

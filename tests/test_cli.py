@@ -46,7 +46,7 @@ def test_fit_history_and_saved_model(fit_run):
     history = json.loads((out / "history.json").read_text())
     assert len(history["loss"]) == len(history["validation_loss"]) == 2
     assert len(history["seconds"]) == 2 and history["compile_seconds"] > 0
-    fitted = io.load_model(out / "model")
+    fitted = lvmzoo.load_model(out / "model")
     assert fitted.model == lvmzoo.models.PPCA(n_latent=3)
     assert fitted.seed == 1
     assert fitted.history["loss"] == history["loss"]
@@ -65,7 +65,7 @@ def test_fit_result_h5ad_adds_only_the_latent(fit_run):
     pd.testing.assert_frame_equal(result.var, original.var)
     assert (result.X != original.X).nnz == 0
     # The stored latent is the saved model's latent of those cells.
-    fitted = io.load_model(out / "model")
+    fitted = lvmzoo.load_model(out / "model")
     data = lvmzoo.setup_anndata(original, transform="log1p_cp10k")
     np.testing.assert_array_equal(result.obsm["X_ppca"], fitted.latent(data))
 
@@ -73,10 +73,14 @@ def test_fit_result_h5ad_adds_only_the_latent(fit_run):
 def test_fit_metrics_json(fit_run):
     out = fit_run[0]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"train", "validation"}
-    keys = {"n_cells", "avg_log_likelihood", "method", "n_samples", "elbo"}
+    assert set(metrics) == {"train", "validation", "post_fit_seconds"}
+    assert set(metrics["post_fit_seconds"]) == {"save_model", "annotate", "write_result", "plot",
+                                                "score"}
+    keys = {"n_cells", "avg_log_likelihood", "method", "n_samples", "elbo", "standard_error",
+            "n_cells_in_split"}
     assert set(metrics["train"]) == set(metrics["validation"]) == keys
     assert metrics["train"]["n_cells"] == 8999  # --validation-fraction 0.1 by default
+    assert metrics["train"]["standard_error"] == 0.0  # every cell of the split was scored
     assert metrics["validation"]["n_cells"] == 1000
     assert metrics["train"]["method"] == "exact"
     assert np.isfinite(metrics["validation"]["avg_log_likelihood"])
@@ -95,7 +99,7 @@ def test_evaluate_a_saved_run(fit_run, tmp_path, capsys):
     assert set(metrics) == {"n_cells", "avg_log_likelihood", "method", "n_samples", "elbo"}
     assert metrics["n_cells"] == 300
     # Same numbers as the Python API (the saved transform is re-applied).
-    fitted = io.load_model(out / "model")
+    fitted = lvmzoo.load_model(out / "model")
     expected = fitted.evaluate(lvmzoo.query_anndata(cells, fitted.registry))
     assert metrics["avg_log_likelihood"] == pytest.approx(expected["avg_log_likelihood"])
 
@@ -212,7 +216,7 @@ def test_evaluate_rejects_data_without_the_models_genes(fit_run, tmp_path, capsy
 
 
 def test_a_diverged_fit_is_saved_and_exits_1(fit_run, tmp_path, monkeypatch, capsys):
-    last_finite = io.load_model(fit_run[0] / "model")
+    last_finite = lvmzoo.load_model(fit_run[0] / "model")
 
     def diverging_fit(model, data, **kwargs):
         raise svi.FitDivergedError("ppca: the loss became NaN/inf at epoch 1, step 3;\n"
@@ -225,12 +229,12 @@ def test_a_diverged_fit_is_saved_and_exits_1(fit_run, tmp_path, monkeypatch, cap
     assert rc == 1
     assert err.splitlines() == [err.strip()]  # one line
     assert "loss became NaN/inf at epoch 1, step 3; try a lower learning rate" in err
-    np.testing.assert_array_equal(io.load_model(tmp_path / "o" / "model").params["W"],
+    np.testing.assert_array_equal(lvmzoo.load_model(tmp_path / "o" / "model").params["W"],
                                   last_finite.params["W"])
 
 
 def test_an_interrupted_fit_is_saved_and_exits_130(fit_run, tmp_path, monkeypatch, capsys):
-    so_far = io.load_model(fit_run[0] / "model")
+    so_far = lvmzoo.load_model(fit_run[0] / "model")
     so_far.interrupted = True
     monkeypatch.setattr(svi, "fit", lambda model, data, **kwargs: so_far)
     # DATA may also follow the options.
@@ -239,7 +243,7 @@ def test_an_interrupted_fit_is_saved_and_exits_130(fit_run, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert rc == 130
     assert "interrupted after 2 epochs" in err
-    assert io.load_model(tmp_path / "o" / "model").interrupted
+    assert lvmzoo.load_model(tmp_path / "o" / "model").interrupted
     assert (tmp_path / "o" / "history.json").is_file()
 
 
@@ -306,7 +310,7 @@ def scvi_run(tmp_path_factory):
     model = lvmzoo.models.SCVI(n_hidden=16, n_latent=3, n_epochs_kl_warmup=None)
     fitted = lvmzoo.fit(model, data, epochs=3, batch_size=100, learning_rate=1e-2,
                         progress=False)
-    io.save_model(fitted, out / "model")
+    lvmzoo.save_model(fitted, out / "model")
     fitted.annotate(adata, data)[0].write_h5ad(out / "result.h5ad")
     return out
 
@@ -325,7 +329,7 @@ def test_de_writes_one_row_per_gene_and_prints_the_top_genes(scvi_run, tmp_path,
     assert table.index[0] in printed  # the top gene is shown
     # The numbers are the Python API's on result.h5ad (the default DATA).
     adata = ad.read_h5ad(scvi_run / "result.h5ad")
-    fitted = io.load_model(scvi_run / "model")
+    fitted = lvmzoo.load_model(scvi_run / "model")
     expected = lvmzoo.analysis.differential_expression(
         fitted, lvmzoo.query_anndata(adata, fitted.registry), "cell_type", "type0",
         adata=adata, mode="change", n_samples=200)

@@ -12,7 +12,6 @@ import pytest
 from numpyro.infer import SVI, Trace_ELBO
 
 import lvmzoo
-from lvmzoo import io
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import DeviceSource
 from lvmzoo.infer import guides
@@ -256,8 +255,8 @@ def test_refit_local_fits_only_the_held_out_rows_with_globals_frozen(data, mean_
 
 def test_named_guide_round_trips_through_save_and_load(data, mean_field_fit, tmp_path):
     train = data.subset(mean_field_fit.train_index)
-    io.save_model(mean_field_fit, tmp_path / "run")
-    loaded = io.load_model(tmp_path / "run")
+    lvmzoo.save_model(mean_field_fit, tmp_path / "run")
+    loaded = lvmzoo.load_model(tmp_path / "run")
     assert loaded.guide.name == "mean_field"
     np.testing.assert_array_equal(loaded.guide.training_cells, mean_field_fit.guide.training_cells)
     assert loaded.evaluate(train) == mean_field_fit.evaluate(train)

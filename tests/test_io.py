@@ -11,6 +11,7 @@ import pytest
 
 import lvmzoo
 from lvmzoo import datasets, io
+from lvmzoo.infer import saving
 from lvmzoo.models import PPCA
 
 
@@ -27,9 +28,9 @@ def fitted(data):
 
 
 def test_round_trip_gives_the_same_latent_bit_for_bit(fitted, data, tmp_path):
-    path = io.save_model(fitted, tmp_path / "run")
+    path = lvmzoo.save_model(fitted, tmp_path / "run")
     assert sorted(os.listdir(path)) == sorted(io.RUN_FILES)
-    loaded = io.load_model(path)
+    loaded = lvmzoo.load_model(path)
 
     np.testing.assert_array_equal(loaded.latent(data), fitted.latent(data))
     assert loaded.model == fitted.model
@@ -46,7 +47,7 @@ def test_round_trip_gives_the_same_latent_bit_for_bit(fitted, data, tmp_path):
 
 
 def test_model_json_records_model_guide_settings_and_split(fitted, tmp_path):
-    io.save_model(fitted, tmp_path / "run", fit_settings={"epochs": 3, "learning_rate": 0.01})
+    lvmzoo.save_model(fitted, tmp_path / "run", fit_settings={"epochs": 3, "learning_rate": 0.01})
     description = json.loads((tmp_path / "run" / "model.json").read_text())
     assert description["model"] == "ppca"
     assert description["config"] == {"n_latent": 3}
@@ -69,8 +70,8 @@ def test_nested_flax_style_params_round_trip(fitted, data, tmp_path):
         "scalar": jnp.asarray(0.1234567, jnp.float32),
     }
     params = {**fitted.params, **nested}
-    io.save_model(dataclasses.replace(fitted, params=params), tmp_path / "run")
-    loaded = io.load_model(tmp_path / "run").params
+    lvmzoo.save_model(dataclasses.replace(fitted, params=params), tmp_path / "run")
+    loaded = lvmzoo.load_model(tmp_path / "run").params
 
     flat_saved = _flatten(params)
     flat_loaded = _flatten(loaded)
@@ -87,12 +88,12 @@ def test_validation_free_history_round_trips_its_nans(fitted, tmp_path):
         fitted, history=history, validation_index=np.zeros(0, np.int64),
         train_index=np.arange(240),
     )
-    io.save_model(no_validation, tmp_path / "run")
+    lvmzoo.save_model(no_validation, tmp_path / "run")
     # Strict JSON on disk: NaN is written as null ...
     on_disk = json.loads((tmp_path / "run" / "history.json").read_text())
     assert on_disk["validation_loss"] == [None, None, None]
     # ... and read back as NaN.
-    loaded = io.load_model(tmp_path / "run")
+    loaded = lvmzoo.load_model(tmp_path / "run")
     assert all(math.isnan(v) for v in loaded.history["validation_loss"])
     assert loaded.history["loss"] == fitted.history["loss"]
     assert loaded.validation_index.size == 0
@@ -103,20 +104,20 @@ def test_custom_guide_must_be_passed_back_on_load(fitted, data, tmp_path):
     def my_guide(batch):
         return fitted.model.guide(batch)
 
-    io.save_model(dataclasses.replace(fitted, guide=my_guide), tmp_path / "run")
+    lvmzoo.save_model(dataclasses.replace(fitted, guide=my_guide), tmp_path / "run")
     assert json.loads((tmp_path / "run" / "model.json").read_text())["guide"] == "custom"
     with pytest.raises(ValueError, match=r"custom guide.*my_guide.*guide="):
-        io.load_model(tmp_path / "run")
-    loaded = io.load_model(tmp_path / "run", guide=my_guide)
+        lvmzoo.load_model(tmp_path / "run")
+    loaded = lvmzoo.load_model(tmp_path / "run", guide=my_guide)
     assert loaded.guide is my_guide
     np.testing.assert_array_equal(loaded.latent(data), fitted.latent(data))
 
 
 def test_saving_over_an_earlier_run_replaces_it(fitted, data, tmp_path):
     other = dataclasses.replace(fitted, model=PPCA(n_latent=3), seed=99)
-    io.save_model(other, tmp_path / "run")
-    io.save_model(fitted, tmp_path / "run")
-    assert io.load_model(tmp_path / "run").seed == 5
+    lvmzoo.save_model(other, tmp_path / "run")
+    lvmzoo.save_model(fitted, tmp_path / "run")
+    assert lvmzoo.load_model(tmp_path / "run").seed == 5
     assert os.listdir(tmp_path) == ["run"]  # no staging or backup directories left
 
 
@@ -124,22 +125,22 @@ def test_save_refuses_to_replace_a_directory_of_other_files(fitted, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a saved lvmzoo model"):
-        io.save_model(fitted, tmp_path / "run")
+        lvmzoo.save_model(fitted, tmp_path / "run")
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
 
 
 def test_failed_save_leaves_the_earlier_run_and_no_partial_directory(
     fitted, tmp_path, monkeypatch
 ):
-    io.save_model(dataclasses.replace(fitted, seed=1), tmp_path / "run")
+    lvmzoo.save_model(dataclasses.replace(fitted, seed=1), tmp_path / "run")
     before = {p: (tmp_path / "run" / p).read_bytes() for p in io.RUN_FILES}
 
     def disk_full(new, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io, "_replace_directory", disk_full)
+    monkeypatch.setattr(saving, "_replace_directory", disk_full)
     with pytest.raises(OSError, match="No space"):
-        io.save_model(fitted, tmp_path / "run")
+        lvmzoo.save_model(fitted, tmp_path / "run")
     assert os.listdir(tmp_path) == ["run"]
     assert {p: (tmp_path / "run" / p).read_bytes() for p in io.RUN_FILES} == before
 
@@ -173,25 +174,41 @@ def test_atomic_writes_replace_content_and_write_strict_json(tmp_path):
 
 def test_load_errors_name_the_problem(fitted, tmp_path):
     with pytest.raises(FileNotFoundError, match="no saved model.*not found"):
-        io.load_model(tmp_path / "missing")
-    io.save_model(fitted, tmp_path / "run")
+        lvmzoo.load_model(tmp_path / "missing")
+    lvmzoo.save_model(fitted, tmp_path / "run")
     (tmp_path / "run" / "params.msgpack").unlink()
     with pytest.raises(FileNotFoundError, match="missing params.msgpack"):
-        io.load_model(tmp_path / "run")
+        lvmzoo.load_model(tmp_path / "run")
 
 
 def test_load_rejects_an_unregistered_model_name(fitted, tmp_path):
-    io.save_model(fitted, tmp_path / "run")
+    lvmzoo.save_model(fitted, tmp_path / "run")
     description = json.loads((tmp_path / "run" / "model.json").read_text())
     description["model"] = "no_such_model"
+    del description["model_class"]  # a run that does not say where its class came from
     (tmp_path / "run" / "model.json").write_text(json.dumps(description))
-    with pytest.raises(ValueError, match="unknown model 'no_such_model'"):
-        io.load_model(tmp_path / "run")
+    with pytest.raises(ValueError, match="'no_such_model' is not registered.*register_model"):
+        lvmzoo.load_model(tmp_path / "run")
+
+
+def test_load_imports_the_class_a_run_recorded_and_names_what_to_install(fitted, tmp_path):
+    lvmzoo.save_model(fitted, tmp_path / "run")
+    description = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert description["model_class"] == "lvmzoo.models.ppca:PPCA"
+    assert description["model_package"]["name"] == "lvmzoo"
+    description["model"] = "renamed_ppca"  # not registered: found through model_class
+    (tmp_path / "run" / "model.json").write_text(json.dumps(description))
+    assert lvmzoo.load_model(tmp_path / "run").model == fitted.model
+    description["model_class"] = "not_installed_pkg.models:Thing"
+    description["model_package"] = {"name": "not-installed-pkg", "version": "1.2"}
+    (tmp_path / "run" / "model.json").write_text(json.dumps(description))
+    with pytest.raises(ValueError, match="install not-installed-pkg==1.2"):
+        lvmzoo.load_model(tmp_path / "run")
 
 
 def test_fitted_model_save_method_uses_save_model(fitted, data, tmp_path):
     fitted.save(tmp_path / "run")
-    np.testing.assert_array_equal(io.load_model(tmp_path / "run").latent(data),
+    np.testing.assert_array_equal(lvmzoo.load_model(tmp_path / "run").latent(data),
                                   fitted.latent(data))
 
 

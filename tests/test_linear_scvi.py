@@ -114,7 +114,8 @@ def test_loadings_fold_in_the_decoder_batch_norm(fitted):
 def test_result_h5ad_gets_the_loadings(fitted):
     adata, data, result = fitted
     annotated, keys = result.annotate(adata, data)
-    assert keys[-1] == 'varm["linear_scvi_loadings"]'
+    assert keys == ['obsm["X_linear_scvi"]', 'varm["linear_scvi_loadings"]',
+                    'layers["scvi_normalized"]']
     np.testing.assert_allclose(annotated.varm["linear_scvi_loadings"], result.loadings(),
                                rtol=1e-6)
     assert "linear_scvi_loadings" not in adata.varm

@@ -31,7 +31,7 @@ from lvmzoo import datasets
 from lvmzoo.analysis.expression import map_cells
 from lvmzoo.analysis.perturbation import (
     compare_perturbation, energy_distance, evaluate_perturbation, exclude_cells, log_normalise,
-    pearson, predict_perturbation, r2_score, top_genes)
+    pearson, perturbation_design, predict_perturbation, prediction_profiles, r2_score, top_genes)
 from lvmzoo.cli import main
 from lvmzoo.data.registry import DataError
 from lvmzoo.models import CPA, PPCA, SCVI
@@ -247,6 +247,52 @@ def test_held_out_type_without_control_cells(simulation):
         predict_perturbation(None, no_control, **DESIGN)
 
 
+def test_design_accepts_a_held_out_type_without_perturbed_cells(simulation, training):
+    # Predicting what was never measured is the point: no perturbed cells of the type is fine.
+    design = perturbation_design(training, **DESIGN)
+    assert not design.held_out_perturbed.any()
+    assert design.held_out_control.sum() == int(
+        ((training.obs["cell_type"] == HELD_OUT) & (training.obs["condition"] == "control")).sum())
+    assert design.other_types == ("type1", "type2")
+    # ... but a type without control cells has nothing to predict from,
+    only_perturbed = exclude_cells(simulation, [{"cell_type": HELD_OUT, "condition": "control"}])
+    with pytest.raises(DataError, match="has no 'control' cells to predict from"):
+        perturbation_design(only_perturbed, **DESIGN)
+    # and a type with no cells at all is unknown.
+    neither = exclude_cells(training, [{"cell_type": HELD_OUT, "condition": "control"}])
+    with pytest.raises(DataError, match="no cells have obs\\['cell_type'\\] == 'type0'"):
+        perturbation_design(neither, **DESIGN)
+    # Only scoring needs the measured cells, and says where to turn without them.
+    measured = simulation[:5].copy()
+    measured.uns["perturbation"] = {"scale": "counts"}
+    with pytest.raises(DataError, match="no measured 'perturbed' cells .*prediction_profiles"):
+        compare_perturbation(training, measured, **DESIGN)
+
+
+def test_prediction_profiles_without_measured_perturbed_cells(simulation, training):
+    # A stand-in prediction: the held-out type's measured perturbed cells, which the profiles
+    # describe without reading them from the data.
+    measured = simulation[((simulation.obs["cell_type"] == HELD_OUT)
+                           & (simulation.obs["condition"] == "perturbed")).to_numpy()].copy()
+    measured.uns["perturbation"] = {"scale": "counts"}
+    profiles = prediction_profiles(training, {"oracle": measured}, **DESIGN, n_top_genes=5)
+    means = profiles.gene_means
+    assert list(means.columns) == ["control", "oracle", "mean shift"]
+    # The same means as the evaluation computes when the measured cells are there.
+    evaluation = compare_perturbation(simulation, {"oracle": measured}, **DESIGN)
+    for column in means.columns:
+        np.testing.assert_allclose(means[column], evaluation.gene_means[column])
+    change = (means["oracle"] - means["control"]).abs()
+    assert profiles.top_genes == list(change.sort_values(ascending=False, kind="stable")
+                                      .index[:5])
+    # No other type measured in both conditions: no mean-shift baseline, still a profile.
+    alone = training[(training.obs["cell_type"] == HELD_OUT).to_numpy()
+                     | (training.obs["condition"] == "perturbed").to_numpy()
+                     & (training.obs["cell_type"] == "type1").to_numpy()].copy()
+    assert list(prediction_profiles(alone, measured, **DESIGN).gene_means.columns) == [
+        "control", "model (prediction)"]
+
+
 def test_exclude_cells_checks_its_groups(simulation):
     kept = exclude_cells(simulation, [{"cell_type": "type1", "condition": "perturbed"},
                                       {"batch": "batch0", "cell_type": "type2"}])
@@ -360,3 +406,51 @@ def test_cli_fit_rejects_bad_exclude(tmp_path, capsys):
         assert code == 2 and match in err and err.count("\n") == 1
     code = main(["fit", "scvi", "--dataset", "nope", "--out", str(tmp_path / "o")])
     assert code == 2 and "unknown --dataset 'nope'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def quick_scvi_run(training, tmp_path_factory):
+    """A few epochs of scVI on the training cells, saved by the API: cheap, and honest enough."""
+    model = SCVI(n_hidden=16, n_latent=4, n_layers=0, likelihood="nb")
+    fitted = lvmzoo.fit(model, lvmzoo.setup_anndata(training, batch_key="batch"), epochs=2,
+                        batch_size=128, progress=False)
+    run = tmp_path_factory.mktemp("quick_scvi") / "run"
+    fitted.save(run)
+    return run
+
+
+def test_cli_perturb_predicts_what_was_never_measured(quick_scvi_run, training, tmp_path,
+                                                      capsys):
+    path = tmp_path / "train.h5ad"
+    training.write_h5ad(path)  # no perturbed cells of the predicted type at all
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.csv").write_text("stale")  # from an earlier, evaluated run
+    base = ["perturb", str(quick_scvi_run), str(path), "--control", "control", "--perturbed",
+            "perturbed"]
+    assert main([*base, "--predict", HELD_OUT, "--n-top-genes", "20", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""  # no warning about seen cells: there are no metrics to doubt
+    assert (f"no measured 'perturbed' '{HELD_OUT}' cells in {path}: predictions written, "
+            "not evaluated") in printed.out
+    assert "mean-shift baseline" in printed.out and "largest predicted changes" in printed.out
+    n_control = int(((training.obs["cell_type"] == HELD_OUT)
+                     & (training.obs["condition"] == "control")).sum())
+    predicted = ad.read_h5ad(out / "predicted.h5ad")
+    assert predicted.n_obs == n_control and "expected" in predicted.layers
+    assert (predicted.obs["condition"] == "perturbed").all()
+    assert (out / "perturbation.png").stat().st_size > 0
+    assert not (out / "metrics.csv").exists() and not (out / "metrics.md").exists()
+    means = pd.read_csv(out / "gene_means.csv", index_col=0)
+    assert list(means.columns) == ["control", "scvi (latent arithmetic)", "mean shift"]
+    assert list(means.index) == list(training.var_names)
+
+    # Bad input still ends in one line, exit 2: a type with no control cells, an unknown one.
+    no_control = exclude_cells(training, [{"cell_type": "type1", "condition": "control"}])
+    no_control.write_h5ad(path)
+    for predict, match in [("type1", "has no 'control' cells to predict from"),
+                           ("type9", "no cells have obs['cell_type'] == 'type9'")]:
+        code = main([*base, "--predict", predict, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("lvmzoo: error: ") and err.count("\n") == 1
+        assert match in err

@@ -18,7 +18,6 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 import lvmzoo
-from lvmzoo import io
 from lvmzoo.analysis.query import batch_surgery, map_query
 from lvmzoo.cli import main
 from lvmzoo.data import DataWarning
@@ -131,7 +130,7 @@ def test_query_errors_are_named(split, reference_fit):
 @pytest.fixture(scope="module")
 def saved_reference(tmp_path_factory, split, reference_fit):
     root = tmp_path_factory.mktemp("mapquery")
-    io.save_model(reference_fit[0], root / "reference" / "model")
+    lvmzoo.save_model(reference_fit[0], root / "reference" / "model")
     query_path = root / "query.h5ad"
     split[1].write_h5ad(query_path)
     return root, query_path
@@ -151,7 +150,7 @@ def test_cli_map_query_and_predict(saved_reference, split, capsys):
     assert mapped.obsm["X_scanvi"].shape == (split[1].n_obs, 8)
     assert set(mapped.obs["scanvi_prediction"].cat.categories) <= {f"type{i}" for i in range(4)}
     assert mapped.var_names.equals(split[1].var_names)  # the query's own genes, untouched
-    assert io.load_model(out / "model").registry.batch_categories[-1] == "batch2"
+    assert lvmzoo.load_model(out / "model").registry.batch_categories[-1] == "batch2"
     status = main(["predict", str(out), str(query_path), "--out", str(root / "p.csv")])
     assert status == 0
     table = pd.read_csv(root / "p.csv", index_col="cell")
@@ -196,7 +195,7 @@ def test_cli_errors_are_one_line(saved_reference, split, tmp_path, capsys):
 
 
 def test_label_scores_line_needs_the_models_labels_column():
-    from lvmzoo.cli import _scores_against_known_labels
+    from lvmzoo.cli._common import _scores_against_known_labels
 
     adata = ad.AnnData(np.zeros((4, 1), np.float32),
                        obs=pd.DataFrame({"label": ["a", "b", "Unknown", "b"]},

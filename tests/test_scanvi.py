@@ -94,8 +94,9 @@ def test_prediction_outputs(simulated, fitted):
     pd.testing.assert_series_equal(fitted.predict(data), labels)
     assert (labels.to_numpy() == probabilities.idxmax(1).to_numpy()).all()
     annotated, keys = fitted.annotate(adata, data)
-    assert keys == ['obsm["X_scanvi"]', 'layers["scvi_normalized"]', 'obs["scanvi_prediction"]',
-                    'obs["scanvi_probability"]']
+    assert keys == ['obsm["X_scanvi"]', 'obs["scanvi_prediction"]', 'obs["scanvi_probability"]',
+                    'layers["scvi_normalized"]']
+    assert fitted.annotate(adata, data, per_gene=False)[1] == keys[:-1]
     assert (annotated.obs["scanvi_prediction"].astype(str).to_numpy()
             == labels.astype(str).to_numpy()).all()
     np.testing.assert_allclose(annotated.obs["scanvi_probability"], probabilities.max(1),
@@ -280,7 +281,7 @@ def test_cli_fit_scanvi_from_a_scvi_run(tmp_path, capsys):
     adata.write_h5ad(path)
     scvi_data = lvmzoo.setup_anndata(adata, batch_key="batch")
     scvi_result = lvmzoo.fit(SCVI(n_hidden=16, n_latent=4), scvi_data, epochs=2, progress=False)
-    lvmzoo.io.save_model(scvi_result, tmp_path / "scvi" / "model")
+    lvmzoo.save_model(scvi_result, tmp_path / "scvi" / "model")
     out = tmp_path / "scanvi"
     status = main(["fit", "scanvi", str(path), "--labels-key", "label", "--from-run",
                    str(tmp_path / "scvi"), "--epochs", "2", "--no-progress", "--plot-method",

@@ -22,7 +22,7 @@ import lvmzoo
 from lvmzoo import analysis, datasets
 from lvmzoo.cli import main
 from lvmzoo.data.source import DeviceSource
-from lvmzoo.io import load_model
+from lvmzoo import load_model
 from lvmzoo.models import MODELS, SCVI
 from lvmzoo.models.scvi import kl_warmup_weight
 

@@ -23,11 +23,13 @@ from lvmzoo.analysis.perturbation import (
     evaluate_perturbation,
     exclude_cells,
     predict_perturbation,
+    prediction_profiles,
 )
 
 __all__ = [
     "batch_codes", "cell_scores", "compare_perturbation", "differential_expression",
     "evaluate_perturbation", "exclude_cells", "latent_representation", "predict_perturbation",
+    "prediction_profiles",
     "likelihood_parameters", "normalized_expression", "posterior_fdr_calls",
     "posterior_predictive_sample", "reconstruction_error",
     "expected_calibration_error", "label_scores", "map_query",

@@ -52,6 +52,12 @@ totals over those genes, for measured and predicted cells alike):
   pertpy's ``Edistance``), so a method that only gets the means right does
   not look perfect.  Zero for identical distributions.
 
+When no perturbed cells of the held-out type were measured (the purpose of a
+prediction, not the benchmark), :func:`prediction_profiles` describes the
+predictions without scoring them: the per-gene means of the predictions, of
+the held-out type's control cells and of the mean-shift baseline, and the
+genes the prediction changes most.
+
 References:
   Lotfollahi, M., Wolf, F. A. & Theis, F. J. (2019). scGen predicts
   single-cell perturbation responses. Nature Methods 16, 715–721.
@@ -101,6 +107,10 @@ class Design(NamedTuple):
 def perturbation_design(adata, condition_key: str, control: str, perturbed: str,
                         cell_type_key: str, cell_type: str) -> Design:
     """Check the experiment's ``obs`` columns and values; find its cells.
+
+    The held-out type need not have perturbed cells (``held_out_perturbed``
+    is then all ``False``): predicting them is the point; only scoring a
+    prediction (:func:`compare_perturbation`) needs them.
 
     Raises:
       DataError: a column is missing, a condition or the cell type has no
@@ -431,12 +441,9 @@ def compare_perturbation(
                                  cell_type)
     if not design.held_out_perturbed.any():
         raise DataError(f"cell type {cell_type!r} has no measured {perturbed!r} cells to "
-                        "compare the predictions with")
-    genes = _shared_genes(predictions)
-    missing = [g for g in genes if g not in set(map(str, adata.var_names))]
-    if missing:
-        raise DataError(f"the data lack {len(missing)} of the predicted genes "
-                        f"(e.g. {', '.join(missing[:5])})")
+                        "compare the predictions with (prediction_profiles describes "
+                        "predictions without them)")
+    genes = _checked_genes(adata, predictions)
     observed = _log_normalised_cells(adata, genes, layer)
     control_cells = observed[design.held_out_control]
     perturbed_cells = observed[design.held_out_perturbed]
@@ -467,6 +474,88 @@ def compare_perturbation(
     metrics.index.name = "method"
     gene_means = pd.DataFrame(means, index=pd.Index(genes, name="gene"))
     return PerturbationEvaluation(metrics, gene_means, [genes[i] for i in top], design)
+
+
+class PerturbationPrediction(NamedTuple):
+    """What :func:`prediction_profiles` found, with no measured perturbed cells to score against.
+
+    Attributes:
+      gene_means: ``(n_genes, 1 + n_methods)`` mean log-normalised expression:
+        ``"control"`` (the held-out type's measured control cells), then each
+        prediction, then ``"mean shift"`` (the baseline; absent when no other
+        cell type was measured in both conditions).
+      top_genes: the ``n_top_genes`` genes whose mean the first prediction
+        changes most (largest ``|prediction - control|``), largest first.
+      design: the cells predicted from.
+    """
+
+    gene_means: pd.DataFrame
+    top_genes: list[str]
+    design: Design
+
+
+def prediction_profiles(
+    adata,
+    predictions: Union[ad.AnnData, Mapping[str, ad.AnnData]],
+    condition_key: str,
+    control: str,
+    perturbed: str,
+    cell_type_key: str,
+    cell_type: str,
+    *,
+    layer: Optional[str] = None,
+    n_top_genes: int = 100,
+) -> PerturbationPrediction:
+    """Per-gene mean profiles of predictions beside the control cells and the mean-shift baseline.
+
+    Needs no measured perturbed cells of the held-out type (the case of a real
+    prediction); when they are there, :func:`compare_perturbation` scores the
+    predictions against them.  The same log-normalised scale as there.
+
+    Args:
+      adata: the measured cells, raw counts in ``layer`` (or ``X``); its
+        held-out perturbed cells, if any, are not used.  Not modified.
+      predictions, condition_key, control, perturbed, cell_type_key,
+        cell_type, layer: as for :func:`compare_perturbation`.
+      n_top_genes: how many of the most changed genes to name.
+
+    Raises:
+      DataError: bad design (see :func:`perturbation_design`), predictions
+        without a scale or with other genes than each other or the data.
+      ValueError: ``n_top_genes`` below 1.
+    """
+    if isinstance(predictions, ad.AnnData):
+        predictions = {_name(predictions): predictions}
+    if not predictions:
+        raise DataError("no predictions to describe")
+    if n_top_genes < 1:
+        raise ValueError(f"n_top_genes must be at least 1, got {n_top_genes}")
+    design = perturbation_design(adata, condition_key, control, perturbed, cell_type_key,
+                                 cell_type)
+    genes = _checked_genes(adata, predictions)
+    keep = ~design.held_out_perturbed  # never read the cells that were to be predicted
+    observed = _log_normalised_cells(adata[keep], genes, layer)
+    control_mean = observed[design.held_out_control[keep]].mean(0)
+    means = {"control": control_mean}
+    for name, prediction in predictions.items():
+        means[name] = _prediction_values(prediction, name).mean(0)
+    if design.other_types:
+        means["mean shift"] = control_mean + _mean_shift(observed, adata[keep], design)
+    first = means[next(iter(predictions))]
+    change = np.abs(first - control_mean)
+    top = np.argsort(-change, kind="stable")[: min(n_top_genes, len(genes))]
+    gene_means = pd.DataFrame(means, index=pd.Index(genes, name="gene"))
+    return PerturbationPrediction(gene_means, [genes[i] for i in top], design)
+
+
+def _checked_genes(adata, predictions: Mapping[str, ad.AnnData]) -> list[str]:
+    """The predictions' shared genes, all of them in ``adata``."""
+    genes = _shared_genes(predictions)
+    missing = [g for g in genes if g not in set(map(str, adata.var_names))]
+    if missing:
+        raise DataError(f"the data lack {len(missing)} of the predicted genes "
+                        f"(e.g. {', '.join(missing[:5])})")
+    return genes
 
 
 def _name(prediction: ad.AnnData) -> str:
@@ -609,9 +698,9 @@ def markdown_table(metrics: pd.DataFrame, digits: int = 3) -> str:
 
 
 __all__ = [
-    "BASELINES", "EXPECTED_LAYER", "Design", "PerturbationEvaluation", "compare_perturbation",
-    "energy_distance", "evaluate_perturbation", "exclude_cells", "log_normalise",
-    "markdown_table", "pearson", "perturbation_design", "predict_perturbation",
-    "prediction_method", "r2_score",
+    "BASELINES", "EXPECTED_LAYER", "Design", "PerturbationEvaluation", "PerturbationPrediction",
+    "compare_perturbation", "energy_distance", "evaluate_perturbation", "exclude_cells",
+    "log_normalise", "markdown_table", "pearson", "perturbation_design", "predict_perturbation",
+    "prediction_method", "prediction_profiles", "r2_score",
     "top_genes",
 ]

@@ -31,10 +31,20 @@ from numpyro import handlers
 from lvmzoo.data.source import Batch
 
 
-def _per_cell_log_prob(trace) -> jax.Array:
+def _per_cell_log_prob(trace, proposal=None) -> jax.Array:
+    """Sum of the per-cell log-densities of ``trace``'s sample sites in the cells plate.
+
+    With ``proposal`` (the guide's trace), a model trace leaves out the latent
+    sites the guide does not sample: those were drawn from their prior inside the
+    replayed model, so the prior is their proposal and its density cancels in
+    ``p(x, z, c) / (q(z) p(c))`` (counting it would put ``log p(c)`` into every
+    weight, e.g. the mixture weight of a GMM whose component is left to its prior).
+    """
     total = 0.0
-    for site in trace.values():
+    for name, site in trace.items():
         if site["type"] != "sample":
+            continue
+        if proposal is not None and not site["is_observed"] and name not in proposal:
             continue
         if not any(frame.name == "cells" for frame in site["cond_indep_stack"]):
             continue
@@ -63,7 +73,7 @@ def log_weights(
 ) -> jax.Array:
     """``log p(x, z) - log q(z | x)`` per cell for one draw ``z ~ q``; shape ``(B,)``."""
     model_trace, guide_trace = _traces(model, guide, params, batch, key)
-    return _per_cell_log_prob(model_trace) - _per_cell_log_prob(guide_trace)
+    return _per_cell_log_prob(model_trace, guide_trace) - _per_cell_log_prob(guide_trace)
 
 
 def importance_sampled_scores(
@@ -101,7 +111,7 @@ def joint_log_weight(
     model_trace, guide_trace = _traces(model, guide, params, batch, key)
     log_q = sum(jnp.sum(site["fn"].log_prob(site["value"])) for site in guide_trace.values()
                 if site["type"] == "sample")
-    return jnp.sum(_per_cell_log_prob(model_trace)) - log_q
+    return jnp.sum(_per_cell_log_prob(model_trace, guide_trace)) - log_q
 
 
 def joint_log_weights(

@@ -635,11 +635,32 @@ def latent_needs_guide(model: LatentModel, params: dict, batch: Batch) -> bool:
 @functools.partial(jax.jit, static_argnames=("guide", "n_samples"))
 def guide_mean(guide: Callable, params: dict, batch: Batch, key: jax.Array,
                n_samples: int = 100) -> jax.Array:
-    """Monte Carlo posterior mean of the per-cell site ``z`` under ``guide``, ``(B, K)``."""
+    """Monte Carlo posterior mean of the guide's per-cell latent, ``(B, K)``.
+
+    The latent is the site ``z`` when the guide samples one, otherwise the one
+    continuous sample site in the cells plate; a site with one value per cell
+    is reported as ``(B, 1)``.
+    """
     def draw(k):
         tr = handlers.trace(handlers.seed(handlers.substitute(guide, data=params), k)).get_trace(batch)
-        if LATENT_SITE not in tr:
-            raise ValueError(f"the guide has no per-cell site {LATENT_SITE!r} to report")
-        return tr[LATENT_SITE]["value"]
+        value = tr[_reported_site(tr)]["value"]
+        return value.reshape(value.shape[0], -1) if value.ndim != 2 else value
 
     return jax.lax.map(draw, jax.random.split(key, n_samples)).mean(0)
+
+
+def _reported_site(trace) -> str:
+    """``z``, else the only per-cell continuous sample site of a guide trace; else say what to do."""
+    if LATENT_SITE in trace:
+        return LATENT_SITE
+    per_cell = [name for name, site in trace.items()
+                if site["type"] == "sample"
+                and any(f.name == "cells" for f in site["cond_indep_stack"])
+                and not site["fn"].support.is_discrete]
+    if len(per_cell) == 1:
+        return per_cell[0]
+    found = ", ".join(repr(n) for n in per_cell) or "none"
+    raise ValueError(
+        f"cannot tell which per-cell site of the guide is the latent to report (per-cell "
+        f"continuous sites: {found}): name it {LATENT_SITE!r} in the model, or make the "
+        "model's latent(params, batch, key) compute it from the model's own params")

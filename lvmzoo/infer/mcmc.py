@@ -91,7 +91,8 @@ def run_nuts(
         no continuous latent sample site.
     """
     batch = DeviceSource(data).full_batch()
-    fixed = {k: jnp.asarray(v) for k, v in (params or {}).items()}
+    # Flax parameters are nested dicts ("decoder$params": {...}): convert leaf by leaf.
+    fixed = jax.tree.map(jnp.asarray, dict(params or {}))
     _check_sampleable(model, batch, fixed)
     program = handlers.substitute(model.model, data=fixed) if fixed else model.model
     kernel = NUTS(program, target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth)

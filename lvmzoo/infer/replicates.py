@@ -3,9 +3,11 @@
 ``fit_replicates(model, data, seeds)`` runs the driver's own epoch program
 (:func:`lvmzoo.infer.svi.epoch_function`) vmapped over a leading replicate
 axis of the SVI state and of the shuffling order, so ``R`` replicates share one
-compilation and one pass over the data per step.  Replicate ``r`` follows
-exactly the random stream of ``fit(model, data, seed=seeds[r],
-validation_fraction=0)``.
+compilation and one pass over the data per step.  Replicate ``r`` follows the
+random stream of ``fit(model, data, seed=seeds[r], validation_fraction=0)``:
+the same start, minibatches and draws, so the same fit up to float32 rounding
+(parameters agree to about 1e-5: the vmapped program orders its reductions
+differently, not bit for bit).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import DeviceSource, n_steps_per_epoch
+from lvmzoo.infer.guides import NamedGuide, make_guide
 from lvmzoo.infer.results import FittedModel
 from lvmzoo.infer.svi import (
     _all_params,
@@ -62,6 +65,11 @@ def fit_replicates(
     check_data_kind(model, data)
     learning_rate = model.default_learning_rate if learning_rate is None else learning_rate
     guide = model.guide if guide is None else guide
+    if isinstance(guide, str):  # a name, as fit() takes it: "mean_field", "low_rank", ...
+        guide = make_guide(guide, model)
+    if isinstance(guide, NamedGuide):
+        guide = make_guide(guide.name, model, **guide.options)  # owned by these fits
+        guide.training_cells = np.asarray(data.obs_names)  # rows of per-cell params
     source = DeviceSource(data)
     batch_size = min(batch_size, source.n_cells)
     steps_per_epoch = n_steps_per_epoch(source.n_cells, batch_size)
@@ -122,12 +130,28 @@ def procrustes_similarity(a: np.ndarray, b: np.ndarray) -> float:
     Latent spaces of separate fits are identified only up to rotation (and
     sign), so this is the natural seed-stability score for ``(n_cells, K)`` latents.
     """
-    _, _, disparity = procrustes(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return float("nan")  # a diverged replicate: no latent to compare
+    if np.ptp(a, axis=0).max() == 0 or np.ptp(b, axis=0).max() == 0:
+        return 0.0  # a collapsed replicate (every cell at one point) shares no structure
+    _, _, disparity = procrustes(a, b)
     return float(1.0 - disparity)
 
 
 def replicate_stability(latents: Sequence[np.ndarray]) -> dict[str, float]:
-    """Mean, min and max Procrustes similarity over all pairs of replicate latents."""
-    scores = [procrustes_similarity(a, b) for a, b in itertools.combinations(latents, 2)]
-    return {"mean": float(np.mean(scores)), "min": float(np.min(scores)),
-            "max": float(np.max(scores)), "n_pairs": len(scores)}
+    """Mean, min and max Procrustes similarity over all pairs of replicate latents.
+
+    A collapsed replicate scores 0 with every other; pairs with a diverged
+    (non-finite) replicate are left out and counted in ``n_pairs_skipped``.
+    """
+    scores = np.array([procrustes_similarity(a, b)
+                       for a, b in itertools.combinations(latents, 2)])
+    finite = scores[np.isfinite(scores)]
+    if finite.size == 0:
+        nan = float("nan")
+        return {"mean": nan, "min": nan, "max": nan, "n_pairs": 0,
+                "n_pairs_skipped": int(scores.size)}
+    return {"mean": float(finite.mean()), "min": float(finite.min()),
+            "max": float(finite.max()), "n_pairs": int(finite.size),
+            "n_pairs_skipped": int(scores.size - finite.size)}

@@ -107,7 +107,7 @@ class FittedModel:
         return np.concatenate([np.asarray(c) for c in chunks])
 
     def evaluate(self, data: CellData, n_samples: int = 100, seed: int = 0,
-                 method: str = "auto") -> dict[str, Any]:
+                 method: str = "auto", *, standard_error: bool = False) -> dict[str, Any]:
         """Average per-cell log-likelihood and ELBO on ``data``.
 
         Args:
@@ -121,14 +121,23 @@ class FittedModel:
         cells) is scored with weights of all cells at once (see
         :mod:`lvmzoo.infer.evaluate`): ``method`` is then
         ``"importance_sampling_joint"`` and ``log_weights`` holds the
-        ``(n_samples,)`` weights (e.g. for a Pareto ``k̂``).
+        ``(n_samples,)`` weights (e.g. for a Pareto ``k̂``).  A ``map`` guide
+        (point estimates) has no proposal density: its score is labelled
+        ``"log_joint_at_map"``, ``log p(x, z_MAP)``, which is not a bound on
+        ``log p(x)``.
+
+        ``standard_error=True`` adds ``"log_likelihood_sd"``, the standard
+        deviation of the per-cell log-likelihoods (``None`` for a joint guide),
+        from which a caller that scored a sample of cells gets the standard
+        error of its average.
         """
         if method not in ("auto", "importance_sampling"):
             raise ValueError(f"method must be 'auto' or 'importance_sampling', got {method!r}")
         key = jax.random.PRNGKey(seed)
         exact = self.log_likelihood(data) if method == "auto" else None
         if exact is None and getattr(self.guide, "joint_over_cells", False):
-            return self._evaluate_joint(data, n_samples, key)
+            joint = self._evaluate_joint(data, n_samples, key)
+            return {**joint, "log_likelihood_sd": None} if standard_error else joint
         sampled, elbo = [], 0.0
         for i, (batch, params, guide) in enumerate(self._evaluation(data)):
             k = jax.random.fold_in(key, i)
@@ -137,13 +146,26 @@ class FittedModel:
                     self.model, guide, params, batch, k, n_samples)))
             elbo += float(_elbo(self.model, guide, params, batch, k))
         log_likelihood = exact if exact is not None else np.concatenate(sampled)
-        return {
+        scores = {
             "n_cells": int(data.n_cells),
             "avg_log_likelihood": float(np.mean(log_likelihood)),
-            "method": "exact" if exact is not None else "importance_sampling",
+            "method": "exact" if exact is not None else self._sampled_method(),
             "n_samples": 0 if exact is not None else int(n_samples),
             "elbo": elbo / data.n_cells,
         }
+        if standard_error:
+            scores["log_likelihood_sd"] = (float(np.std(log_likelihood, ddof=1))
+                                           if data.n_cells > 1 else 0.0)
+        return scores
+
+    def _sampled_method(self) -> str:
+        """What a sampled score is: a point-mass guide (``map``) is no proposal density, so
+        its "importance sampling" is ``log p(x, z_MAP)``, not an estimate of ``log p(x)``."""
+        from lvmzoo.infer.guides import NamedGuide
+
+        if isinstance(self.guide, NamedGuide) and self.guide.name == "map":
+            return "log_joint_at_map"
+        return "importance_sampling"
 
     def _evaluate_joint(self, data: CellData, n_samples: int, key) -> dict[str, Any]:
         if self.guide.global_sites:
@@ -202,20 +224,30 @@ class FittedModel:
                             "linear_scvi")
         return self.model.loadings(self.params, self.registry.gene_names)
 
-    def annotate(self, adata: ad.AnnData, data: CellData) -> tuple[ad.AnnData, list[str]]:
+    def annotate(self, adata: ad.AnnData, data: CellData, *, per_gene: bool = True,
+                 copy: bool = True) -> tuple[ad.AnnData, list[str]]:
         """A copy of ``adata`` with ``obsm["X_<model>"]`` and the model's documented extras.
 
+        Args:
+          per_gene: also add the model's cells × genes outputs
+            (:meth:`LatentModel.annotate_per_gene`, e.g. scVI's normalised
+            expression layer); ``False`` skips them where they would not fit.
+          copy: ``False`` writes into ``adata`` itself instead of a copy (for a
+            caller that owns it, e.g. the CLI, to avoid a second matrix in memory).
+
         Returns:
-          ``(copy, keys_added)``; ``adata`` itself is not modified.
+          ``(annotated, keys_added)``; with ``copy=True`` ``adata`` is not modified.
         """
-        out = adata.copy()
+        out = adata.copy() if copy else adata
         z = self.latent(data)
         out.obsm[f"X_{self.model.name}"] = z
         extras = self.model.annotate(out, self.params, z, data)
+        if per_gene:
+            extras += self.model.annotate_per_gene(out, self.params, data)
         return out, [f'obsm["X_{self.model.name}"]', *extras]
 
     def save(self, path) -> None:
-        """Write the model to directory ``path`` atomically (see :mod:`lvmzoo.io`)."""
-        from lvmzoo.io import save_model
+        """Write the model to directory ``path`` atomically (see :mod:`lvmzoo.infer.saving`)."""
+        from lvmzoo.infer.saving import save_model  # saving imports this module
 
         save_model(self, path)

@@ -146,6 +146,7 @@ def fit(
         finite parameters.
     """
     check_data_kind(model, data)
+    model = model.for_data(data)  # data-dependent settings (e.g. a category's code) resolved
     if isinstance(initial_params, FittedModel):
         initial_params = _params_for(initial_params, data)
     guide = model.guide if guide is None else guide
@@ -156,6 +157,8 @@ def fit(
         guide = make_guide(guide.name, model, **guide.options)
     if learning_rate is None:
         learning_rate = default_learning_rate(guide, model)
+    # The learning rate a divergence message may name: None when the caller's optimizer set it.
+    stated_rate = learning_rate if optimizer is None else None
     optimizer = optax.adam(learning_rate) if optimizer is None else optimizer
     train_idx, val_idx = _split(data.n_cells, validation_fraction, seed)
     if isinstance(guide, NamedGuide):
@@ -189,6 +192,14 @@ def fit(
     # fits them after training), so such guides report no validation loss.
     per_cell = getattr(guide, "per_cell", False)
     validate = None if per_cell else _validation_program(svi, model, data, val_idx, key_validation)
+    if per_cell and len(val_idx):
+        if stopping is not None:
+            warnings.warn(
+                f"the {guide.name!r} guide holds parameters for the training cells only, so the "
+                f"{len(val_idx)} validation cells have no validation loss and early stopping is "
+                "off (every epoch runs); their scores come from FittedModel.evaluate, which "
+                "fits their local parameters after training", UserWarning, stacklevel=2)
+        stopping = None
     if validate:
         validate(placement.local(state))  # compile it now, so epoch times exclude compilation
     compile_seconds = time.perf_counter() - started
@@ -223,7 +234,7 @@ def fit(
                 failed_step = int(np.argmin(finite))
                 good = _last_finite_state(svi, train, (state, order, epoch, epochs), last_epoch,
                                           failed_step, placement)
-                message = _divergence_message(model, epoch, failed_step, learning_rate)
+                message = _divergence_message(model, epoch, failed_step, stated_rate)
                 raise FitDivergedError(message, result(good, "diverged", diverged=message))
             last_epoch = (state, order, epoch, epochs)
             state = new_state
@@ -312,6 +323,7 @@ def initial_params_of(model: LatentModel, data: CellData, *, batch_size: int = 1
     ``initial_params`` for a changed model or to check a warm start.
     """
     check_data_kind(model, data)
+    model = model.for_data(data)  # data-dependent settings (e.g. a category's code) resolved
     if isinstance(initial_params, FittedModel):
         initial_params = _params_for(initial_params, data)
     svi = SVI(model.model, model.guide, optax.identity(), loss=model.elbo())
@@ -522,9 +534,11 @@ def _all_params(svi, state):
 
 
 def _divergence_message(model, epoch, step, learning_rate):
+    """``learning_rate`` is ``None`` when the caller passed an optimizer of their own."""
+    rate = ("a smaller step size in your optimizer" if learning_rate is None
+            else f"a lower learning rate (now {learning_rate:g})")
     return (
         f"{model.name}: the loss became NaN/inf at epoch {epoch}, step {step}; "
         "the parameters from the last step with a finite loss were kept. "
-        f"Try a lower learning rate (now {learning_rate:g}), a larger batch size, "
-        "or check the data for extreme values."
+        f"Try {rate}, a larger batch size, or check the data for extreme values."
     )

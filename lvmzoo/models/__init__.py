@@ -1,6 +1,9 @@
 """The zoo: one file per model, each a NumPyro generative program.
 
-``MODELS`` maps the CLI / saved-run name of each model to its class.
+``MODELS`` maps the CLI / saved-run name of each model to its class; a model
+written outside the package joins it through :func:`register_model`, the
+``lvmzoo.models`` entry-point group or an import path (see
+:mod:`lvmzoo.models.registry`).
 """
 
 from lvmzoo.models.base import LatentModel, cell_plate
@@ -9,22 +12,15 @@ from lvmzoo.models.factor_analysis import FactorAnalysis
 from lvmzoo.models.gmm import GaussianMixture
 from lvmzoo.models.linear_scvi import LinearSCVI
 from lvmzoo.models.ppca import PPCA
+from lvmzoo.models.registry import (MODELS, ModelNotFoundError, available_models, get_model,
+                                    register_model, resolve_model)
 from lvmzoo.models.scanvi import SCANVI
 from lvmzoo.models.scvi import SCVI
 from lvmzoo.models.vae import VAE
 
-MODELS: dict[str, type[LatentModel]] = {
-    cls.name: cls
-    for cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI, LinearSCVI, SCANVI, CPA)
-}
-
-
-def get_model(name: str) -> type[LatentModel]:
-    """The model class registered under ``name``."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-    return MODELS[name]
-
+for _cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI, LinearSCVI, SCANVI, CPA):
+    register_model(_cls)
 
 __all__ = ["CPA", "MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "LinearSCVI",
-           "PPCA", "SCANVI", "SCVI", "VAE", "cell_plate", "get_model"]
+           "ModelNotFoundError", "PPCA", "SCANVI", "SCVI", "VAE", "available_models",
+           "cell_plate", "get_model", "register_model", "resolve_model"]

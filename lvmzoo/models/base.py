@@ -51,6 +51,29 @@ def compiled(method):
     return wrapper
 
 
+def hyperparameter(default: Any, *, minimum: Optional[float] = None, flag: Optional[str] = None,
+                   cli: bool = True):
+    """A model field with what the CLI needs to offer it as a flag (a dataclass field).
+
+    Every field of a model is a hyperparameter and becomes an ``lvmzoo fit`` flag
+    (``n_latent`` -> ``--n-latent``, help text from the class docstring's ``Args:``)
+    without this; use it to say more::
+
+        n_layers: int = hyperparameter(1, minimum=0)       # 0 is allowed
+        n_epochs_kl_warmup: int | str = hyperparameter("auto", flag="kl-warmup")
+
+    Args:
+      default: the field's default value.
+      minimum: smallest value the CLI accepts (default: 1 for integers whose default
+        is not 0; floats must be positive).
+      flag: the CLI flag without dashes (default: the field name with dashes).
+      cli: ``False`` keeps the field off the command line.
+    """
+    metadata = {"minimum": minimum, "flag": flag, "cli": cli}
+    return dataclasses.field(default=default, metadata={k: v for k, v in metadata.items()
+                                                        if v is not None})
+
+
 def cell_plate(batch: Batch) -> numpyro.plate:
     """The ``"cells"`` plate over ``batch.n_cells`` cells, subsampled to this minibatch.
 
@@ -104,6 +127,16 @@ class LatentModel(abc.ABC):
 
         return Trace_ELBO()
 
+    def for_data(self, data) -> "LatentModel":
+        """The model :func:`lvmzoo.fit` fits to ``data`` (a CellData): ``self`` by default.
+
+        A model whose settings name data (e.g. a category of an ``obs`` column)
+        returns a copy with them resolved against ``data.registry`` (a field the
+        saved config keeps), or raises :class:`~lvmzoo.data.registry.DataError`
+        saying what is wrong with the data.
+        """
+        return self
+
     def init_params(self, batch: Batch, key: jax.Array) -> Optional[Params]:
         """Initial values of some params from a sample of cells; ``None`` = model defaults."""
         return None
@@ -135,7 +168,18 @@ class LatentModel(abc.ABC):
 
         ``latent`` is the ``(n_cells, n_latent)`` array the caller stores in
         ``obsm["X_<name>"]``; ``data`` the CellData of ``adata``.  The default adds
-        nothing more.
+        nothing more.  Outputs with one value per cell *and gene* (cells × genes,
+        e.g. normalised expression) belong in :meth:`annotate_per_gene` instead, so
+        that callers can skip them where they would not fit in memory.
+        """
+        return []
+
+    def annotate_per_gene(self, adata, params: Params, data) -> list[str]:
+        """Write cells × genes outputs into ``adata`` (e.g. ``layers[...]``); return their keys.
+
+        Called by :meth:`lvmzoo.FittedModel.annotate` unless ``per_gene=False``
+        (``lvmzoo fit`` skips them above a size: see ``--per-gene-outputs``).
+        The default adds nothing.
         """
         return []
 

@@ -90,7 +90,7 @@ from numpyro.contrib.module import flax_module
 from numpyro.distributions import constraints
 
 from lvmzoo.data.source import Batch
-from lvmzoo.models.base import LatentModel, cell_plate
+from lvmzoo.models.base import LatentModel, cell_plate, hyperparameter
 from lvmzoo.models.likelihoods import COUNT_LIKELIHOODS
 from lvmzoo.models.scvi import SCVI, Decoder
 from lvmzoo.nn import MLP, GaussianEncoder
@@ -140,13 +140,13 @@ class CPA(LatentModel):
     dose_key: Optional[str] = None
     n_latent: int = 10
     n_hidden: int = 128
-    n_layers: int = 1
-    dropout_rate: float = 0.1
+    n_layers: int = hyperparameter(1, minimum=0)
+    dropout_rate: float = hyperparameter(0.1, minimum=0)
     likelihood: str = "nb"
     use_batch_norm: bool = True
-    n_epochs_kl_warmup: Union[int, str, None] = SCVI.n_epochs_kl_warmup
+    n_epochs_kl_warmup: Union[int, str, None] = hyperparameter("auto", minimum=0, flag="kl-warmup")
     kl_weight: float = 1.0
-    adversary_weight: float = 1.0
+    adversary_weight: float = hyperparameter(1.0, minimum=0)
 
     name: ClassVar[str] = "cpa"
     data_kind: ClassVar[str] = "counts"

@@ -146,7 +146,7 @@ from numpyro.distributions import constraints
 from numpyro.infer import TraceEnum_ELBO
 
 from lvmzoo.data.source import Batch
-from lvmzoo.models.base import LatentModel, cell_plate, compiled
+from lvmzoo.models.base import LatentModel, cell_plate, compiled, hyperparameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +175,7 @@ class GaussianMixture(LatentModel):
 
     n_components: int = 10
     min_scale: float = 1e-3
-    variance_prior: Union[float, str, None] = "auto"
+    variance_prior: Union[float, str, None] = hyperparameter("auto", minimum=0)
     n_lloyd_iterations: int = 10
     global_prior_scale: Optional[float] = None
     n_init: int = 3

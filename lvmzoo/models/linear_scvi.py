@@ -132,7 +132,8 @@ class LinearSCVI(SCVI):
         return pd.DataFrame(weights, index=pd.Index(list(gene_names)), columns=columns)
 
     def annotate(self, adata, params, latent, data) -> list[str]:
-        """Adds scVI's ``layers["scvi_normalized"]`` and ``varm["linear_scvi_loadings"]`` (G × K)."""
+        """Adds ``varm["linear_scvi_loadings"]`` (G × K); scVI's layer comes from
+        :meth:`annotate_per_gene`."""
         keys = super().annotate(adata, params, latent, data)
         adata.varm[LOADINGS_VARM] = self.loadings(params, data.registry.gene_names).to_numpy(
             np.float32)

@@ -329,7 +329,8 @@ class SCANVI(SCVI):
         return _with_params(classify, params)()
 
     def annotate(self, adata, params, latent, data) -> list[str]:
-        """Adds scVI's layer, ``obs["scanvi_prediction"]`` (label) and ``obs["scanvi_probability"]``."""
+        """Adds ``obs["scanvi_prediction"]`` (label) and ``obs["scanvi_probability"]``; scVI's
+        layer comes from :meth:`annotate_per_gene`."""
         import pandas as pd
 
         keys = super().annotate(adata, params, latent, data)

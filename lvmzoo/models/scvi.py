@@ -77,7 +77,7 @@ from numpyro.contrib.module import flax_module
 from numpyro.distributions import constraints
 
 from lvmzoo.data.source import Batch, DeviceSource
-from lvmzoo.models.base import LatentModel, cell_plate
+from lvmzoo.models.base import LatentModel, cell_plate, hyperparameter
 from lvmzoo.models.likelihoods import COUNT_LIKELIHOODS
 from lvmzoo.nn import MLP, Dense, GaussianEncoder
 
@@ -229,14 +229,14 @@ class SCVI(LatentModel):
 
     n_latent: int = 10
     n_hidden: int = 128
-    n_layers: int = 1
-    dropout_rate: float = 0.1
+    n_layers: int = hyperparameter(1, minimum=0)
+    dropout_rate: float = hyperparameter(0.1, minimum=0)
     likelihood: str = "zinb"
     dispersion: str = "gene"
     latent_library: bool = False
     encode_batch: bool = False
     use_batch_norm: bool = True
-    n_epochs_kl_warmup: Union[int, str, None] = "auto"
+    n_epochs_kl_warmup: Union[int, str, None] = hyperparameter("auto", minimum=0, flag="kl-warmup")
     kl_weight: float = 1.0
     freeze_batch_norm: bool = False
 
@@ -287,13 +287,23 @@ class SCVI(LatentModel):
         library_prior = self._library_prior(batch) if self.latent_library else None
         with cell_plate(batch):
             with self._kl_warmup(batch):
-                z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([self.n_latent]).to_event(1))
+                z = numpyro.sample("z", self.prior(batch))
             if library_prior is None:
                 log_library = jnp.log(batch.x.sum(-1))
             else:
                 log_library = numpyro.sample("log_library", dist.Normal(*library_prior))
             out = self._generate(z, log_library, batch, batch.batch, theta_table, batch.training)
             numpyro.sample("x", self.observation(out).to_event(1), obs=batch.x)
+
+    def prior(self, batch: Batch) -> dist.Distribution:
+        """``p(z)`` of each cell, event shape ``(n_latent,)``; the default is ``N(0, I)``.
+
+        An extension hook: a subclass that overrides it changes scVI's prior and
+        nothing else (e.g. a mixture of Gaussians, whose weights, means and scales
+        are ``numpyro.param`` sites declared here).  It is called inside the cells
+        plate, so per-cell batch shapes broadcast against ``(B,)``.
+        """
+        return dist.Normal(0.0, 1.0).expand([self.n_latent]).to_event(1)
 
     def _kl_warmup(self, batch: Batch):
         """Context scaling the ``z`` site by the warm-up weight while training.
@@ -318,7 +328,12 @@ class SCVI(LatentModel):
                           heads.dropout_logits)
 
     def observation(self, out: Generative) -> dist.Distribution:
-        """``p(x | z, l)``, batch shape ``(..., B, G)``, from the decoder outputs."""
+        """``p(x | z, l)``, batch shape ``(..., B, G)``, from the decoder outputs.
+
+        An extension hook like :meth:`prior`: override it for another count
+        likelihood built from ``out`` (``mean``, ``log_mean``,
+        ``inverse_dispersion``, ``dropout_logits``).
+        """
         build = COUNT_LIKELIHOODS[self.likelihood].build
         return build(out.log_mean, out.inverse_dispersion, out.dropout_logits)
 
@@ -532,7 +547,7 @@ class SCVI(LatentModel):
         value = value.reshape((-1,) + value.shape[-2:]).mean(0)
         return value if library_size is None else value * library_size
 
-    def annotate(self, adata, params, latent, data) -> list[str]:
+    def annotate_per_gene(self, adata, params, data) -> list[str]:
         """Adds ``layers["scvi_normalized"]``: ``rho`` per 10,000 counts (10 draws per cell)."""
         source = DeviceSource(data)
         key = jax.random.PRNGKey(0)

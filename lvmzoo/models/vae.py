@@ -38,7 +38,7 @@ from numpyro.contrib.module import flax_module
 from numpyro.distributions import constraints
 
 from lvmzoo.data.source import Batch
-from lvmzoo.models.base import LatentModel, cell_plate
+from lvmzoo.models.base import LatentModel, cell_plate, hyperparameter
 from lvmzoo.nn import MLP, GaussianEncoder
 
 # Given the decoder output eta (B, G), the distribution of x (batch shape (B, G)).
@@ -95,8 +95,8 @@ class VAE(LatentModel):
 
     n_latent: int = 10
     n_hidden: int = 128
-    n_layers: int = 1
-    dropout_rate: float = 0.1
+    n_layers: int = hyperparameter(1, minimum=0)
+    dropout_rate: float = hyperparameter(0.1, minimum=0)
     likelihood: str = "gaussian"
 
     name: ClassVar[str] = "vae"
@@ -129,8 +129,13 @@ class VAE(LatentModel):
     def model(self, batch: Batch) -> None:
         decoder, observation = self._decoder(batch.x.shape[-1])
         with cell_plate(batch):
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([self.n_latent]).to_event(1))
+            z = numpyro.sample("z", self.prior(batch))
             numpyro.sample("x", observation(decoder(z)).to_event(1), obs=batch.x)
+
+    def prior(self, batch: Batch) -> dist.Distribution:
+        """``p(z)`` of each cell, event shape ``(n_latent,)``, default ``N(0, I)``: an
+        extension hook (see :meth:`lvmzoo.models.SCVI.prior`)."""
+        return dist.Normal(0.0, 1.0).expand([self.n_latent]).to_event(1)
 
     def _decoder(self, n_genes: int):
         """The decoder network and the observation model it feeds (globals: outside the plate)."""

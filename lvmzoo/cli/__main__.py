@@ -1,0 +1,1 @@
+from lvmzoo.cli import main; raise SystemExit(main())

@@ -1,0 +1,408 @@
+"""``lvmzoo fit MODEL [DATA]``: setup_anndata -> fit -> save the run and its outputs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lvmzoo.cli._common import (EXIT_DIVERGED, EXIT_INTERRUPTED, PROG, UsageError, _first_line,
+                                _input_data, _load_run, _output_dir, _read_backed, _read_h5ad,
+                                _write_h5ad, _write_json)
+from lvmzoo.cli.fit_outputs import (PER_GENE_VALUES, PLOT_CELLS, SCORE_CELLS, PostFitSteps,
+                                    _annotate_backed, _fit_metrics, _save_latent_plot, _summary,
+                                    per_gene_outputs)
+from lvmzoo.models.base import LatentModel
+from lvmzoo.cli.options import (add_model_options, given_options, hyperparameters, model_class,
+                                option_flag)
+
+# Models whose default DATA is a bundled labelled data set: (data set, labels key, batch key).
+LABELLED_DEFAULTS = {"scanvi": ("wu2020", "cluster_orig", "patient")}
+# `lvmzoo fit` trains from disk when DATA is larger than this share of RAM: an
+# in-memory fit holds the matrix about four times at its peak (the AnnData,
+# the registered float32 copy, the training cells and the device copy).
+BACKED_RAM_SHARE = 0.25
+
+
+def add_parser(commands, models) -> None:
+    from lvmzoo.data.registry import KINDS, UNLABELED_CATEGORY
+    from lvmzoo.data.transforms import TRANSFORMS
+    from lvmzoo.datasets import DEFAULT_DATASET
+
+    model_lines = "\n".join(
+        f"  {name:<11} {_first_line(cls.__doc__)}" for name, cls in sorted(models.items())
+    )
+    fit = commands.add_parser(
+        "fit",
+        help="fit a model to an .h5ad file and save model, latent, metrics and plots",
+        description=textwrap.fill(
+            "Fit MODEL to DATA by stochastic variational inference and write into --out: "
+            "model/ (the saved model), history.json (losses and seconds per epoch, why the fit "
+            "stopped), loss.png, latent.png (the cells in a 2-D view of the latent, coloured by "
+            "batch and labels), result.h5ad (the input plus obsm['X_<MODEL>'] and the model's "
+            "documented extras) and metrics.json (train and validation log-likelihood and ELBO). "
+            "By default the fit stops early once the validation loss stops improving."
+        ),
+        epilog=f"models:\n{model_lines}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument("model", metavar="MODEL",
+                     help=f"model to fit, one of: {', '.join(sorted(models))}")
+    fit.add_argument("data", metavar="DATA", nargs="?", default=None,
+                     help="cells × genes .h5ad file (default: the bundled data set of "
+                          f"--dataset, '{DEFAULT_DATASET}'; for scanvi the labelled 'wu2020' "
+                          "with --labels-key cluster_orig --batch-key patient)")
+    fit.add_argument("--dataset", metavar="NAME", default=None,
+                     help="fit a bundled data set instead of DATA ('lvmzoo datasets' lists "
+                          f"them; default: '{DEFAULT_DATASET}')")
+    fit.add_argument("--exclude", metavar="KEY=VALUE[,KEY=VALUE...]", action="append",
+                     default=[],
+                     help="leave out the cells with all these obs values, e.g. "
+                          "cell_type=B,condition=stim to fit without the stimulated B cells "
+                          "and predict them later with 'lvmzoo perturb'; repeat for more "
+                          "groups (recorded in model.json; result.h5ad holds the fitted cells)")
+    fit.add_argument("--out", required=True, metavar="DIR",
+                     help="output directory (created if needed; earlier outputs are replaced)")
+    fit.add_argument("--layer", metavar="L", default=None,
+                     help="AnnData layer with the observations (default: .X)")
+    fit.add_argument("--batch-key", metavar="K", default=None,
+                     help="categorical obs column of batches (default: one batch)")
+    fit.add_argument("--labels-key", metavar="K", default=None,
+                     help="categorical obs column of cell labels; scanvi needs one (default: "
+                          "none)")
+    fit.add_argument("--unlabeled-category", metavar="U", default=UNLABELED_CATEGORY,
+                     help="value of --labels-key that marks a cell as unlabelled; cells with a "
+                          "missing label are unlabelled too (default: %(default)s)")
+    fit.add_argument("--from-run", metavar="DIR", default=None,
+                     help="scanvi: warm start from the scvi model saved in DIR (the --out of "
+                          "'lvmzoo fit scvi'); DATA must have its genes and batches, and the "
+                          "architecture, --layer and --batch-key are the scvi model's")
+    fit.add_argument("--epochs", type=int, metavar="N", default=None,
+                     help="the most passes over the training cells (default: the model's: "
+                          "min(round(20000 / n_cells * 400), 400) for the deep models, as "
+                          "scvi-tools; a few dozen for ppca, fa and gmm, which start from a "
+                          "data-driven solution)")
+    fit.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=True,
+                     help="stop once the validation loss has not improved by 1e-4 of itself "
+                          "for --patience epochs, keeping the best epoch's parameters; needs "
+                          "a validation split (default: on)")
+    fit.add_argument("--patience", type=int, metavar="N", default=None,
+                     help="epochs without improvement before early stopping "
+                          "(default: max(3, 10%% of the epochs))")
+    fit.add_argument("--batch-size", type=int, metavar="N", default=128,
+                     help="cells per optimisation step (default: %(default)s)")
+    fit.add_argument("--lr", type=float, metavar="X", default=None,
+                     help="Adam learning rate (default: the model's default_learning_rate)")
+    fit.add_argument("--seed", type=int, metavar="S", default=0,
+                     help="random seed; a fit is reproducible for a given seed "
+                          "(default: %(default)s)")
+    fit.add_argument("--plot-method", choices=("auto", "umap", "pca"), default="auto",
+                     help="2-D view of the latent in latent.png, drawn from at most "
+                          f"{PLOT_CELLS:,} random cells: pca, umap (needs umap-learn; about "
+                          "20 s more in a new process), or auto = pca (default: %(default)s)")
+    fit.add_argument("--score-cells", metavar="N|all", type=_score_cells, default=SCORE_CELLS,
+                     help="random cells per split (train, validation) whose log-likelihood "
+                          "metrics.json reports, with its standard error; 'all' scores every "
+                          "cell, which costs about an epoch per 100k cells for the deep models "
+                          "(default: %(default)s)")
+    fit.add_argument("--per-gene-outputs", choices=("auto", "all", "none"), default="auto",
+                     help="write the model's cells × genes outputs into result.h5ad (scVI's "
+                          "layers['scvi_normalized']): all, none, or auto = when they hold at "
+                          f"most {PER_GENE_VALUES:,} values (e.g. 25,000 cells × 2,000 genes) "
+                          "and DATA is in memory; above that, lvmzoo.analysis."
+                          "normalized_expression computes them in chunks (default: %(default)s)")
+    fit.add_argument("--no-progress", action="store_true",
+                     help="do not show the per-epoch progress bar")
+    fit.add_argument("--validation-fraction", type=float, metavar="F", default=0.1,
+                     help="share of cells held out for the validation loss and metrics, "
+                          "in [0, 1); 0 holds none out (default: %(default)s)")
+    fit.add_argument("--transform", choices=sorted(TRANSFORMS), default=None,
+                     help="transform of the input before fitting: log1p_cp10k = "
+                          "log(1 + 1e4 * x / cell total), none = as is (default: the model's "
+                          "default_transform for count input — log1p_cp10k for Gaussian "
+                          "models, none for count models — and none otherwise)")
+    fit.add_argument("--kind", choices=KINDS, default=None,
+                     help="what the input values are: raw counts, continuous values or 0/1 "
+                          "(default: binary for binary models, counts otherwise)")
+    fit.add_argument("--backed", action=argparse.BooleanOptionalAction, default=None,
+                     help="train from DATA on disk (a backed .h5ad or a .zarr store), reading "
+                          "blocks of cells while training, instead of loading it; result.h5ad "
+                          "then holds obs, var and the latent but not the matrix "
+                          "(default: on when DATA is larger than "
+                          f"{100 * BACKED_RAM_SHARE:.0f}%% of this machine's RAM)")
+    fit.add_argument("--devices", metavar="N", default=None,
+                     help="devices to train on: a number or 'all'; each minibatch is split "
+                          "over them, parameters are replicated; --batch-size is the total "
+                          "over all devices (default: one device)")
+    add_model_options(fit, models)
+    fit.set_defaults(run=run, command_parser=fit)
+
+
+def run(args) -> int:
+    from lvmzoo import datasets
+    from lvmzoo.data.registry import setup_anndata
+    from lvmzoo.infer.svi import FitDivergedError, fit
+
+    cls = model_class(args.model)
+    warm_start = _warm_start(args, cls) if args.from_run else None
+    try:
+        chosen = hyperparameters(cls, args)
+        model = cls.from_scvi(warm_start, **chosen) if warm_start else cls(**chosen)
+    except ValueError as err:  # the model's own check of its hyperparameters
+        raise UsageError(f"{args.model}: {err}") from None
+    _check_fit_ranges(args)
+    # data_kind / default_transform may depend on the instance (e.g. a VAE's likelihood).
+    kind = args.kind or ("binary" if model.data_kind == "binary" else "counts")
+    transform = args.transform or (model.default_transform if kind == "counts" else "none")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
+
+    devices = _devices(args.devices)
+    if args.data is not None and args.dataset is not None:
+        raise UsageError("give DATA or --dataset, not both")
+    if args.data is None:
+        name, labels_key, batch_key = LABELLED_DEFAULTS.get(
+            args.model, (datasets.DEFAULT_DATASET, None, None))
+        if args.dataset is not None:
+            name, labels_key, batch_key = args.dataset, None, None
+        adata, source = _input_data(None, name, name)
+        args.labels_key = args.labels_key or labels_key
+        args.batch_key = args.batch_key or (None if warm_start else batch_key)
+        backed = False
+    else:
+        source = args.data
+        backed = _train_from_disk(args)
+        adata = _read_backed(args.data) if backed else _read_h5ad(args.data)
+    if backed and args.exclude:
+        raise UsageError("--exclude needs the cells in memory; leave out --backed, or write "
+                         "the cells to keep to a file of their own")
+    adata, excluded = _excluded(adata, args.exclude)
+    if warm_start:
+        _use_warm_start_registry(args, warm_start.registry)
+    data = setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
+                         labels_key=args.labels_key, kind=kind, transform=transform,
+                         unlabeled_category=args.unlabeled_category, **model.registration())
+    _check_model_accepts(model, data)
+    if warm_start:
+        _check_same_cells_layout(data.registry, warm_start.registry, args.from_run)
+    out = _output_dir(args.out)
+    settings = {
+        "epochs": args.epochs, "early_stopping": args.early_stopping,
+        "patience": args.patience, "requested_batch_size": args.batch_size,
+        "learning_rate": model.default_learning_rate if args.lr is None else args.lr,
+        "validation_fraction": args.validation_fraction, "data": source,
+        "backed": data.is_backed, "devices": args.devices, "warm_start": args.from_run,
+        "exclude": excluded, "n_excluded": sum(g["n_cells"] for g in excluded),
+    }
+
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            # The CLI reports an interrupted fit itself (below); skip the driver's warning.
+            warnings.filterwarnings("ignore", message="fit interrupted", category=UserWarning)
+            fitted = fit(model, data, learning_rate=settings["learning_rate"],
+                         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                         validation_fraction=args.validation_fraction,
+                         early_stopping=args.early_stopping,
+                         early_stopping_patience=args.patience,
+                         progress=not args.no_progress, devices=devices,
+                         initial_params=warm_start)
+    except FitDivergedError as err:
+        _save_fit(out, err.result, settings)
+        print(f"{PROG}: error: {' '.join(str(err).split())} "
+              f"The model with those parameters is saved in {out / 'model'}.", file=sys.stderr)
+        return EXIT_DIVERGED
+    if fitted.interrupted:
+        _save_fit(out, fitted, settings)
+        print(f"{PROG}: interrupted after {len(fitted.history['epoch'])} epochs; the model so "
+              f"far is saved in {out / 'model'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    fit_seconds = time.perf_counter() - started
+
+    steps = PostFitSteps()
+    with steps("save_model", "saving the model"):
+        _save_fit(out, fitted, settings)
+    per_gene = per_gene_outputs(args.per_gene_outputs, data)
+    with steps("annotate", f"computing the latent{' and per-gene outputs' if per_gene else ''} "
+                           f"of {data.n_cells:,} cells"):
+        if data.is_backed:
+            annotated, added = _annotate_backed(fitted, adata, data)
+        else:
+            # The CLI owns adata (it read it): annotate in place rather than copy the matrix.
+            annotated, added = fitted.annotate(adata, data, per_gene=per_gene,
+                                               copy=adata.is_view)
+    with steps("write_result", "writing result.h5ad"):
+        _write_h5ad(out / "result.h5ad", annotated)
+    with steps("plot", "drawing latent.png"):
+        view = _save_latent_plot(out / "latent.png", annotated, fitted.model.name, data, args)
+    with steps("score", "scoring the likelihood"):
+        metrics = _fit_metrics(fitted, data, args.score_cells)
+    metrics["post_fit_seconds"] = steps.seconds
+    _write_json(out / "metrics.json", metrics)
+    print(_summary(fitted, data, source, metrics, added, out, fit_seconds, view))
+    if not per_gene and fitted.model.annotate_per_gene.__func__ is not LatentModel.annotate_per_gene:
+        print(f"left the cells × genes outputs out of result.h5ad ({data.n_cells:,} × "
+              f"{data.n_genes:,}; --per-gene-outputs {args.per_gene_outputs}): "
+              "--per-gene-outputs all writes them, or lvmzoo.analysis.normalized_expression "
+              "computes them for the cells you need")
+    for group in excluded:
+        spelled = ",".join(f"{k}={v}" for k, v in group["cells"].items())
+        print(f"left out {group['n_cells']:,} cells with {spelled} (--exclude)")
+    return 0
+
+
+def _score_cells(text: str):
+    """``--score-cells``: a positive number, or ``all`` (``None``)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {text!r}")
+    return n
+
+
+def _warm_start(args, cls):
+    """The fitted scvi model of ``--from-run`` (for scanvi)."""
+    if not hasattr(cls, "from_scvi"):
+        raise UsageError(f"--from-run warm starts scanvi from a fitted scvi; {cls.name} has no "
+                         "warm start")
+    architecture = [n for n in given_options(args) if n != "classification_ratio"]
+    if architecture:
+        raise UsageError(f"{option_flag(args, architecture[0])} cannot be combined with "
+                         "--from-run: the architecture is the scvi model's")
+    fitted = _load_run(args.from_run, "--from-run")
+    if fitted.model.name != "scvi":
+        raise UsageError(f"--from-run {args.from_run} holds a {fitted.model.name} model; "
+                         "give the --out directory of 'lvmzoo fit scvi'")
+    return fitted
+
+
+def _use_warm_start_registry(args, registry) -> None:
+    """``--layer`` and ``--batch-key`` of the scvi run; a different explicit one is an error."""
+    for option, name in (("--batch-key", "batch_key"), ("--layer", "layer")):
+        given, theirs = getattr(args, name), getattr(registry, name)
+        if given is not None and given != theirs:
+            raise UsageError(f"{option} {given} differs from the --from-run model's ({theirs}); "
+                             f"leave {option} out to use the scvi model's")
+        setattr(args, name, theirs)
+
+
+def _check_same_cells_layout(mine, theirs, run) -> None:
+    for what in ("gene_names", "batch_categories"):
+        if tuple(getattr(mine, what)) != tuple(getattr(theirs, what)):
+            raise UsageError(f"DATA has other {what.replace('_', ' ')} than the scvi model in "
+                             f"{run} was fitted to; give the data that model was fitted to")
+
+
+def _excluded(adata, specs: Sequence[str]):
+    """``(adata without the --exclude groups, [{"cells": {key: value}, "n_cells": n}])``."""
+    from lvmzoo.analysis.perturbation import exclude_cells
+
+    groups = [_key_values(spec) for spec in specs]
+    if not groups:
+        return adata, []
+    counts = []
+    for group in groups:
+        match = exclude_cells(adata, [group])  # checks the columns and that cells match
+        counts.append(adata.n_obs - match.n_obs)
+    return exclude_cells(adata, groups), [
+        {"cells": group, "n_cells": n} for group, n in zip(groups, counts)]
+
+
+def _key_values(spec: str) -> dict[str, str]:
+    pairs = [p.strip() for p in spec.split(",") if p.strip()]
+    group = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError(f"--exclude {spec!r}: write KEY=VALUE[,KEY=VALUE...], e.g. "
+                             "cell_type=B,condition=stim")
+        group[key.strip()] = value.strip()
+    if not group:
+        raise UsageError("--exclude needs KEY=VALUE pairs, e.g. cell_type=B,condition=stim")
+    return group
+
+
+def _check_fit_ranges(args) -> None:
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.patience is not None and args.patience < 1:
+        raise UsageError(f"--patience must be at least 1, got {args.patience}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise UsageError(
+            f"--validation-fraction must be in [0, 1), got {args.validation_fraction}"
+        )
+
+
+def _check_model_accepts(model, data) -> None:
+    # The driver's own check, run before anything is written; its ValueError
+    # is a mismatch between --kind/--transform and the model: a usage error.
+    from lvmzoo.infer.svi import check_data_kind as check
+
+    try:
+        check(model, data)
+    except ValueError as err:
+        raise UsageError(f"{err} (set --kind and --transform accordingly)") from None
+    if hasattr(model, "predict_proba") and data.registry.n_labels == 0:
+        raise UsageError(f"{model.name} learns from cell labels: give --labels-key K (cells "
+                         "whose label is missing or --unlabeled-category are unlabelled)")
+
+
+def _devices(text: Optional[str]):
+    """``--devices``: ``None``, a positive number or ``"all"``."""
+    if text is None or text == "all":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(f"--devices must be a positive number or 'all', got {text!r}")
+    import jax
+
+    available = len(jax.devices())
+    if n > available:
+        raise UsageError(f"--devices {n} but this machine has {available} "
+                         f"{jax.devices()[0].platform} device(s)")
+    return n
+
+
+def _train_from_disk(args) -> bool:
+    """``--backed`` / ``--no-backed``, else whether DATA is too large to load (with a message)."""
+    from lvmzoo.data.backed import file_size, total_memory
+
+    path = Path(args.data)
+    if path.is_dir():  # a .zarr store: always read from disk
+        if args.backed is False:
+            raise UsageError(f"DATA {args.data} is a directory (a .zarr store), which lvmzoo "
+                             "reads from disk; drop --no-backed")
+        return True
+    if args.backed is not None or not path.exists():
+        return bool(args.backed)  # a missing file is reported when it is read
+    size, ram = file_size(path), total_memory()
+    if ram and size > BACKED_RAM_SHARE * ram:
+        print(f"{PROG}: DATA is {size / 2**30:.1f} GiB, more than {BACKED_RAM_SHARE:.0%} of "
+              f"this machine's {ram / 2**30:.0f} GiB of RAM: training from disk (as --backed; "
+              "--no-backed loads it into memory)", file=sys.stderr)
+        return True
+    return False
+
+
+def _save_fit(out: Path, fitted, settings) -> None:
+    from lvmzoo.infer.saving import save_model
+    from lvmzoo.plotting import save_loss_plot
+
+    save_model(fitted, out / "model", fit_settings=settings)
+    _write_json(out / "history.json", fitted.history)
+    save_loss_plot(fitted.history, out / "loss.png", title=fitted.model.name)

@@ -1,0 +1,184 @@
+"""What ``lvmzoo fit`` writes and prints after the fit: metrics, latent.png, result.h5ad, the summary.
+
+Every step after the fit is bounded by a sample or a size, so that what follows a
+fit of a million cells costs a small share of the fit (issue: a 41 s fit followed
+by 19 minutes of outputs):
+
+* the likelihood in ``metrics.json`` is scored on at most :data:`SCORE_CELLS`
+  random cells per split (``--score-cells N|all``), with its standard error;
+* ``latent.png`` shows at most :data:`PLOT_CELLS` random cells, and its 2-D view
+  is PCA of the latent unless ``--plot-method umap`` is asked for;
+* cells × genes outputs (scVI's normalised expression layer) are written only
+  when they hold at most :data:`PER_GENE_VALUES` values (``--per-gene-outputs``);
+* each step prints one line with its time, and the times go to ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+# metrics.json scores at most this many random cells per split by default.
+SCORE_CELLS = 10_000
+# latent.png draws at most this many random cells.
+PLOT_CELLS = 20_000
+# Cells × genes outputs are written by default up to this many values (200 MB of float32).
+PER_GENE_VALUES = 50_000_000
+
+
+class PostFitSteps:
+    """Times the steps after the fit and says each one on stderr as it ends."""
+
+    def __init__(self, quiet: bool = False):
+        self.seconds: dict[str, float] = {}
+        self.quiet = quiet
+
+    @contextlib.contextmanager
+    def __call__(self, key: str, doing: str):
+        if not self.quiet:
+            print(f"lvmzoo: {doing} ...", end="", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        yield
+        self.seconds[key] = round(time.perf_counter() - started, 3)
+        if not self.quiet:
+            print(f" {self.seconds[key]:.1f} s", file=sys.stderr, flush=True)
+
+
+def per_gene_outputs(choice: str, data) -> bool:
+    """``--per-gene-outputs``: ``all``, ``none`` or ``auto`` (up to :data:`PER_GENE_VALUES`)."""
+    if choice == "auto":
+        return not data.is_backed and data.n_cells * data.n_genes <= PER_GENE_VALUES
+    return choice == "all"
+
+
+def _save_latent_plot(path: Path, annotated, name: str, data, args) -> str:
+    """``latent.png``: one panel per batch key, labels key and model clusters; returns the view."""
+    import numpy as np
+
+    from lvmzoo.plotting import cells_figure, embed_2d, save_figure
+
+    latent = annotated.obsm[f"X_{name}"]
+    cells = np.arange(annotated.n_obs)
+    if annotated.n_obs > PLOT_CELLS:  # a bounded sample: the picture, not the atlas
+        cells = np.sort(np.random.default_rng(args.seed).choice(annotated.n_obs, PLOT_CELLS,
+                                                                replace=False))
+    obs = annotated.obs.iloc[cells].copy()
+    color = [k for k in (args.batch_key, args.labels_key) if k]
+    color += [k for k in obs.columns if k.startswith(f"{name}_") and k not in color]
+    x = annotated.layers.get(args.layer) if args.layer else annotated.X  # None when on disk
+    if not color and data.registry.kind == "counts" and x is not None:
+        # Nothing categorical to show: the first thing that structures a latent of counts.
+        obs["log10 total counts"] = np.log10(np.asarray(x[cells].sum(axis=1)).ravel())
+        color = ["log10 total counts"]
+    method = "pca" if args.plot_method == "auto" else args.plot_method
+    if method == "umap":
+        _numba_cache_beside_lvmzoos()
+    coordinates, view = embed_2d(np.asarray(latent)[cells], method, args.seed)
+    title = name if len(cells) == annotated.n_obs else f"{name} ({len(cells):,} random cells)"
+    save_figure(cells_figure(coordinates, view, obs, color, title=title), path)
+    return {"UMAP": "UMAP", "PC": "PCA"}.get(view, "the latent itself")
+
+
+def _numba_cache_beside_lvmzoos() -> None:
+    """Let numba keep umap-learn's compiled functions (those it marks cacheable) on disk,
+    under lvmzoo's cache directory, so a second run does not compile them again."""
+    import os
+
+    from lvmzoo.cache import compilation_cache_dir
+
+    directory = compilation_cache_dir()
+    if directory is not None and "NUMBA_CACHE_DIR" not in os.environ:
+        os.environ["NUMBA_CACHE_DIR"] = str(Path(directory) / "numba")
+
+
+def _fit_metrics(fitted, data, score_cells: Optional[int] = SCORE_CELLS) -> dict[str, Any]:
+    """Train and validation scores, each on at most ``score_cells`` random cells (``None``: all)."""
+    import numpy as np
+
+    def score(index):
+        n_split = len(index)
+        if score_cells is not None and n_split > score_cells:
+            # Scoring a whole atlas costs many epochs; a random sample estimates the average.
+            rng = np.random.default_rng(fitted.seed)
+            index = np.sort(rng.choice(index, score_cells, replace=False))
+        scores = fitted.evaluate(data.subset(index), standard_error=True)
+        sd = scores.pop("log_likelihood_sd")
+        n = len(index)
+        # Sampling without replacement from the split: the finite-population correction.
+        scores["standard_error"] = (None if sd is None else
+                                    sd / math.sqrt(n) * math.sqrt(max(n_split - n, 0) / n_split))
+        scores["n_cells_in_split"] = n_split
+        return scores
+
+    validation = score(fitted.validation_index) if len(fitted.validation_index) else None
+    metrics = {"train": score(fitted.train_index), "validation": validation}
+    if validation is not None and hasattr(fitted.model, "predict_proba"):
+        held_out = data.subset(fitted.validation_index)
+        if (held_out.labels >= 0).any():
+            # Labelled validation cells were never seen by the classifier: an honest accuracy.
+            metrics["validation_labels"] = _label_scores(fitted, held_out)
+    return metrics
+
+
+def _label_scores(fitted, data) -> dict[str, Any]:
+    from lvmzoo.analysis.labels import label_scores
+
+    _, probabilities = fitted.predict(data, soft=True)
+    labelled = data.labels >= 0
+    truth = [data.registry.label_categories[c] for c in data.labels[labelled]]
+    return label_scores(truth, probabilities[labelled])
+
+
+def _annotate_backed(fitted, adata, data):
+    """result.h5ad of an on-disk fit: obs, var and the latent, without the matrix or model extras."""
+    import anndata as ad
+
+    key = f"X_{fitted.model.name}"
+    result = ad.AnnData(obs=adata.obs.copy(), var=adata.var.copy())
+    result.obsm[key] = fitted.latent(data)
+    return result, [f'obsm["{key}"] (obs and var; the matrix stays in DATA)']
+
+
+def _summary(fitted, data, source, metrics, added, out, seconds, view) -> str:
+    from lvmzoo.infer.svi import stop_message
+
+    history = fitted.history
+    registry = data.registry
+    n_epochs = len(history["epoch"])
+    val_loss = history["validation_loss"][-1] if n_epochs else math.nan
+    lines = [
+        f"{fitted.model.name} fitted to {source}: {data.n_cells:,} cells × {data.n_genes:,} "
+        f"genes (kind {registry.kind}, transform {registry.transform})",
+        f"{stop_message(history)}: {sum(history['seconds']):.1f} s "
+        f"(+ {history['compile_seconds']:.1f} s compiling; {seconds:.1f} s in all)"
+        + (f"; final loss {history['loss'][-1]:.4g}" if n_epochs else "")
+        + (f", validation loss {val_loss:.4g}" if math.isfinite(val_loss) else ""),
+        f"log-likelihood per cell ({metrics['train']['method']}): "
+        f"train {_score_text(metrics['train'])}"
+        + (f", validation {_score_text(metrics['validation'])}" if metrics["validation"] else ""),
+        f"wrote {out}/: latent.png (the cells, {view}), loss.png, metrics.json, history.json, "
+        f"model/, result.h5ad (added {', '.join(added)})",
+        f"look at {out / 'latent.png'} first; 'lvmzoo evaluate {out} NEW.h5ad' scores new cells",
+    ]
+    if registry.labels_key is not None and hasattr(fitted.model, "predict_proba"):
+        scores = metrics.get("validation_labels")
+        lines.insert(-1, f"labels: {int((data.labels >= 0).sum()):,} of {data.n_cells:,} cells "
+                         f"labelled ({registry.n_labels} categories of obs[{registry.labels_key!r}])"
+                         + (f"; held-out labelled cells: accuracy {scores['accuracy']:.3f}, macro "
+                            f"F1 {scores['macro_f1']:.3f}, ECE {scores['ece']:.3f} "
+                            f"({scores['n_cells']} cells)" if scores else ""))
+    return "\n".join(lines)
+
+
+def _score_text(scores: dict[str, Any]) -> str:
+    """``-512.3`` or, for a sample of the split, ``-512.3 ± 1.2 (10,000 random cells)``."""
+    text = f"{scores['avg_log_likelihood']:.4g}"
+    if scores["n_cells"] < scores.get("n_cells_in_split", scores["n_cells"]):
+        error = scores.get("standard_error")
+        text += (f" ± {error:.2g}" if error is not None else "") + \
+            f" ({scores['n_cells']:,} random cells; --score-cells all for every cell)"
+    return text

@@ -1,0 +1,59 @@
+"""``lvmzoo predict RUN [DATA]``: load_model -> FittedModel.predict (labels and probabilities)."""
+
+from __future__ import annotations
+
+import textwrap
+
+from lvmzoo.cli._common import UsageError, _load_run, _fit_dir, _output_file, _scores_against_known_labels, _read_h5ad
+
+
+def add_parser(commands) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="predict cell labels with a saved scanvi model (labels and probabilities, CSV)",
+        description=textwrap.fill(
+            "Load the model saved in RUN_DIR (a model with a classifier: scanvi), register DATA "
+            "against its genes and batches, and write one CSV row per cell: its name, the "
+            "predicted label ('prediction') and the probability of every label. If DATA has "
+            "the model's labels column, prints accuracy, macro F1 and expected calibration "
+            "error against it."),
+    )
+    predict.add_argument("run_dir", metavar="RUN_DIR",
+                         help="the --out directory of 'lvmzoo fit scanvi' or 'lvmzoo map-query' "
+                              "(or its model/ subdirectory)")
+    predict.add_argument("data", metavar="DATA", nargs="?", default=None,
+                         help=".h5ad file with the model's batches and genes (missing genes "
+                              "are zero-filled with a warning, refused below half of them; "
+                              "default: RUN_DIR/result.h5ad, written by 'lvmzoo fit')")
+    predict.add_argument("--out", required=True, metavar="FILE",
+                         help="CSV file to write (its directory is created if needed)")
+    predict.set_defaults(run=run, command_parser=predict)
+
+
+def run(args) -> int:
+    import dataclasses as dc
+
+    import pandas as pd
+
+    from lvmzoo.data.registry import query_anndata
+    from lvmzoo.io import atomic_write_file
+
+    out = _output_file(args.out)
+    fitted = _load_run(args.run_dir)
+    if not hasattr(fitted.model, "predict_proba"):
+        raise UsageError(f"the {fitted.model.name} model in {args.run_dir} does not predict "
+                         "labels; fit one with a classifier, e.g. 'lvmzoo fit scanvi'")
+    adata = _read_h5ad(args.data or str(_fit_dir(args.run_dir) / "result.h5ad"))
+    # The cells' own labels play no part in a prediction: register without them. Genes the
+    # data lack are zero-filled (with a warning), as map-query does.
+    registry = dc.replace(fitted.registry, labels_key=None)
+    data = query_anndata(adata, registry, missing_genes="zero")
+    labels, probabilities = fitted.predict(data, soft=True)
+    table = pd.concat([labels.astype(str), probabilities], axis=1)
+    atomic_write_file(out, lambda tmp: table.to_csv(tmp, index_label="cell"))
+    counts = labels.value_counts()
+    line = (f"predicted the labels of {data.n_cells:,} cells with the {fitted.model.name} model "
+            f"in {args.run_dir}; wrote {args.out}; most predicted: "
+            + ", ".join(f"{label} {n}" for label, n in counts.head(5).items()))
+    print(line + _scores_against_known_labels(adata, fitted.registry.labels_key, probabilities))
+    return 0
