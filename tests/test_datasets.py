@@ -128,7 +128,7 @@ def test_package_ships_provenance_and_licences():
 
 
 def test_registry_and_load_by_name():
-    assert set(DATASETS) == {"mouse_10k", "wu2020", "kang_ifnb"}
+    assert set(DATASETS) == {"mouse_10k", "wu2020", "kang_ifnb", "pbmc_citeseq"}
     assert DEFAULT_DATASET == "mouse_10k"
     for name, (loader, description) in DATASETS.items():
         assert callable(loader) and isinstance(description, str) and description

@@ -65,6 +65,11 @@ class DataRegistry:
         ``categorical_covariate_keys``.
       categorical_covariate_categories: for each of those keys, its category
         names; index ``i`` is code ``i``.
+      obsm_keys: ``obsm`` matrices carried per cell to models (e.g. scvi-tools'
+        ``"protein_expression"``), as ``Batch.obsm``, one block of columns each.
+      obsm_kinds: for each of those keys, what its values are (``"counts"`` or
+        ``"continuous"``; see :func:`setup_anndata`).
+      obsm_columns: for each of those keys, its column names, in model order.
     """
 
     kind: str
@@ -80,6 +85,9 @@ class DataRegistry:
     unlabeled_category: Optional[str] = None
     categorical_covariate_keys: tuple[str, ...] = ()
     categorical_covariate_categories: tuple[tuple[str, ...], ...] = ()
+    obsm_keys: tuple[str, ...] = ()
+    obsm_kinds: tuple[str, ...] = ()
+    obsm_columns: tuple[tuple[str, ...], ...] = ()
 
     @property
     def n_genes(self) -> int:
@@ -106,6 +114,10 @@ class DataRegistry:
         tuples["categorical_covariate_keys"] = tuple(d.get("categorical_covariate_keys", ()))
         tuples["categorical_covariate_categories"] = tuple(
             tuple(c) for c in d.get("categorical_covariate_categories", ()))
+        # Nor obsm matrices.
+        tuples["obsm_keys"] = tuple(d.get("obsm_keys", ()))
+        tuples["obsm_kinds"] = tuple(d.get("obsm_kinds", ()))
+        tuples["obsm_columns"] = tuple(tuple(c) for c in d.get("obsm_columns", ()))
         # Registries saved before unlabeled_category existed treated every value as a label.
         return cls(**{"unlabeled_category": None, **d, **tuples})
 
@@ -145,6 +157,8 @@ class CellData:
       registry: the description the codes refer to.
       categorical_covariates: ``(n_cells, n_categorical_covariates)`` int32
         codes, one column per ``registry.categorical_covariate_keys``.
+      obsm: ``(n_cells, n_obsm_columns)`` float32: the registered ``obsm``
+        matrices (``registry.obsm_keys``) side by side.
     """
 
     x: Any
@@ -154,11 +168,19 @@ class CellData:
     obs_names: np.ndarray
     registry: DataRegistry
     categorical_covariates: Optional[np.ndarray] = None
+    obsm: Optional[np.ndarray] = None
 
     def __post_init__(self):
         if self.categorical_covariates is None:  # none registered: zero columns
             object.__setattr__(self, "categorical_covariates",
                                np.zeros((len(self.batch), 0), np.int32))
+        if self.obsm is None:
+            object.__setattr__(self, "obsm", np.zeros((len(self.batch), 0), np.float32))
+
+    def obsm_matrix(self, key: str) -> np.ndarray:
+        """``(n_cells, n_columns)`` float32 values of registered ``obsm`` matrix ``key``."""
+        start, stop = _obsm_span(self.registry, key)
+        return self.obsm[:, start:stop]
 
     @property
     def n_cells(self) -> int:
@@ -192,6 +214,7 @@ class CellData:
             covariates=self.covariates[index],
             obs_names=self.obs_names[index],
             categorical_covariates=self.categorical_covariates[index],
+            obsm=self.obsm[index],
         )
 
     def dense_x(self) -> np.ndarray:
@@ -258,6 +281,8 @@ def setup_anndata(
     kind: str = "counts",
     transform: str = "none",
     unlabeled_category: Optional[str] = UNLABELED_CATEGORY,
+    obsm_keys: Sequence[str] = (),
+    obsm_kinds: Optional[Sequence[str]] = None,
 ) -> CellData:
     """Validate ``adata`` and register it.
 
@@ -277,6 +302,15 @@ def setup_anndata(
       unlabeled_category: the label value marking unlabelled cells
         (scvi-tools' ``unlabeled_category``; default ``"Unknown"``); ``None``:
         only missing values do.
+      obsm_keys: ``adata.obsm`` matrices (cells × columns, an array or a
+        DataFrame) that models read per cell as ``Batch.obsm_matrix(key)``,
+        e.g. scvi-tools' ``"protein_expression"`` for CITE-seq.  Column names
+        come from a DataFrame's columns, else ``adata.uns[key + "_names"]``,
+        else (for ``"<name>_expression"``) ``adata.uns["<name>_names"]``
+        (scvi-tools' ``"protein_names"``), else ``"<key>_<i>"``.
+      obsm_kinds: what each obsm matrix holds: ``"continuous"`` (default; any
+        finite values) or ``"counts"`` (non-negative integers; cells may be
+        all zero there, e.g. where a panel was not measured).
 
     Returns:
       CellData whose ``registry`` records all of the above.
@@ -297,6 +331,10 @@ def setup_anndata(
     covariates = _covariates(adata, covariate_keys)
     categorical, categorical_categories = _categorical_covariates(
         adata, categorical_covariate_keys)
+    obsm_keys = (obsm_keys,) if isinstance(obsm_keys, str) else tuple(obsm_keys)
+    obsm_kinds = ("continuous",) * len(obsm_keys) if obsm_kinds is None else (
+        (obsm_kinds,) if isinstance(obsm_kinds, str) else tuple(obsm_kinds))
+    obsm, obsm_columns = _obsm(adata, obsm_keys, obsm_kinds)
     _check_values(x, kind)
     registry = DataRegistry(
         kind=kind,
@@ -312,8 +350,11 @@ def setup_anndata(
         unlabeled_category=unlabeled_category if labels_key is not None else None,
         categorical_covariate_keys=tuple(categorical_covariate_keys),
         categorical_covariate_categories=categorical_categories,
+        obsm_keys=obsm_keys,
+        obsm_kinds=obsm_kinds,
+        obsm_columns=obsm_columns,
     )
-    return _cell_data(adata, x, batch, labels, covariates, registry, categorical)
+    return _cell_data(adata, x, batch, labels, covariates, registry, categorical, obsm)
 
 
 def query_anndata(
@@ -382,9 +423,10 @@ def query_anndata(
     covariates = _covariates(adata, registry.covariate_keys)
     categorical, _ = _categorical_covariates(
         adata, registry.categorical_covariate_keys, registry.categorical_covariate_categories)
+    obsm, _ = _obsm(adata, registry.obsm_keys, registry.obsm_kinds, registry.obsm_columns)
     # New cells may well leave genes unobserved: no warning for those here.
     _check_values(x, registry.kind, warn_unobserved_genes=False)
-    return _cell_data(adata, x, batch, labels, covariates, registry, categorical)
+    return _cell_data(adata, x, batch, labels, covariates, registry, categorical, obsm)
 
 
 def _with_zero_genes(adata, genes, layer) -> ad.AnnData:
@@ -395,13 +437,15 @@ def _with_zero_genes(adata, genes, layer) -> ad.AnnData:
     zeros = sp.csr_matrix((adata.n_obs, len(genes)), dtype=x.dtype)
     x = sp.hstack([sp.csr_matrix(x), zeros], format="csr")
     var = pd.DataFrame(index=pd.Index([*map(str, adata.var_names), *genes]))
-    filled = ad.AnnData(X=x if layer is None else None, obs=adata.obs.copy(), var=var)
+    filled = ad.AnnData(X=x if layer is None else None, obs=adata.obs.copy(), var=var,
+                        obsm=dict(adata.obsm), uns=dict(adata.uns))
     if layer is not None:
         filled.layers[layer] = x
     return filled
 
 
-def _cell_data(adata, x, batch, labels, covariates, registry, categorical) -> CellData:
+def _cell_data(adata, x, batch, labels, covariates, registry, categorical,
+               obsm=None) -> CellData:
     if isinstance(x, BackedMatrix):
         x = x.with_transform(registry.transform)  # applied block by block as cells are read
     else:
@@ -415,6 +459,7 @@ def _cell_data(adata, x, batch, labels, covariates, registry, categorical) -> Ce
         obs_names=np.asarray(adata.obs_names),
         registry=registry,
         categorical_covariates=categorical,
+        obsm=obsm,
     )
 
 
@@ -596,3 +641,102 @@ def _covariates(adata, keys):
     if not columns:
         return np.zeros((adata.n_obs, 0), np.float32)
     return np.stack(columns, axis=1)
+
+
+OBSM_KINDS = ("counts", "continuous")
+
+
+def _obsm_span(registry: DataRegistry, key: str) -> tuple[int, int]:
+    """Columns ``[start, stop)`` of registered obsm matrix ``key`` in ``CellData.obsm``."""
+    if key not in registry.obsm_keys:
+        raise KeyError(f"obsm[{key!r}] is not registered (registered: "
+                       f"{', '.join(registry.obsm_keys) or 'none'}); pass it in "
+                       "setup_anndata(..., obsm_keys=[...])")
+    sizes = [len(c) for c in registry.obsm_columns]
+    i = registry.obsm_keys.index(key)
+    start = sum(sizes[:i])
+    return start, start + sizes[i]
+
+
+def _obsm(adata, keys, kinds, columns=None):
+    """``(n_obs, total columns)`` float32 of the obsm matrices ``keys`` and their column names.
+
+    With ``columns`` (a saved registry's), a DataFrame's columns are matched by
+    name and put in that order; an array must have that many columns.
+    """
+    if len(set(keys)) != len(keys):
+        raise DataError(f"obsm_keys repeats a key: {list(keys)}")
+    if len(kinds) != len(keys):
+        raise DataError(f"{len(kinds)} obsm_kinds for {len(keys)} obsm_keys; give one per key")
+    blocks, names = [], []
+    try:
+        obsm = adata.obsm if keys else {}
+    except ValueError as err:  # AnnData checks every matrix's shape as it hands obsm out
+        raise DataError(f"adata.obsm has a matrix without one row per cell of the data "
+                        f"({adata.n_obs} cells): {err}") from None
+    for i, (key, kind) in enumerate(zip(keys, kinds)):
+        if kind not in OBSM_KINDS:
+            raise DataError(f"unknown kind {kind!r} of obsm[{key!r}]; choose one of {OBSM_KINDS}")
+        if key not in obsm:
+            raise DataError(
+                f"obsm[{key!r}] not found; available obsm keys: "
+                f"{', '.join(map(str, obsm.keys())) or 'none'}")
+        value = obsm[key]
+        if isinstance(value, pd.DataFrame):
+            found = tuple(str(c) for c in value.columns)
+            if columns is not None:
+                missing = [c for c in columns[i] if c not in found]
+                if missing:
+                    raise DataError(f"obsm[{key!r}] lacks {len(missing)} of the model's columns "
+                                    f"(e.g. {', '.join(missing[:5])})")
+                value = value[list(columns[i])]
+                found = tuple(columns[i])
+            matrix = value.to_numpy()
+        else:
+            matrix = value.toarray() if sp.issparse(value) else np.asarray(value)
+            found = _obsm_column_names(adata, key, matrix)
+        if matrix.ndim != 2 or matrix.shape[0] != adata.n_obs:
+            raise DataError(f"obsm[{key!r}] has shape {matrix.shape}: it does not have one "
+                            f"row per cell of the data ({adata.n_obs} cells)")
+        if columns is not None and len(found) != len(columns[i]):
+            raise DataError(f"obsm[{key!r}] has {matrix.shape[1]} columns but the model was "
+                            f"trained on {len(columns[i])}")
+        if columns is not None:
+            found = tuple(columns[i])
+        if not (np.issubdtype(matrix.dtype, np.number) or matrix.dtype == bool):
+            raise DataError(f"obsm[{key!r}] has non-numeric dtype {matrix.dtype}")
+        matrix = matrix.astype(np.float32)
+        n_bad = int(matrix.size - np.count_nonzero(np.isfinite(matrix)))
+        if n_bad:
+            raise DataError(f"obsm[{key!r}] contains {n_bad} NaN or infinite values; "
+                            "remove or impute them first")
+        if kind == "counts":
+            n_negative = int(np.count_nonzero(matrix < 0))
+            if n_negative:
+                raise DataError(f"obsm[{key!r}] has {n_negative} negative values; it must hold "
+                                "raw counts (non-negative integers)")
+            n_fractional = int(np.count_nonzero(matrix != np.round(matrix)))
+            if n_fractional:
+                raise DataError(f"obsm[{key!r}] has {n_fractional} non-integer values; it must "
+                                "hold raw counts (non-negative integers)")
+        blocks.append(matrix)
+        names.append(found)
+    if not blocks:
+        return np.zeros((adata.n_obs, 0), np.float32), ()
+    return np.concatenate(blocks, axis=1), tuple(names)
+
+
+def _obsm_column_names(adata, key, matrix) -> tuple[str, ...]:
+    """Names of the columns of an array in ``obsm[key]`` (see :func:`setup_anndata`)."""
+    n = matrix.shape[1] if matrix.ndim == 2 else 0
+    candidates = [f"{key}_names"]
+    if key.endswith("_expression"):
+        candidates.append(key[: -len("_expression")] + "_names")  # scvi-tools' protein_names
+    for name in candidates:
+        if name in adata.uns:
+            names = tuple(str(v) for v in np.asarray(adata.uns[name]).ravel())
+            if len(names) != n:
+                raise DataError(f"uns[{name!r}] has {len(names)} names for the {n} columns "
+                                f"of obsm[{key!r}]")
+            return names
+    return tuple(f"{key}_{j}" for j in range(n))

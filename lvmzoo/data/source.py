@@ -50,6 +50,8 @@ class Batch:
       covariates: ``(B, n_covariates)`` float32.
       categorical_covariates: ``(B, n_categorical_covariates)`` int32 codes,
         one column per key of ``categorical_covariate_keys``.
+      obsm: ``(B, n_obsm_columns)`` float32: the registered ``obsm`` matrices
+        side by side (read one with :meth:`obsm_matrix`).
       epoch: ``()`` float32, the driver's current epoch (0-based), for
         schedules such as KL warm-up; 0 outside training.
       n_epochs: ``()`` float32, the fit's number of epochs (its maximum with
@@ -62,6 +64,8 @@ class Batch:
       categorical_covariate_keys: ``obs`` names of the columns of
         ``categorical_covariates`` (static).
       categorical_covariate_sizes: number of categories of each (static).
+      obsm_keys / obsm_sizes: registered ``obsm`` keys and their numbers of
+        columns (static).
       training: ``True`` while fitting (dropout on); ``False`` for evaluation.
     """
 
@@ -80,6 +84,9 @@ class Batch:
     covariate_keys: tuple[str, ...] = struct.field(pytree_node=False, default=())
     categorical_covariate_keys: tuple[str, ...] = struct.field(pytree_node=False, default=())
     categorical_covariate_sizes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    obsm: Any = None
+    obsm_keys: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    obsm_sizes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     @property
     def size(self) -> int:
@@ -114,6 +121,22 @@ class Batch:
                 "setup_anndata(..., covariate_keys=[...])")
         return self.covariates[:, self.covariate_keys.index(key)]
 
+    def obsm_matrix(self, key: str) -> jax.Array:
+        """``(B, n_columns)`` float32 values of registered ``obsm`` matrix ``key``.
+
+        Raises:
+          KeyError: ``key`` was not registered (``setup_anndata(...,
+            obsm_keys=[key])``).
+        """
+        if key not in self.obsm_keys:
+            raise KeyError(
+                f"obsm[{key!r}] is not registered (registered: "
+                f"{', '.join(self.obsm_keys) or 'none'}); pass it in "
+                "setup_anndata(..., obsm_keys=[...])")
+        i = self.obsm_keys.index(key)
+        start = sum(self.obsm_sizes[:i])
+        return self.obsm[:, start:start + self.obsm_sizes[i]]
+
 
 def n_steps_per_epoch(n_cells: int, batch_size: int) -> int:
     """Minibatches in an epoch: ``ceil(n_cells / batch_size)``, so an epoch trains every cell.
@@ -139,7 +162,7 @@ def epoch_steps(order, n_steps: int, batch_size: int):
 
 
 # The per-cell fields of a Batch besides ``x``, held per cell by every source.
-PER_CELL_FIELDS = ("batch", "labels", "covariates", "categorical_covariates")
+PER_CELL_FIELDS = ("batch", "labels", "covariates", "categorical_covariates", "obsm")
 
 
 def assemble_batch(x, index, cells, registry, n_cells: int, training: bool = True) -> Batch:
@@ -147,6 +170,7 @@ def assemble_batch(x, index, cells, registry, n_cells: int, training: bool = Tru
     (:data:`PER_CELL_FIELDS`) are already selected; the one constructor every source uses."""
     fields = {name: jnp.asarray(cells[name]) for name in PER_CELL_FIELDS}
     fields["categorical_covariates"] = fields["categorical_covariates"].astype(jnp.int32)
+    fields["obsm"] = fields["obsm"].astype(jnp.float32)
     return Batch(x=x, index=index, **fields, n_cells=n_cells, n_batches=registry.n_batches,
                  n_labels=registry.n_labels, training=training, **batch_static_fields(registry))
 
@@ -158,6 +182,8 @@ def batch_static_fields(registry) -> dict[str, Any]:
         categorical_covariate_keys=tuple(registry.categorical_covariate_keys),
         categorical_covariate_sizes=tuple(
             len(c) for c in registry.categorical_covariate_categories),
+        obsm_keys=tuple(getattr(registry, "obsm_keys", ())),
+        obsm_sizes=tuple(len(c) for c in getattr(registry, "obsm_columns", ())),
     )
 
 
@@ -188,7 +214,8 @@ class DeviceSource:
         self.n_batches = data.registry.n_batches
         self.n_labels = data.registry.n_labels
         common = dict(batch=data.batch, labels=data.labels, covariates=data.covariates,
-                      categorical_covariates=np.asarray(data.categorical_covariates, np.int32))
+                      categorical_covariates=np.asarray(data.categorical_covariates, np.int32),
+                      obsm=np.asarray(data.obsm, np.float32))
         if data.is_sparse:
             csr = data.x
             self.max_row_nnz = max(int(np.diff(csr.indptr).max()), 1)

@@ -128,7 +128,8 @@ class StreamingSource:
         self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self.arrays: dict[str, Any] = self.placement.replicate(dict(
             batch=data.batch, labels=data.labels, covariates=data.covariates,
-            categorical_covariates=np.asarray(data.categorical_covariates, np.int32)))
+            categorical_covariates=np.asarray(data.categorical_covariates, np.int32),
+            obsm=np.asarray(data.obsm, np.float32)))
         # Padded entries cost 8 bytes (value + column) against 4 per dense
         # entry: send whichever is smaller.
         width = int(self.matrix.row_nnz().max(initial=1))

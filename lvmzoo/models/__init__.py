@@ -16,11 +16,12 @@ from lvmzoo.models.registry import (MODELS, ModelNotFoundError, available_models
                                     register_model, resolve_model)
 from lvmzoo.models.scanvi import SCANVI
 from lvmzoo.models.scvi import SCVI
+from lvmzoo.models.totalvi import TotalVI
 from lvmzoo.models.vae import VAE
 
-for _cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI, LinearSCVI, SCANVI, CPA):
+for _cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI, LinearSCVI, SCANVI, CPA, TotalVI):
     register_model(_cls)
 
 __all__ = ["CPA", "MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "LinearSCVI",
-           "ModelNotFoundError", "PPCA", "SCANVI", "SCVI", "VAE", "available_models",
+           "ModelNotFoundError", "PPCA", "SCANVI", "SCVI", "TotalVI", "VAE", "available_models",
            "cell_plate", "get_model", "register_model", "resolve_model"]
