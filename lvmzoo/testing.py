@@ -826,8 +826,9 @@ def _check_save_load(ctx: _Context) -> str:
                                f"{_short(error, 160)}); register the class to check the round "
                                "trip") from None
             raise
-    if type(loaded.model) is not cls or loaded.model != ctx.model:
-        raise _Failed(f"load_model rebuilt {loaded.model!r}, not {ctx.model!r}: config() must "
+    # fitted.model: the model as fitted (for_data may have resolved data-dependent settings).
+    if type(loaded.model) is not cls or loaded.model != fitted.model:
+        raise _Failed(f"load_model rebuilt {loaded.model!r}, not {fitted.model!r}: config() must "
                       "give back the constructor's arguments")
     before, after = fitted.latent(ctx.data), loaded.latent(ctx.data)
     if not np.array_equal(before, after):

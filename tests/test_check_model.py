@@ -43,9 +43,12 @@ CONFIGS = {
     "linear_scvi": dict(NETWORK),
     "scanvi": dict(NETWORK, n_layers=0),
     "cpa": dict(NETWORK, n_layers=0),
+    "totalvi": dict(NETWORK, n_layers=1),
+    "pseudotime": dict(n_hidden=32),
+    "switch_pseudotime": dict(n_hidden=32),
 }
 # Over 30 s on 2 busy cores with a cold compilation cache.
-SLOW = {"scvi", "linear_scvi", "scanvi", "cpa"}
+SLOW = {"scvi", "linear_scvi", "scanvi", "cpa", "totalvi"}
 # A built-in case that fails because of a library bug: name -> reason (none at present).
 KNOWN_FAILURES: dict[str, str] = {}
 
@@ -67,6 +70,9 @@ def cells():
                                      n_response_genes=10, seed=1)
     labelled = np.random.default_rng(0).random(adata.n_obs) < 0.4
     adata.obs["label"] = np.where(labelled, adata.obs["cell_type"].astype(str), "Unknown")
+    # Surface-protein counts for totalVI (read through its registration, obsm_keys).
+    adata.obsm["protein_expression"] = np.random.default_rng(1).poisson(
+        20.0, size=(adata.n_obs, 5)).astype(np.float32)
     return adata
 
 

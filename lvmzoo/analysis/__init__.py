@@ -18,6 +18,7 @@ from lvmzoo.analysis.expression import (
 )
 from lvmzoo.analysis.labels import expected_calibration_error, label_scores
 from lvmzoo.analysis.query import map_query
+from lvmzoo.analysis.trajectory import changing_genes, orient
 from lvmzoo.analysis.perturbation import (
     compare_perturbation,
     evaluate_perturbation,
@@ -27,7 +28,8 @@ from lvmzoo.analysis.perturbation import (
 )
 
 __all__ = [
-    "batch_codes", "cell_scores", "compare_perturbation", "differential_expression",
+    "batch_codes", "cell_scores", "changing_genes", "compare_perturbation",
+    "differential_expression", "orient",
     "evaluate_perturbation", "exclude_cells", "latent_representation", "predict_perturbation",
     "prediction_profiles",
     "likelihood_parameters", "normalized_expression", "posterior_fdr_calls",

@@ -1,0 +1,632 @@
+"""Pseudotime as a latent variable: one time per cell, smooth trends per gene.
+
+Generative story, for each cell ``c`` in batch ``b`` (``u_c = logit t_c``)::
+
+    t_c ~ Beta(1, 1) = Uniform(0, 1)                 # Beta(1, root_strength) for root cells
+    eta_cg = f_g(t_c) + o_bg                         # o: additive batch offset (o_0g = 0)
+    x_cg ~ N(eta_cg, sigma_g^2)                      # likelihood="gaussian" (log-normalised x)
+    x_cg ~ NB(l_c exp(eta_cg), theta_g)              # likelihood="nb" (counts, l_c = sum_g x_cg)
+
+:class:`Pseudotime`: ``f_g`` is a Gaussian process with a squared-exponential
+kernel in its Hilbert-space basis-function approximation (Solin & Särkkä, 2020;
+Riutort-Mayol et al., 2023) on ``[0, 1]``: with ``M = n_basis`` Laplacian
+eigenfunctions ``phi_m`` on ``[-L, L]`` (``L = 0.75``, centred at ``t = 0.5``)
+and their square-root eigenvalues ``s_m = m pi / 2L``::
+
+    f_g(t) = beta_g + alpha_g * sum_m sqrt(S(s_m; ell)) phi_m(t - 1/2) w_gm,   w_gm ~ N(0, 1)
+
+where ``S(s; ell) = sqrt(2 pi) ell exp(-s^2 ell^2 / 2)`` is the kernel's
+spectral density: linear in cells, ``O(G M)`` per cell.  The weights ``w`` are
+latent with a mean-field Normal guide (so trends come with a band); the
+baseline ``beta_g``, amplitude ``alpha_g``, shared lengthscale ``ell``, noise
+``sigma_g`` / inverse dispersion ``theta_g`` and batch offsets are
+point-estimated.
+
+:class:`SwitchPseudotime` (Ouija, Campbell & Yau 2018, with a baseline):
+``f_g(t) = beta_g + mu_g sigmoid(k_g (t - t0_g))``, ``mu_g > 0``, ``t0_g in
+(0, 1)``, every parameter point-estimated: each gene switches on (``k > 0``)
+or off (``k < 0``) once.
+
+Guide (both): amortised, ``q(u_c | x_c) = N(m(x_c), s(x_c)^2 + floor)`` from
+an encoder MLP (:class:`lvmzoo.nn.GaussianEncoder`) on the log-normalised
+values, so new cells get a time without refitting and minibatches work.  The
+encoder sd has a floor (``scale_floor``, on the logit scale).
+
+Reported scale.  The likelihood identifies ``t`` only up to a monotone warp
+(the trends absorb any warp), so the model's own ``t`` orders cells well but
+its scale drifts: on ``simulate_trajectory`` cells at true ``t = 0.96`` sat at
+``0.83`` and the guide's intervals covered ~10 % of the true times.  The prior
+fixes the scale: it says the cells are spread Uniform(0, 1) in time, so a cell
+whose time is above a fraction ``p`` of the cells has a time near ``p``.  The
+outputs are therefore on that scale:
+
+* ``F``, the CDF of the training cells' aggregate posterior of ``u = logit t``,
+  is kept as ``params["time_reference"]``: its ``K = 100`` quantiles at levels
+  ``(k - 1/2) / K`` (stored in logit units divided by ``REFERENCE_SPEED``),
+  learned during the fit by a pinball (quantile) loss on the sampled ``u``
+  (``numpyro.factor("time_reference_fit")`` in the model: zero in value and
+  without gradient for any other parameter, so the ELBO is unchanged).  Being
+  a param it is saved and reloaded with the model, and new cells are placed by
+  the same ``F``.  ``F`` is piecewise linear between the quantiles, with the
+  prior's tails beyond them; a model fitted without it uses the identity.
+* Each guide draw ``u`` gives a rank ``F(u)``; given its rank among the
+  ``N = reference_cells`` training cells, a cell's time under iid Uniform(0, 1)
+  times is the order statistic ``Beta(N F(u) + 1/2, N (1 - F(u)) + 1/2)``.  The
+  reported time is that Beta mixed over the guide (at its ``J = 64`` quantiles):
+  ``obs["pseudotime"]`` its mean, ``obs["pseudotime_lower"/"_upper"]`` its
+  2.5 % / 97.5 % quantiles (bisection).  The interval thus holds the guide's
+  uncertainty about the rank *and* the sampling spread of a rank's time
+  (``~ sqrt(p (1 - p) / N)``), which is what the mean-field guide's own
+  interval missed.  Measured on ``simulate_trajectory(300, 60)`` (200
+  epochs, 5 data/fit seeds): 95 % intervals cover 0.80-0.97 of the true times
+  (0.87 in ``tests/test_pseudotime.py``), Kendall tau 0.94-0.95.
+* Caveats: root cells' ``Beta(1, root_strength)`` prior is ignored by the
+  scale (it assumes Uniform for all cells); the scale is only as uniform as the
+  cells' true times are (a trajectory sampled unevenly in time gets times
+  proportional to the cell density); ``F`` is a stochastic estimate (its
+  quantiles are off by ~0.05-0.1 on the logit scale at the end of a fit).
+
+Direction.  Without a root the likelihood is unchanged by ``t -> 1 - t`` (a
+trend read backwards), so which end is 0 is arbitrary; orient a fit with
+:func:`lvmzoo.analysis.trajectory.orient`.  With ``root_key`` / ``root_value``
+the cells whose ``obs[root_key]`` is ``root_value`` get the prior
+``Beta(1, root_strength)`` (mean ``1 / (1 + root_strength)``), which pulls
+them, and so the direction, to ``t = 0``.
+
+Outputs: ``latent`` is the reported time's posterior mean ``(B, 1)``;
+:meth:`annotate` writes ``obs["pseudotime"]``, ``obs["pseudotime_lower"]`` /
+``obs["pseudotime_upper"]`` (above) and ``uns["pseudotime_trends"]``: each
+gene's trend ``f_g`` on a 50-point grid of reported times (batch 0,
+log-normalised units for Gaussian data, log expected counts per 10,000 for
+NB), with a 95 % band over ``q(w)`` for :class:`Pseudotime`.
+:class:`SwitchPseudotime` writes ``var["switch_time"]`` on the reported scale.
+
+References:
+  Solin, A. & Särkkä, S. (2020). Hilbert space methods for reduced-rank
+  Gaussian process regression. Statistics and Computing 30, 419–446.
+  Riutort-Mayol, G. et al. (2023). Practical Hilbert space approximate
+  Bayesian Gaussian processes for probabilistic programming. Statistics and
+  Computing 33, 17.
+  Campbell, K. R. & Yau, C. (2018). A descriptive marker gene approach to
+  single-cell pseudotime inference. Bioinformatics 35, 28–35.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import math
+from typing import ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.contrib.module import flax_module
+from numpyro.distributions import constraints
+
+from lvmzoo.data.source import Batch, DeviceSource
+from lvmzoo.models.base import LatentModel, cell_plate, hyperparameter
+from lvmzoo.models.likelihoods import COUNT_LIKELIHOODS
+from lvmzoo.nn import GaussianEncoder
+
+LIKELIHOODS = {"gaussian": ("continuous", "log1p_cp10k"), "nb": ("counts", "none")}
+GRID_POINTS = 50
+DOMAIN_HALF_WIDTH = 0.75  # L: 1.5 times the half-width of [0, 1], as Riutort-Mayol et al. advise
+MIN_CELLS = 3
+Z95 = 1.959964
+# Reference quantiles of the time scale: levels p_k = (k - 1/2) / K of the aggregate posterior
+# of logit t, learned during the fit (see ``_TimeModel._reference_quantiles``).
+N_REFERENCE = 100
+REFERENCE_LEVELS = (np.arange(N_REFERENCE) + 0.5) / N_REFERENCE
+# The reference param is stored in logit units divided by this, so that Adam (whose step
+# is about the learning rate whatever the gradient) moves it ~5x faster than its unit.
+REFERENCE_SPEED = 5.0
+# Draws of the guide (at its quantiles (j - 1/2) / J) mixed for the reported interval.
+N_INTERVAL_NODES = 64
+BISECTION_STEPS = 24
+
+
+class LogitBeta(dist.Distribution):
+    """``logit t`` for ``t ~ Beta(a, b)``, with a log density stable in the tails:
+    ``a log sigmoid(u) + b log sigmoid(-u) - log B(a, b)``."""
+
+    arg_constraints = {"a": constraints.positive, "b": constraints.positive}
+    support = constraints.real
+    reparametrized_params = []
+
+    def __init__(self, a, b, *, validate_args=None):
+        self.a, self.b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32),
+                                              jnp.asarray(b, jnp.float32))
+        super().__init__(batch_shape=jnp.shape(self.a), validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        t = dist.Beta(self.a, self.b).sample(key, sample_shape)
+        t = jnp.clip(t, 1e-6, 1 - 1e-6)
+        return jnp.log(t) - jnp.log1p(-t)
+
+    def log_prob(self, value):
+        log_beta = (jax.scipy.special.gammaln(self.a) + jax.scipy.special.gammaln(self.b)
+                    - jax.scipy.special.gammaln(self.a + self.b))
+        return (self.a * jax.nn.log_sigmoid(value) + self.b * jax.nn.log_sigmoid(-value)
+                - log_beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TimeModel(LatentModel):
+    """Shared parts of the pseudotime models: time prior, encoder, likelihood, outputs.
+
+    A subclass declares its trend's global sites (:meth:`_trend_sites`) and
+    evaluates it (:meth:`_trend`); everything per cell lives here.
+    """
+
+    n_hidden: int = 64
+    n_layers: int = hyperparameter(1, minimum=0)
+    likelihood: str = "gaussian"
+    scale_floor: float = hyperparameter(0.1, minimum=0)
+    root_key: Optional[str] = None
+    root_value: Optional[str] = None
+    root_strength: float = 10.0
+    root_code: Optional[int] = hyperparameter(None, cli=False)
+    reference_cells: Optional[int] = hyperparameter(None, cli=False)
+
+    default_learning_rate: ClassVar[float] = 5e-3
+
+    def __post_init__(self):
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {self.likelihood!r}; choose one of "
+                             f"{', '.join(LIKELIHOODS)}")
+        if self.n_hidden < 1 or self.n_layers < 0:
+            raise ValueError("n_hidden must be >= 1 and n_layers >= 0")
+        if not self.scale_floor >= 0:
+            raise ValueError(f"scale_floor must be >= 0, got {self.scale_floor}")
+        if not self.root_strength > 1:
+            raise ValueError(f"root_strength must be > 1, got {self.root_strength}")
+        if (self.root_key is None) != (self.root_value is None):
+            raise ValueError("give both root_key and root_value (the obs column and the value "
+                             "that marks the early cells), or neither")
+
+    @property
+    def data_kind(self) -> str:
+        return LIKELIHOODS[self.likelihood][0]
+
+    @property
+    def default_transform(self) -> str:
+        return LIKELIHOODS[self.likelihood][1]
+
+    @property
+    def _hidden(self) -> tuple[int, ...]:
+        return (self.n_hidden,) * self.n_layers
+
+    # ------------------------------------------------------------------
+    # Data
+    # ------------------------------------------------------------------
+
+    def registration(self) -> dict[str, tuple[str, ...]]:
+        """The root column, as a categorical covariate, when there is a root."""
+        return {"categorical_covariate_keys": (self.root_key,)} if self.root_key else {}
+
+    def for_data(self, data) -> "_TimeModel":
+        """Checks that ``data`` can be ordered, records its number of cells (``N`` of the
+        reported scale, see the module docstring) and resolves ``root_value`` to its code."""
+        from lvmzoo.data.registry import DataError
+
+        if data.n_cells < MIN_CELLS:
+            raise DataError(f"{self.name} orders cells along a trajectory and needs at least "
+                            f"{MIN_CELLS} cells; got {data.n_cells}")
+        if self.reference_cells is None:
+            self = dataclasses.replace(self, reference_cells=int(data.n_cells))
+        if self.root_key is None:
+            return self
+        registry = data.registry
+        if self.root_key not in registry.categorical_covariate_keys:
+            raise DataError(f"root_key {self.root_key!r} is not registered: set up the data "
+                            f"with setup_anndata(..., **model.registration())")
+        categories = registry.categorical_covariate_categories[
+            registry.categorical_covariate_keys.index(self.root_key)]
+        if str(self.root_value) not in categories:
+            shown = ", ".join(categories[:10]) + (" …" if len(categories) > 10 else "")
+            raise DataError(f"no cell has obs[{self.root_key!r}] == {self.root_value!r} "
+                            f"(root_value); its values: {shown}")
+        code = categories.index(str(self.root_value))
+        return dataclasses.replace(self, root_code=code)
+
+    def _is_root(self, batch: Batch) -> Optional[jax.Array]:
+        if self.root_key is None:
+            return None
+        if self.root_code is None:
+            raise ValueError(f"{self.name} has a root but was not resolved against the data: "
+                             "fit it with lvmzoo.fit, or use model.for_data(data)")
+        codes, _ = batch.categorical(self.root_key)
+        return codes == self.root_code
+
+    def _encoder_input(self, batch: Batch) -> jax.Array:
+        """What the encoder sees: the values for Gaussian data, log1p CP10k for counts."""
+        if self.likelihood == "gaussian":
+            return batch.x
+        library = jnp.maximum(batch.x.sum(-1, keepdims=True), 1.0)
+        return jnp.log1p(1e4 * batch.x / library)
+
+    # ------------------------------------------------------------------
+    # Generative model
+    # ------------------------------------------------------------------
+
+    def model(self, batch: Batch) -> None:
+        n_genes = batch.x.shape[-1]
+        sites = self._trend_sites(n_genes)  # globals: outside the plate
+        offset = self._batch_offset(batch, n_genes)
+        noise = self._noise(n_genes)
+        reference = numpyro.param("time_reference",
+                                  jnp.asarray(_LOGIT_LEVELS / REFERENCE_SPEED, jnp.float32))
+        with cell_plate(batch):
+            u = numpyro.sample("logit_t", self.prior(batch))
+            eta = self._trend(jax.nn.sigmoid(u), sites) + offset
+            numpyro.sample("x", self._observation(eta, noise, batch).to_event(1), obs=batch.x)
+            numpyro.factor("time_reference_fit", _reference_fit(u, reference))
+
+    def prior(self, batch: Batch) -> dist.Distribution:
+        """``p(logit t)`` of each cell: ``t ~ Beta(1, 1)``, or ``Beta(1, root_strength)`` at a root."""
+        is_root = self._is_root(batch)
+        b = jnp.ones(batch.size) if is_root is None else jnp.where(is_root, self.root_strength, 1.0)
+        return LogitBeta(jnp.ones(batch.size), b)
+
+    def _batch_offset(self, batch: Batch, n_genes: int) -> jax.Array:
+        """Per-cell additive offset ``(B, G)``; the first batch is the reference (0)."""
+        if batch.n_batches <= 1:
+            return jnp.zeros((1, n_genes))
+        table = numpyro.param("batch_offset", jnp.zeros((batch.n_batches - 1, n_genes)))
+        table = jnp.concatenate([jnp.zeros((1, n_genes)), table])
+        return table[batch.batch]
+
+    def _noise(self, n_genes: int) -> jax.Array:
+        if self.likelihood == "gaussian":
+            return numpyro.param("x_scale", jnp.full(n_genes, 0.5), constraint=constraints.positive)
+        return numpyro.param("inverse_dispersion", jnp.full(n_genes, 5.0),
+                             constraint=constraints.positive)
+
+    def _observation(self, eta, noise, batch: Batch) -> dist.Distribution:
+        if self.likelihood == "gaussian":
+            return dist.Normal(eta, noise)
+        log_library = jnp.log(jnp.maximum(batch.x.sum(-1, keepdims=True), 1.0))
+        return COUNT_LIKELIHOODS["nb"].build(eta + log_library, noise, None)
+
+    def init_params(self, batch: Batch, key: jax.Array):
+        """Gene baselines at their means (log frequencies for NB) and noise at their sd."""
+        x = self._encoder_input(batch)
+        mean, sd = x.mean(0), jnp.maximum(x.std(0), 1e-2)
+        if self.likelihood == "gaussian":
+            return {"baseline": mean, "x_scale": sd}
+        counts = batch.x.sum(0) + 0.5
+        return {"baseline": jnp.log(counts / counts.sum())}
+
+    @abc.abstractmethod
+    def _trend_sites(self, n_genes: int) -> dict[str, jax.Array]:
+        """Declare (model) the trend's global sites; return their values by name."""
+
+    @abc.abstractmethod
+    def _trend(self, t: jax.Array, sites: dict[str, jax.Array]) -> jax.Array:
+        """``f(t)``: ``(..., B, G)`` for times ``t`` ``(..., B)``."""
+
+    # ------------------------------------------------------------------
+    # Guide
+    # ------------------------------------------------------------------
+
+    def guide(self, batch: Batch) -> None:
+        self._guide_sites(batch.x.shape[-1])
+        loc, scale = self._encode(batch)
+        with cell_plate(batch):
+            numpyro.sample("logit_t", dist.Normal(loc, scale))
+
+    def _guide_sites(self, n_genes: int) -> None:
+        """The guide of the trend's latent global sites (none by default)."""
+
+    def _encode(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """``(loc, scale)`` of ``q(logit t | x)``, each ``(B,)``."""
+        x = self._encoder_input(batch)
+        encoder = flax_module("encoder", GaussianEncoder(1, hidden=self._hidden), x)
+        loc, scale = encoder(x)
+        return loc[..., 0], scale[..., 0] + self.scale_floor
+
+    # ------------------------------------------------------------------
+    # Outputs
+    # ------------------------------------------------------------------
+
+    def _time_mixture(self, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """``(a, b)``, each ``(B, J)``: the reported time of each cell is the equal-weight
+        mixture over ``j`` of ``Beta(a_j, b_j)`` (see the module docstring), where
+        ``a_j = N F(u_j) + 1/2``, ``b_j = N (1 - F(u_j)) + 1/2`` and ``u_j`` are the
+        guide's ``(j - 1/2) / J`` quantiles of ``logit t``."""
+        loc, scale = handlers.substitute(self._encode, data=params)(batch)
+        nodes = loc[:, None] + scale[:, None] * jnp.asarray(_INTERVAL_NODES, jnp.float32)
+        rank = to_rank(nodes, reference_quantiles(params))
+        n = float(self.reference_cells or batch.n_cells)
+        return n * rank + 0.5, n * (1.0 - rank) + 0.5
+
+    def pseudotime(self, params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(mean, lower, upper)`` of each cell's reported time, each ``(B,)``: the mean and
+        the 2.5 % / 97.5 % quantiles (by bisection) of the mixture of :meth:`_time_mixture`."""
+        a, b = self._time_mixture(params, batch)
+        mean = jnp.mean(a / (a + b), -1)
+
+        def quantile(level):
+            def step(_, bounds):
+                low, high = bounds
+                mid = 0.5 * (low + high)
+                below = _mixture_cdf(mid, a, b) < level
+                return jnp.where(below, mid, low), jnp.where(below, high, mid)
+
+            low, high = jax.lax.fori_loop(0, BISECTION_STEPS, step,
+                                          (jnp.zeros_like(mean), jnp.ones_like(mean)))
+            return 0.5 * (low + high)
+
+        return mean, quantile(0.025), quantile(0.975)
+
+    def latent(self, params, batch: Batch, key: jax.Array) -> jax.Array:
+        """The reported pseudotime's posterior mean (on the prior's scale), ``(B, 1)``."""
+        a, b = self._time_mixture(params, batch)
+        return jnp.mean(a / (a + b), -1)[:, None]
+
+    def model_time(self, params, time) -> jax.Array:
+        """The model's own ``t`` (the trends' argument) at reported times ``time``:
+        ``sigmoid(F^-1(time))``."""
+        return jax.nn.sigmoid(from_rank(jnp.asarray(time, jnp.float32),
+                                        reference_quantiles(params)))
+
+    def reported_time(self, params, t) -> jax.Array:
+        """The reported time (rank scale, ``F(logit t)``) of model times ``t``."""
+        t = jnp.clip(jnp.asarray(t, jnp.float32), 1e-7, 1 - 1e-7)
+        return to_rank(jnp.log(t) - jnp.log1p(-t), reference_quantiles(params))
+
+    def trends(self, params, grid, key: Optional[jax.Array] = None,
+               n_samples: int = 200) -> dict[str, np.ndarray]:
+        """Each gene's fitted trend on ``grid`` ``(T,)`` (batch 0) of reported times (the
+        scale of ``obs["pseudotime"]``; the trends are evaluated at :meth:`model_time`).
+
+        Returns:
+          ``{"grid": (T,), "mean": (G, T)}`` plus ``"lower"`` / ``"upper"``
+          (95 % band) where the trend has a posterior; units: log-normalised
+          values (Gaussian) or log expected counts per 10,000 (NB).
+        """
+        grid = jnp.asarray(grid, jnp.float32)
+        times = self.model_time(params, grid)
+        shift = 0.0 if self.likelihood == "gaussian" else math.log(1e4)
+        out = {"grid": np.asarray(grid),
+               "mean": np.asarray(self._trend(times, self._fitted_sites(params)).T + shift)}
+        draws = self._posterior_sites(params, key if key is not None else jax.random.PRNGKey(0),
+                                      n_samples)
+        if draws is not None:
+            curves = jax.vmap(lambda s: self._trend(times, s))(draws) + shift  # (S, T, G)
+            low, high = jnp.quantile(curves, jnp.array([0.025, 0.975]), axis=0)
+            out["lower"], out["upper"] = np.asarray(low.T), np.asarray(high.T)
+        return out
+
+    def _fitted_sites(self, params) -> dict[str, jax.Array]:
+        """The trend's sites at their fitted (posterior mean or point) values."""
+        return {name: params[name] for name in self._site_names}
+
+    def _posterior_sites(self, params, key, n_samples) -> Optional[dict[str, jax.Array]]:
+        """``n_samples`` draws of the sites from the guide; ``None`` if all are point estimates."""
+        return None
+
+    _site_names: ClassVar[tuple[str, ...]] = ()
+
+    def annotate(self, adata, params, latent, data) -> list[str]:
+        """``obs["pseudotime"]`` (posterior mean), ``obs["pseudotime_lower"]`` /
+        ``obs["pseudotime_upper"]`` (95 % interval) and ``uns["pseudotime_trends"]``.
+
+        All on the prior's scale, not the model's own ``t``: a cell's time is where
+        its rank among the ``reference_cells`` training cells puts it under the
+        Uniform(0, 1) prior (``F``, the CDF of the training cells' aggregate
+        posterior, learned as ``params["time_reference"]`` during the fit, so new
+        cells get the same map); the interval mixes the guide's uncertainty about
+        the rank with the order statistic's ``Beta`` spread (module docstring)."""
+        source = DeviceSource(data)
+        parts = []
+        for start in range(0, data.n_cells, 4096):
+            batch = source.full_batch(np.arange(start, min(start + 4096, data.n_cells)))
+            parts.append([np.asarray(v) for v in _pseudotime_program(self, params, batch)])
+        mean, lower, upper = (np.concatenate(p) for p in zip(*parts))
+        adata.obs["pseudotime"] = mean.astype(np.float64)
+        adata.obs["pseudotime_lower"] = lower.astype(np.float64)
+        adata.obs["pseudotime_upper"] = upper.astype(np.float64)
+        adata.uns["pseudotime_trends"] = self.trends(params, np.linspace(0, 1, GRID_POINTS))
+        return ['obs["pseudotime"]', 'obs["pseudotime_lower"]', 'obs["pseudotime_upper"]',
+                'uns["pseudotime_trends"]']
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _pseudotime_program(model, params, batch):
+    return model.pseudotime(params, batch)
+
+
+_LOGIT_LEVELS = np.log(REFERENCE_LEVELS) - np.log1p(-REFERENCE_LEVELS)
+_INTERVAL_NODES = np.sqrt(2.0) * np.asarray(
+    jax.scipy.special.erfinv(2.0 * (np.arange(N_INTERVAL_NODES) + 0.5) / N_INTERVAL_NODES - 1.0))
+
+
+def _reference_fit(u, reference) -> jax.Array:
+    """Per-cell log factor that is 0 in value but whose gradient moves ``reference`` to the
+    quantiles (levels :data:`REFERENCE_LEVELS`) of the sampled ``u = logit t``: minus the
+    pinball (quantile) loss, less its own value.  ``u`` enters without a gradient, so the
+    ELBO and every other parameter's gradient are unchanged."""
+    diff = jax.lax.stop_gradient(u)[..., None] - REFERENCE_SPEED * reference  # (..., B, K)
+    levels = jnp.asarray(REFERENCE_LEVELS, jnp.float32)
+    pinball = jnp.maximum(levels * diff, (levels - 1.0) * diff).sum(-1)
+    return jax.lax.stop_gradient(pinball) - pinball
+
+
+def reference_quantiles(params) -> jax.Array:
+    """The sorted reference quantiles ``r_k`` of ``logit t`` ``(K,)``; a model fitted
+    before they existed gets the prior's own (``logit p_k``: ``F`` = the identity)."""
+    if "time_reference" not in params:
+        return jnp.asarray(_LOGIT_LEVELS, jnp.float32)
+    return jnp.sort(REFERENCE_SPEED * jnp.asarray(params["time_reference"], jnp.float32))
+
+
+def to_rank(u, reference) -> jax.Array:
+    """``F(u)``: piecewise linear through ``(r_k, p_k)``, beyond them ``sigmoid`` of a unit
+    slope in ``logit`` (the prior's tails); monotone, into ``(0, 1)``."""
+    levels = jnp.asarray(REFERENCE_LEVELS, jnp.float32)
+    logit_levels = jnp.asarray(_LOGIT_LEVELS, jnp.float32)
+    inside = jnp.interp(u, reference, levels)
+    below = jax.nn.sigmoid(logit_levels[0] + (u - reference[0]))
+    above = jax.nn.sigmoid(logit_levels[-1] + (u - reference[-1]))
+    return jnp.where(u < reference[0], below, jnp.where(u > reference[-1], above, inside))
+
+
+def from_rank(p, reference) -> jax.Array:
+    """``F^-1(p)`` (``logit t``) for ``p`` in ``[0, 1]``."""
+    levels = jnp.asarray(REFERENCE_LEVELS, jnp.float32)
+    logit_levels = jnp.asarray(_LOGIT_LEVELS, jnp.float32)
+    p = jnp.clip(p, 1e-7, 1 - 1e-7)
+    logit_p = jnp.log(p) - jnp.log1p(-p)
+    inside = jnp.interp(p, levels, reference)
+    below = reference[0] + (logit_p - logit_levels[0])
+    above = reference[-1] + (logit_p - logit_levels[-1])
+    return jnp.where(p < levels[0], below, jnp.where(p > levels[-1], above, inside))
+
+
+def _mixture_cdf(x, a, b) -> jax.Array:
+    """CDF at ``x`` ``(B,)`` of the equal-weight mixture of ``Beta(a_j, b_j)`` ``(B, J)``;
+    a Normal with the Beta's moments where both shapes exceed 30 (float32 ``betainc``
+    loses accuracy there)."""
+    x = x[:, None]
+    n = a + b
+    mean, sd = a / n, jnp.sqrt(a * b / (n * n * (n + 1.0)))
+    normal = jax.scipy.special.ndtr((x - mean) / sd)
+    exact = jax.scipy.special.betainc(a, b, jnp.clip(x, 0.0, 1.0))
+    return jnp.mean(jnp.where(jnp.minimum(a, b) > 30.0, normal, exact), -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pseudotime(_TimeModel):
+    """Pseudotime: per-cell time in (0, 1) with Gaussian-process gene trends (HSGP).
+
+    Attributes:
+      n_basis: number ``M`` of basis functions of the Hilbert-space GP of each
+        gene's trend (resolves lengthscales down to about 0.08).
+      n_hidden: width of the encoder's hidden layers.
+      n_layers: hidden layers of the encoder (``0``: linear).
+      likelihood: ``"gaussian"`` (log-normalised data; counts are
+        log1p-CP10k transformed by default) or ``"nb"`` (raw counts, mean
+        ``library * exp(f(t))``).
+      scale_floor: floor added to the encoder's sd of ``logit t``.
+      root_key: obs column marking early cells (registered as a categorical
+        covariate); with root_value.
+      root_value: value of root_key of the early (root) cells, whose prior
+        ``Beta(1, root_strength)`` pulls them, and the direction, to t = 0.
+      root_strength: ``b`` of the root cells' ``Beta(1, b)`` prior (mean
+        ``1 / (1 + b)``).
+      root_code: the category code of root_value, set by ``lvmzoo.fit``
+        (not a flag).
+      reference_cells: ``N`` of the reported scale (the cells given to
+        ``lvmzoo.fit``), set by it (not a flag).
+    """
+
+    n_basis: int = 16
+
+    name: ClassVar[str] = "pseudotime"
+    _site_names: ClassVar[tuple[str, ...]] = ("baseline", "amplitude", "lengthscale", "w")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_basis < 2:
+            raise ValueError(f"n_basis must be >= 2, got {self.n_basis}")
+
+    def _basis(self, t: jax.Array, lengthscale) -> jax.Array:
+        """``phi_m(t - 1/2) sqrt(S(s_m))``: ``(..., M)`` for ``t`` ``(...)``."""
+        L = DOMAIN_HALF_WIDTH
+        sqrt_eig = jnp.arange(1, self.n_basis + 1) * jnp.pi / (2 * L)
+        phi = jnp.sin(sqrt_eig * ((t[..., None] - 0.5) + L)) / jnp.sqrt(L)
+        spd = jnp.sqrt(2 * jnp.pi) * lengthscale * jnp.exp(-0.5 * (sqrt_eig * lengthscale) ** 2)
+        return phi * jnp.sqrt(spd)
+
+    def _trend_sites(self, n_genes: int) -> dict[str, jax.Array]:
+        sites = {
+            "baseline": numpyro.param("baseline", jnp.zeros(n_genes)),
+            "amplitude": numpyro.param("amplitude", jnp.ones(n_genes),
+                                       constraint=constraints.positive),
+            "lengthscale": numpyro.param("lengthscale", jnp.asarray(0.3),
+                                         constraint=constraints.interval(0.08, 2.0)),
+        }
+        sites["w"] = numpyro.sample(
+            "w", dist.Normal(0.0, 1.0).expand([n_genes, self.n_basis]).to_event(2))
+        return sites
+
+    def _guide_sites(self, n_genes: int) -> None:
+        shape = (n_genes, self.n_basis)
+        loc = numpyro.param("w_loc", lambda key: 0.1 * jax.random.normal(key, shape))
+        scale = numpyro.param("w_scale", jnp.full(shape, 0.1), constraint=constraints.positive)
+        numpyro.sample("w", dist.Normal(loc, scale).to_event(2))
+
+    def _trend(self, t, sites):
+        weights = sites["w"] * sites["amplitude"][..., :, None]  # (..., G, M)
+        basis = self._basis(t, sites["lengthscale"])  # (..., B, M)
+        return sites["baseline"][..., None, :] + jnp.einsum("...bm,...gm->...bg", basis, weights)
+
+    def _fitted_sites(self, params):
+        return {"baseline": params["baseline"], "amplitude": params["amplitude"],
+                "lengthscale": params["lengthscale"], "w": params["w_loc"]}
+
+    def _posterior_sites(self, params, key, n_samples):
+        noise = jax.random.normal(key, (n_samples,) + params["w_loc"].shape)
+        fixed = {k: jnp.broadcast_to(params[k], (n_samples,) + jnp.shape(params[k]))
+                 for k in ("baseline", "amplitude", "lengthscale")}
+        return {**fixed, "w": params["w_loc"] + params["w_scale"] * noise}
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchPseudotime(_TimeModel):
+    """Switch-like pseudotime (Ouija): each gene switches on or off once along t.
+
+    Attributes:
+      n_hidden: width of the encoder's hidden layers.
+      n_layers: hidden layers of the encoder (``0``: linear).
+      likelihood: ``"gaussian"`` (log-normalised data) or ``"nb"`` (raw counts).
+      scale_floor: floor added to the encoder's sd of ``logit t``.
+      root_key: obs column marking early cells; with root_value.
+      root_value: value of root_key of the early (root) cells, pulled to t = 0.
+      root_strength: ``b`` of the root cells' ``Beta(1, b)`` prior.
+      root_code: the category code of root_value, set by ``lvmzoo.fit``
+        (not a flag).
+      reference_cells: ``N`` of the reported scale, set by ``lvmzoo.fit``
+        (not a flag).
+    """
+
+    name: ClassVar[str] = "switch_pseudotime"
+    _site_names: ClassVar[tuple[str, ...]] = ("baseline", "switch_amplitude", "switch_slope",
+                                              "switch_time")
+    max_slope: ClassVar[float] = 50.0
+
+    def _trend_sites(self, n_genes: int) -> dict[str, jax.Array]:
+        bound = self.max_slope
+        return {
+            "baseline": numpyro.param("baseline", jnp.zeros(n_genes)),
+            "switch_amplitude": numpyro.param("switch_amplitude", jnp.ones(n_genes),
+                                              constraint=constraints.positive),
+            "switch_slope": numpyro.param(
+                "switch_slope", lambda key: 5.0 * jax.random.normal(key, (n_genes,)),
+                constraint=constraints.interval(-bound, bound)),
+            "switch_time": numpyro.param("switch_time", jnp.full(n_genes, 0.5),
+                                         constraint=constraints.interval(0.0, 1.0)),
+        }
+
+    def _trend(self, t, sites):
+        t = t[..., None]
+        switch = jax.nn.sigmoid(sites["switch_slope"] * (t - sites["switch_time"]))
+        return sites["baseline"] + sites["switch_amplitude"] * switch
+
+    def annotate(self, adata, params, latent, data) -> list[str]:
+        """As :class:`Pseudotime`, plus ``var["switch_time"]``, ``var["switch_slope"]`` and
+        ``var["switch_amplitude"]`` (``t0_g``, ``k_g``, ``mu_g``)."""
+        keys = super().annotate(adata, params, latent, data)
+        for name in ("switch_time", "switch_slope", "switch_amplitude"):
+            adata.var[name] = np.asarray(params[name], np.float64)
+            keys.append(f'var["{name}"]')
+        # the switch time on the reported scale (that of obs["pseudotime"])
+        adata.var["switch_time"] = np.asarray(self.reported_time(params, params["switch_time"]),
+                                              np.float64)
+        return keys
