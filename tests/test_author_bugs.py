@@ -146,3 +146,79 @@ def test_a_map_fit_is_not_labelled_importance_sampling(counts):
     scores = fitted.evaluate(data, method="importance_sampling", n_samples=4)
     assert scores["method"] == "log_joint_at_map"
     assert np.isfinite(scores["elbo"])
+
+
+def test_run_nuts_refuses_params_that_name_sample_sites(counts):
+    """params= naming a sample site was ignored: NUTS sampled it anyway, without a word."""
+    data = lvmzoo.setup_anndata(counts, transform="log1p_cp10k")
+    model = lvmzoo.models.PPCA(n_latent=2, global_prior_scale=1.0)
+    with pytest.raises(ValueError, match="params= holds W, which ppca samples.*freeze_globals"):
+        run_nuts(model, data, num_warmup=5, num_samples=5, num_chains=1,
+                 params={"W": jnp.zeros((12, 2))})
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedLatent(Factors):
+    """A latent that indexes its own guide's params directly (no numpyro.param)."""
+
+    name: ClassVar[str] = "indexed_latent_test"
+
+    def latent(self, params, batch, key):
+        return batch.x @ params["encoder"]
+
+
+def test_a_latent_indexing_its_guides_params_falls_back_to_the_guide_mean(counts):
+    """FittedModel.latent raised KeyError('encoder') after a named per-cell guide."""
+    data = lvmzoo.setup_anndata(counts, transform="log1p_cp10k")
+    fitted = lvmzoo.fit(IndexedLatent(), data, guide="mean_field", epochs=2, batch_size=30,
+                        validation_fraction=0.0, progress=False)
+    assert fitted.latent(data).shape == (60, 2)
+
+
+CLASHING_MODEL = '''
+import dataclasses
+from typing import ClassVar
+import jax.numpy as jnp
+import numpyro, numpyro.distributions as dist
+from lvmzoo.models import LatentModel, cell_plate
+
+
+@dataclasses.dataclass(frozen=True)
+class Clash(LatentModel):
+    """A field named like a fit option.
+
+    Attributes:
+      seed: the model's own seed-like setting (not the fit's --seed).
+      width: prior scale.
+    """
+    seed: int = 7
+    width: float = 1.0
+    name: ClassVar[str] = "clash_test"
+
+    def model(self, batch):
+        mu = numpyro.param("mu", jnp.zeros(batch.x.shape[-1]))
+        with cell_plate(batch):
+            numpyro.sample("x", dist.Normal(mu, self.width).to_event(1), obs=batch.x)
+
+    def guide(self, batch):
+        pass
+
+    def latent(self, params, batch, key):
+        return jnp.zeros((batch.x.shape[0], 1))
+'''
+
+
+def test_a_model_field_named_like_a_fit_option_keeps_its_default(counts, tmp_path):
+    """A field 'seed' took the fit's --seed (0) and failed 'must be at least 1'."""
+    import json
+
+    from lvmzoo import cli
+
+    (tmp_path / "clash.py").write_text(CLASHING_MODEL)
+    counts.write_h5ad(tmp_path / "cells.h5ad")
+    rc = cli.main(["fit", f"{tmp_path / 'clash.py'}:Clash", str(tmp_path / "cells.h5ad"),
+                   "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress",
+                   "--kind", "counts", "--transform", "log1p_cp10k", "--width", "2.0"])
+    assert rc == 0
+    config = json.loads((tmp_path / "run" / "model" / "model.json").read_text())["config"]
+    assert config == {"seed": 7, "width": 2.0}

@@ -18,7 +18,7 @@ def ppca_fit():
     adata = datasets.load("mouse_10k")
     data = lvmzoo.setup_anndata(adata, transform="log1p_cp10k")
     fitted = lvmzoo.fit(lvmzoo.models.PPCA(n_latent=3), data, epochs=2, batch_size=512,
-                        progress=False, seed=0)
+                        validation_fraction=0.1, progress=False, seed=0)
     return fitted, data
 
 
@@ -73,7 +73,7 @@ def _fit(root, name, *extra):
 def test_requested_full_outputs_equal_the_python_api(scvi_cells, capsys):
     out = _fit(scvi_cells, "full", "--per-gene-outputs", "all", "--score-cells", "all")
     err = capsys.readouterr().err
-    for step in ("saving the model", "computing the latent and per-gene outputs",
+    for step in ("saving the model", "computing the latent and per-gene outputs of 300 cells",
                  "writing result.h5ad", "drawing latent.png", "scoring the likelihood"):
         assert f"lvmzoo: {step} ..." in err, err
     fitted = lvmzoo.load_model(out / "model")
@@ -117,3 +117,18 @@ def test_fit_leaves_the_input_file_unchanged(scvi_cells):
 def test_score_cells_rejects_nonsense(tmp_path, capsys):
     assert cli.main(["fit", "ppca", "--out", str(tmp_path / "o"), "--score-cells", "0"]) == 2
     assert "expected a positive number or 'all'" in capsys.readouterr().err
+
+
+def test_large_in_memory_data_is_evaluated_from_host_slices_with_the_same_results(
+        ppca_fit, monkeypatch):
+    """Above DEVICE_EVALUATION_VALUES, evaluation slices the host matrix chunk by chunk
+    instead of copying every cell to the device: the numbers are the same."""
+    from lvmzoo.data import streaming
+
+    fitted, data = ppca_fit
+    cells = data.subset(np.arange(3000))
+    expected_latent, expected = fitted.latent(cells), fitted.evaluate(cells)
+    monkeypatch.setattr(streaming, "DEVICE_EVALUATION_VALUES", 0)
+    assert streaming.EvaluationBatches(cells, 1024)._source is None
+    np.testing.assert_array_equal(fitted.latent(cells), expected_latent)
+    assert fitted.evaluate(cells) == expected

@@ -84,9 +84,12 @@ def add_model_options(parser: argparse.ArgumentParser, models: dict[str, type]) 
         "Each is a field of the model class (default: the model's own value); a model that "
         "lacks the field refuses the flag.")
     taken = set(parser._option_string_actions)  # the fit options proper win a name clash
+    added, clashes = [], []
     for option in collect_options(models).values():
-        if option.flag in taken:
+        if option.flag in taken or option.field in _dests(parser):
+            clashes.append(option.field)
             continue
+        added.append(option.field)
         taken.add(option.flag)
         which = ", ".join(option.models)
         text = f"{option.help} ({which})" if option.help else f"({which})"
@@ -97,6 +100,13 @@ def add_model_options(parser: argparse.ArgumentParser, models: dict[str, type]) 
         else:
             group.add_argument(option.flag, dest=option.field, type=option.parse,
                                metavar=option.metavar, default=None, help=text)
+    # Which args attributes are hyperparameters: a field named like a fit option (e.g.
+    # "seed") is not one of them, and keeps the model's default.
+    parser.set_defaults(model_fields=tuple(added), model_field_clashes=tuple(clashes))
+
+
+def _dests(parser) -> set[str]:
+    return {action.dest for action in parser._actions}
 
 
 def given_options(args) -> list[str]:
@@ -104,7 +114,8 @@ def given_options(args) -> list[str]:
     from lvmzoo.models.registry import available_models
 
     fields = collect_options(available_models())
-    return [name for name in fields if getattr(args, name, None) is not None]
+    offered = getattr(args, "model_fields", fields)
+    return [name for name in fields if name in offered and getattr(args, name, None) is not None]
 
 
 def option_flag(args, field: str) -> str:
@@ -119,8 +130,11 @@ def hyperparameters(cls, args) -> dict[str, Any]:
     from lvmzoo.models.registry import available_models
 
     mine = {f.name: f for f in cli_fields(cls)}
+    offered = getattr(args, "model_fields", None)
     chosen = {}
     for name, option in collect_options(available_models()).items():
+        if offered is not None and name not in offered:
+            continue  # named like a fit option: not a flag, the model's default stands
         value = getattr(args, name, None)
         if value is None:
             continue

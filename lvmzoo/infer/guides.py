@@ -624,11 +624,15 @@ def _cached_refit(fitted, data: CellData):
 
 
 def latent_needs_guide(model: LatentModel, params: dict, batch: Batch) -> bool:
-    """Whether ``model.latent`` reads params (its encoder's) that ``params`` lacks."""
-    with handlers.block():
-        tr = handlers.trace(handlers.seed(
-            lambda: model.latent(params, batch, jax.random.PRNGKey(0)), jax.random.PRNGKey(0)
-        )).get_trace()
+    """Whether ``model.latent`` reads params (its encoder's) that ``params`` lacks: through
+    ``numpyro.param`` sites, or by indexing ``params`` directly (a ``KeyError``)."""
+    try:
+        with handlers.block():
+            tr = handlers.trace(handlers.seed(
+                lambda: model.latent(params, batch, jax.random.PRNGKey(0)), jax.random.PRNGKey(0)
+            )).get_trace()
+    except KeyError:
+        return True
     return any(s["type"] == "param" and n not in params for n, s in tr.items())
 
 

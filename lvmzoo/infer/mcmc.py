@@ -108,6 +108,13 @@ def run_nuts(
 def _check_sampleable(model: LatentModel, batch: Batch, fixed: dict) -> None:
     with handlers.block():
         trace = handlers.trace(handlers.seed(model.model, jax.random.PRNGKey(0))).get_trace(batch)
+    sampled = sorted(n for n, s in trace.items() if s["type"] == "sample"
+                     and not s["is_observed"] and n in fixed)
+    if sampled:
+        raise ValueError(
+            f"params= holds {', '.join(sampled)}, which {model.name} samples (numpyro.sample): "
+            "NUTS would sample them anyway; to hold sample sites fixed, use "
+            "lvmzoo.infer.guides.freeze_globals(model, {...}) and run NUTS on that model")
     free = [n for n, s in trace.items() if s["type"] == "param" and n not in fixed]
     if free:
         raise ValueError(
