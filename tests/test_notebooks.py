@@ -42,6 +42,11 @@ CELL_TIMEOUT_S = 600
 
 # notebook file name -> {setting: value}; values are written with repr().
 SMALL_SETTINGS: dict[str, dict[str, object]] = {
+    "00_write_your_own_model.ipynb": {"N_CELLS": 300, "N_GENES": 40, "N_FACTORS": 3, "EPOCHS": 5,
+                                      "COMPARE_CELLS": 80, "COMPARE_EPOCHS": 3, "IS_SAMPLES": 10,
+                                      "NUTS_CELLS": 8, "NUTS_DRAWS": 20, "NUTS_CHAINS": 1,
+                                      "REFIT_EPOCHS": 10, "CLI_EPOCHS": 2, "SCVI_EPOCHS": 3,
+                                      "SCVI_HIDDEN": 16, "N_PRIOR_COMPONENTS": 3},
     "01_classical_models.ipynb": {"EPOCHS": 2, "N_CELLS": 1000, "BATCH_SIZE": 128},
     "02_scvi.ipynb": {"EPOCHS": 3, "KL_WARMUP_EPOCHS": 2, "N_CELLS": 300, "N_GENES": 100,
                       "N_HIDDEN": 16, "DE_SAMPLES": 200},
