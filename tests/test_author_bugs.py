@@ -222,3 +222,31 @@ def test_a_model_field_named_like_a_fit_option_keeps_its_default(counts, tmp_pat
     assert rc == 0
     config = json.loads((tmp_path / "run" / "model" / "model.json").read_text())["config"]
     assert config == {"seed": 7, "width": 2.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class PerCellGuide(Factors):
+    """Its own guide keeps per-cell locations inside the cells plate."""
+
+    name: ClassVar[str] = "per_cell_guide_test"
+
+    def guide(self, batch):
+        with cell_plate(batch):
+            loc = numpyro.param("factors_loc", jnp.zeros((batch.n_cells, self.n_latent)))
+            numpyro.sample("factors", dist.Normal(loc[batch.index], 0.1).to_event(1))
+
+    def latent(self, params, batch, key):
+        return params["factors_loc"][batch.index]
+
+
+def test_a_guide_with_per_cell_params_in_the_plate_is_refused_with_the_fix(counts):
+    """latent(data.subset(...)) silently returned the first training cells' rows, and a
+    validation split failed with a shape error; now the fit says what to do instead."""
+    data = lvmzoo.setup_anndata(counts, transform="log1p_cp10k")
+    with pytest.raises(ValueError, match=r"per-cell parameters inside the cells plate "
+                                         r"\(factors_loc\).*guide='mean_field'"):
+        lvmzoo.fit(PerCellGuide(), data, epochs=1, batch_size=30, progress=False)
+    # The named per-cell family fits the same model and reports the right cells.
+    fitted = lvmzoo.fit(PerCellGuide(), data, guide="mean_field", epochs=2, batch_size=30,
+                        validation_fraction=0.0, progress=False)
+    assert fitted.latent(data.subset(np.arange(10, 20))).shape == (10, 2)

@@ -177,6 +177,8 @@ def fit(
         has_validation=len(val_idx) > 0)
 
     svi = SVI(model.model, guide, optimizer, loss=model.elbo())
+    if not isinstance(guide, NamedGuide):
+        _refuse_per_cell_guide_params(guide, train.head(batch_size))
     key_init, key_shuffle, key_validation = jax.random.split(jax.random.PRNGKey(seed), 3)
     state = placement.replicate(
         initial_state(svi, model, train, batch_size, key_init, initial_params))
@@ -531,6 +533,33 @@ def _validation_program(svi, model, data, val_idx, key, chunk=4096):
 def _all_params(svi, state):
     """Constrained params plus mutable state (e.g. Flax batch-norm statistics)."""
     return {**svi.get_params(state), **(state.mutable_state or {})}
+
+
+def _refuse_per_cell_guide_params(guide, batch) -> None:
+    """A guide of the caller's that declares ``numpyro.param`` sites inside the cells plate.
+
+    Such rows are indexed by a minibatch's positions, so for any cells but the training
+    minibatches (validation cells, ``latent`` / ``evaluate`` of other data) they would be
+    the first training cells' rows, silently.  The named per-cell guides map rows to cells
+    by name and fit new cells' rows; an encoder needs no rows at all.
+    """
+    from numpyro import handlers
+
+    with handlers.block():
+        trace = handlers.trace(handlers.seed(guide, jax.random.PRNGKey(0))).get_trace(batch)
+    # Rows for every cell: a param array inside the plate whose first axis is the plate's
+    # size (network weights declared inside the plate, e.g. by flax_module, are not).
+    per_cell = sorted(name for name, site in trace.items() if site["type"] == "param"
+                      and any(f.name == "cells" for f in site["cond_indep_stack"])
+                      and getattr(site["value"], "ndim", 0) >= 1
+                      and site["value"].shape[0] == batch.n_cells)
+    if per_cell:
+        raise ValueError(
+            f"the guide declares per-cell parameters inside the cells plate ({', '.join(per_cell)}): "
+            "lvmzoo cannot tell which rows belong to which cells when it scores validation or new "
+            "cells, so latent/evaluate would silently use the first training cells' rows; use "
+            "guide='mean_field' or guide='map' (per-cell families that lvmzoo maps by cell name "
+            "and fits for new cells), or compute the latent with an encoder (amortised guide)")
 
 
 def _divergence_message(model, epoch, step, learning_rate):
