@@ -445,7 +445,11 @@ def global_point_estimates(guide: Callable, params: dict, batch: Batch, names, *
 
     keys = jax.random.split(jax.random.PRNGKey(seed), n_samples)
     draws = jax.lax.map(draw, keys)
-    return {n: jnp.mean(v, axis=0) for n, v in draws.items()}
+    # A point mass (map) draws one value n_samples times; their float32 mean can differ from
+    # it in the last place, and the Delta site the value is later substituted into then has
+    # log-density -inf (an ELBO of +inf).  Return the value itself.
+    return {n: jnp.where(jnp.all(v == v[0], axis=0), v[0], jnp.mean(v, axis=0))
+            for n, v in draws.items()}
 
 
 def refit_local(fitted, data: CellData, *, epochs: Optional[int] = None,
