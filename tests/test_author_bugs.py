@@ -283,3 +283,23 @@ def test_map_with_a_global_sample_site_has_a_finite_elbo():
     _, plug_in, _ = next(evaluation_chunks(fitted, data, 4096))
     np.testing.assert_array_equal(np.asarray(plug_in["w"]), np.asarray(fitted.params["w_auto_loc"]))
     assert np.isfinite(fitted.evaluate(data, n_samples=4)["elbo"])
+
+
+def test_compare_and_fit_take_a_joint_guide_with_its_local_part(counts, tmp_path):
+    """compare and the CLI could not pass a joint guide's local part (low_rank, local=mean_field)."""
+    from lvmzoo.cli.compare import _methods
+    from lvmzoo.infer.compare import CompareSettings, compare
+    from lvmzoo.infer.guides import parse_guide_spec
+
+    assert parse_guide_spec("low_rank:local=mean_field,rank=2") == (
+        "low_rank", {"local": "mean_field", "rank": 2})
+    assert _methods("mean_field,low_rank:local=mean_field,rank=2,map") == [
+        "mean_field", "low_rank:local=mean_field,rank=2", "map"]
+    data = lvmzoo.setup_anndata(counts, transform="log1p_cp10k")
+    fitted = lvmzoo.fit(lvmzoo.models.PPCA(n_latent=2), data, guide="low_rank:local=mean_field",
+                        epochs=2, batch_size=30, progress=False)
+    assert fitted.guide.name == "low_rank" and fitted.guide.options == {"local": "mean_field"}
+    table = compare([lvmzoo.models.PPCA(n_latent=2)], ["low_rank:local=mean_field"], data,
+                    CompareSettings(epochs=3, batch_size=30, n_samples=4), progress=False)
+    assert list(table["method"]) == ["low_rank:local=mean_field"]
+    assert np.isfinite(table["heldout_log_likelihood"].iloc[0])

@@ -29,7 +29,8 @@ def add_parser(commands) -> None:
                          help=".h5ad file of raw counts (default: the bundled data set)")
     compare.add_argument("--methods", required=True, metavar="M[,M...]",
                          help="comma-separated methods: amortized, mean_field, low_rank, "
-                              "full_rank, flow, map, laplace, nuts")
+                              "full_rank, flow, map, laplace, nuts; a joint family takes options "
+                              "after a colon, e.g. low_rank:local=mean_field,rank=2")
     compare.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
     compare.add_argument("--layer", metavar="L", default=None,
                          help="AnnData layer with raw counts (default: .X)")
@@ -70,13 +71,13 @@ def run(args) -> int:
     from lvmzoo import datasets
     from lvmzoo.data.registry import setup_anndata
     from lvmzoo.infer.compare import CompareSettings, compare, comparison_figure, markdown_table
-    from lvmzoo.infer.guides import GUIDES
+    from lvmzoo.infer.guides import GUIDES, guide_name
     from lvmzoo.io import atomic_write_file, atomic_write_text
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _methods(args.methods)
     classes = [model_class(m) for m in models]
-    unknown = [m for m in methods if m not in GUIDES and m != "nuts"]
+    unknown = [m for m in methods if guide_name(m) not in GUIDES and m != "nuts"]
     if not methods or unknown:
         raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose "
                          f"from {', '.join([*GUIDES, 'nuts'])}")
@@ -109,6 +110,20 @@ def run(args) -> int:
     print(markdown_table(table))
     print(f"wrote {out}/: compare.csv, compare.md, compare.png")
     return 0
+
+
+def _methods(text: str) -> list[str]:
+    """``"mean_field,low_rank:local=mean_field,rank=3"`` -> two methods: a part with ``=``
+    and no ``:`` is one more option of the method before it."""
+    methods: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" in part and ":" not in part and methods:
+            methods[-1] += "," + part
+        else:
+            methods.append(part)
+    return methods
 
 
 def _compare_subset(adata, args, np):

@@ -141,13 +141,13 @@ def _split(data: CellData, settings: CompareSettings):
 
 def _svi_row(model, method, data, settings):
     from lvmzoo.data.source import DeviceSource
-    from lvmzoo.infer.guides import JOINT, classify_sites, default_learning_rate
+    from lvmzoo.infer.guides import JOINT, classify_sites, default_learning_rate, guide_name
 
     train_idx, held_idx = _split(data, settings)
     train, held = data.subset(train_idx), data.subset(held_idx)
     batch_size = min(settings.batch_size, train.n_cells)
     epochs = settings.epochs
-    if method in JOINT:  # full batch: as many updates as the minibatch methods get
+    if guide_name(method) in JOINT:  # full batch: as many updates as the minibatch methods get
         epochs *= n_steps_per_epoch(train.n_cells, batch_size)
         batch_size = train.n_cells
     # Every method gets the same schedule: Adam at a constant step size for the
@@ -178,7 +178,7 @@ def _svi_row(model, method, data, settings):
     enumerated = bool(classify_sites(model, DeviceSource(train).full_batch())[2])
     if enumerated and "heldout_log_likelihood_exact" in row:
         row["heldout_log_likelihood"] = row["heldout_log_likelihood_exact"]
-    elif method != "map":
+    elif guide_name(method) != "map":
         on_held = fitted.evaluate(held, n_samples=settings.n_samples, seed=settings.seed,
                                   method="importance_sampling")
         row["heldout_log_likelihood"] = on_held["avg_log_likelihood"]

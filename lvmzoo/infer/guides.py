@@ -94,7 +94,7 @@ def default_learning_rate(guide: Union[str, Callable], model: LatentModel) -> fl
 
     ``guide``: a guide name, a guide from :func:`make_guide`, or any guide function.
     """
-    name = guide if isinstance(guide, str) else getattr(guide, "name", None)
+    name = guide_name(guide) if isinstance(guide, str) else getattr(guide, "name", None)
     cap = MAX_DEFAULT_LEARNING_RATE.get(name, float("inf"))
     return min(model.default_learning_rate, cap)
 _JOINT_CLASSES = {
@@ -106,12 +106,46 @@ _JOINT_CLASSES = {
 LATENT_SITE = "z"  # the zoo's per-cell representation, reported when model.latent cannot be
 
 
+def parse_guide_spec(spec: str) -> tuple[str, dict]:
+    """``"low_rank:local=mean_field,rank=3"`` -> ``("low_rank", {"local": "mean_field", "rank": 3})``.
+
+    The text form of a guide with options, for places that take a guide as a string
+    (``lvmzoo compare --methods``, ``fit(guide=...)``); numbers become ints/floats.
+    """
+    name, _, text = spec.partition(":")
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"guide {spec!r}: write NAME:KEY=VALUE[,KEY=VALUE], e.g. "
+                             "low_rank:local=mean_field")
+        options[key.strip()] = _option_value(value.strip())
+    return name.strip(), options
+
+
+def _option_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def guide_name(guide: Union[str, Callable]) -> Optional[str]:
+    """The family name of a guide spec (``"low_rank:local=mean_field"`` -> ``"low_rank"``)."""
+    if isinstance(guide, str):
+        return guide.partition(":")[0].strip()
+    return getattr(guide, "name", None)
+
+
 def make_guide(name: Union[str, Callable], model: LatentModel, **options) -> Callable:
     """The variational family ``name`` for ``model``.
 
     Args:
-      name: a key of :data:`GUIDES`, or a guide function ``guide(batch)`` of your
-        own (returned unchanged).
+      name: a key of :data:`GUIDES`, optionally with options as text
+        (``"low_rank:local=mean_field"``, see :func:`parse_guide_spec`), or a
+        guide function ``guide(batch)`` of your own (returned unchanged).
       model: the zoo model the guide approximates the posterior of.
       **options: ``local="joint"`` (default) or ``"mean_field"`` for the joint
         families (see the module docstring); other keyword arguments go to the
@@ -126,6 +160,9 @@ def make_guide(name: Union[str, Callable], model: LatentModel, **options) -> Cal
     """
     if callable(name):
         return name
+    if ":" in name:
+        name, spelled = parse_guide_spec(name)
+        options = {**spelled, **options}
     if name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; choose one of {', '.join(GUIDES)} "
                          "or pass a guide function")
