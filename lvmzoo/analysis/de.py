@@ -223,7 +223,8 @@ class _ExpressionSampler:
 
     def __init__(self, model, params, data: CellData, seed: int):
         self.model, self.params, self.data = model, params, data
-        self.source = DeviceSource(data)
+        # Cells on disk: only the drawn cells are read (see draw), never all of them.
+        self.source = None if data.is_backed else DeviceSource(data)
         self.seed = seed
 
     def draw(self, cells: np.ndarray, n_samples: int, transform, stream: int) -> np.ndarray:
@@ -239,11 +240,18 @@ class _ExpressionSampler:
         size = min(chunk_size(n_codes * self.data.n_genes), n_samples)
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), stream)
         out = np.empty((n_samples, self.data.n_genes), np.float32)
+        source, positions = self.source, drawn
+        if source is None:
+            # The drawn cells (at most n_samples) read from disk in file order, in one pass;
+            # positions index them.  Same cells, same rows, same draws as in memory.
+            unique = np.unique(drawn)
+            source = DeviceSource(self.data.subset(unique).to_memory())
+            positions = np.searchsorted(unique, drawn)
         for start in range(0, n_samples, size):
             stop = min(start + size, n_samples)
-            index = np.full(size, drawn[stop - 1])  # pad to one compiled shape
-            index[: stop - start] = drawn[start:stop]
-            batch = self.source.full_batch(index)
+            index = np.full(size, positions[stop - 1])  # pad to one compiled shape
+            index[: stop - start] = positions[start:stop]
+            batch = source.full_batch(index)
             rho = _rho_program(self.model, self.params, batch, jax.random.fold_in(key, start),
                                codes)
             out[start:stop] = np.asarray(rho[: stop - start])
@@ -335,6 +343,8 @@ def hpd_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndar
 def _raw_counts(data: CellData, cells: np.ndarray) -> dict[str, np.ndarray]:
     """Mean count, share of non-zero cells and mean count per 10,000, per gene, ``(G,)`` each."""
     x = data.x[np.flatnonzero(cells)]
+    if data.is_backed:  # accumulated block by block: memory of one block, not of the group
+        return _raw_counts_streamed(x)
     totals = np.asarray(x.sum(axis=1)).ravel()
     if sp.issparse(x):
         nonzero = np.asarray((x != 0).mean(axis=0)).ravel()
@@ -347,6 +357,20 @@ def _raw_counts(data: CellData, cells: np.ndarray) -> dict[str, np.ndarray]:
         "non_zeros_proportion": nonzero,
         "raw_normalized_mean": normalised,
     }
+
+
+def _raw_counts_streamed(x) -> dict[str, np.ndarray]:
+    """:func:`_raw_counts` of an on-disk selection, one block of cells at a time."""
+    n_genes = x.shape[1]
+    total, nonzero, normalised = (np.zeros(n_genes) for _ in range(3))
+    for block in x.blocks():
+        totals = np.asarray(block.sum(axis=1)).ravel()
+        total += np.asarray(block.sum(axis=0)).ravel()
+        nonzero += np.asarray((block != 0).sum(axis=0)).ravel()
+        normalised += np.asarray((sp.diags(1e4 / totals) @ block).sum(axis=0)).ravel()
+    n = max(x.shape[0], 1)
+    return {"raw_mean": total / n, "non_zeros_proportion": nonzero / n,
+            "raw_normalized_mean": normalised / n}
 
 
 def _sort(table: pd.DataFrame, mode: str) -> pd.DataFrame:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import textwrap
 from pathlib import Path
 
-from lvmzoo.cli._common import UsageError, _de_run_dirs, _load_for_de, _read_h5ad
+from lvmzoo.cli._common import UsageError, _de_run_dirs, _load_for_de, _read_backed, _read_h5ad
 
 
 _DE_SHOWN = {
@@ -57,6 +58,11 @@ def add_parser(commands) -> None:
                     help="random seed of the draws (default: %(default)s)")
     de.add_argument("--out", required=True, metavar="FILE",
                     help="CSV file to write (its directory is created if needed)")
+    de.add_argument("--backed", action=argparse.BooleanOptionalAction, default=None,
+                    help="read DATA's cells from disk (a backed .h5ad or a .zarr store) instead "
+                         "of loading them: only the cells drawn for the posterior samples are "
+                         "read, and the raw means are accumulated block by block (default: on "
+                         "when DATA is larger than a quarter of this machine's RAM, as for fit)")
     de.set_defaults(run=run, command_parser=de)
 
 
@@ -86,7 +92,9 @@ def run(args) -> int:
             raise UsageError(f"no DATA given and {default} does not exist; give the .h5ad "
                              "file with the cells and the --groupby column")
         args.data = str(default)
-    adata = _read_h5ad(args.data)
+    from lvmzoo.cli.fit import _train_from_disk
+
+    adata = _read_backed(args.data) if _train_from_disk(args) else _read_h5ad(args.data)
     data = query_anndata(adata, fitted.registry)
     table = differential_expression(
         fitted, data, args.groupby, args.group1, args.group2, adata=adata, mode=args.mode,

@@ -409,7 +409,11 @@ def query_anndata(
             f"(e.g. {', '.join(missing[:3])}); they are filled with zeros",
             DataWarning, stacklevel=2)
         adata = _with_zero_genes(adata, missing, registry.layer)
-    adata = adata[:, list(registry.gene_names)]
+    if not np.array_equal(np.asarray(adata.var_names, dtype=str),
+                          np.asarray(registry.gene_names, dtype=str)):
+        # Subsetting genes reads the matrix: a backed file with the model's genes in the
+        # model's order (e.g. the training file) stays on disk.
+        adata = adata[:, list(registry.gene_names)]
     x = _observations(adata, registry.layer)
     batch, _ = _codes(
         adata, registry.batch_key, "batch_key", allow_missing=False,
