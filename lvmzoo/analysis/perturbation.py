@@ -515,8 +515,8 @@ def prediction_profiles(
     Args:
       adata: the measured cells, raw counts in ``layer`` (or ``X``); its
         held-out perturbed cells, if any, are not used.  Not modified.
-      predictions, condition_key, control, perturbed, cell_type_key,
-        cell_type, layer: as for :func:`compare_perturbation`.
+      predictions, condition_key, control, perturbed, cell_type_key, cell_type, layer: as for
+        :func:`compare_perturbation`.
       n_top_genes: how many of the most changed genes to name.
 
     Raises:

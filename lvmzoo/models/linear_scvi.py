@@ -80,9 +80,10 @@ class LinearDecoder(nn.Module):
 class LinearSCVI(SCVI):
     """LinearSCVI: scVI with a linear decoder; its weights are gene loadings.
 
+    ``n_latent``, ``n_hidden``, ``dropout_rate``, ``dispersion``, ``encode_batch``,
+    ``n_epochs_kl_warmup``, ``kl_weight``, ``freeze_batch_norm``: as :class:`SCVI`.
+
     Args:
-      n_latent, n_hidden, dropout_rate, dispersion, encode_batch,
-        n_epochs_kl_warmup, kl_weight, freeze_batch_norm: as :class:`SCVI`.
       n_layers: hidden layers of the encoder(s); the decoder is always linear.
       likelihood: ``"nb"`` (default, as scvi-tools' ``LinearSCVI``), ``"zinb"``
         or ``"poisson"``.

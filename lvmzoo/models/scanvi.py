@@ -173,12 +173,13 @@ class SCANVI(SCVI):
     or the registry's ``unlabeled_category`` (default ``"Unknown"``) are
     unlabelled.  Warm start from a fitted scVI with :meth:`from_scvi`.
 
+    ``n_latent``, ``n_hidden``, ``n_layers``, ``dropout_rate``, ``likelihood``, ``dispersion``,
+    ``latent_library``, ``encode_batch``, ``use_batch_norm``, ``n_epochs_kl_warmup``,
+    ``kl_weight``, ``freeze_batch_norm``: as :class:`~lvmzoo.models.scvi.SCVI`
+    (``n_layers``, ``n_hidden``, batch norm also for the classifier,
+    ``u_encoder`` and ``latent_prior``).
+
     Args:
-      n_latent, n_hidden, n_layers, dropout_rate, likelihood, dispersion,
-        latent_library, encode_batch, use_batch_norm, n_epochs_kl_warmup,
-        kl_weight, freeze_batch_norm: as :class:`~lvmzoo.models.scvi.SCVI`
-        (``n_layers``, ``n_hidden``, batch norm also for the classifier,
-        ``u_encoder`` and ``latent_prior``).
       classification_ratio: weight of the mean cross-entropy of the labelled
         cells of a minibatch (scvi-tools' default 50).
       linear_classifier: ``q(c | z)`` is a linear map of ``z`` (otherwise an

@@ -197,12 +197,13 @@ class TotalVI(SCVI):
     CLI does it).  Proteins with no count in any cell of a batch are treated
     as not measured there (masked out of that batch's likelihood).
 
+    ``n_latent``, ``n_hidden``, ``n_layers``, ``dropout_rate``, ``dispersion``, ``latent_library``,
+    ``encode_batch``, ``use_batch_norm``, ``n_epochs_kl_warmup``, ``kl_weight``,
+    ``freeze_batch_norm``: as :class:`~lvmzoo.models.scvi.SCVI` (the KL
+    warm-up also weights the background's KL term; the encoders read RNA
+    and proteins; the protein decoder has the RNA decoder's shape).
+
     Args:
-      n_latent, n_hidden, n_layers, dropout_rate, dispersion, latent_library,
-        encode_batch, use_batch_norm, n_epochs_kl_warmup, kl_weight,
-        freeze_batch_norm: as :class:`~lvmzoo.models.scvi.SCVI` (the KL
-        warm-up also weights the background's KL term; the encoders read RNA
-        and proteins; the protein decoder has the RNA decoder's shape).
       likelihood: of the RNA counts, as in scVI; default ``"nb"`` (totalVI's).
       protein_key: ``obsm`` key of the cells × proteins raw counts (a
         DataFrame or an array; names from its columns or
