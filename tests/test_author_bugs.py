@@ -303,3 +303,18 @@ def test_compare_and_fit_take_a_joint_guide_with_its_local_part(counts, tmp_path
                     CompareSettings(epochs=3, batch_size=30, n_samples=4), progress=False)
     assert list(table["method"]) == ["low_rank:local=mean_field"]
     assert np.isfinite(table["heldout_log_likelihood"].iloc[0])
+
+
+@pytest.mark.parametrize("guide", ["mean_field", "low_rank:local=mean_field", "map"])
+def test_scvi_with_batch_norm_under_per_cell_guides_scores_new_cells(guide):
+    """latent/evaluate of cells outside the fit raised a bare AssertionError inside flax_module:
+    the refit froze the decoder's $params but not its batch-norm $state."""
+    adata = datasets.simulate_counts(n_cells=120, n_genes=30, n_batches=2, n_de_genes_per_type=3,
+                                     seed=1)
+    data = lvmzoo.setup_anndata(adata, batch_key="batch")
+    model = lvmzoo.models.SCVI(n_hidden=16, n_latent=3, n_layers=1, use_batch_norm=True)
+    fitted = lvmzoo.fit(model, data, guide=guide, epochs=2, batch_size=60, progress=False,
+                        validation_fraction=0.2)
+    assert fitted.latent(data).shape == (120, 3)
+    scores = fitted.evaluate(data.subset(fitted.validation_index), n_samples=4)
+    assert np.isfinite(scores["avg_log_likelihood"]) and np.isfinite(scores["elbo"])

@@ -457,8 +457,9 @@ def freeze_globals(model: LatentModel, values: dict, elbo=None) -> FrozenGlobals
 
 
 def model_param_values(model: LatentModel, params: dict, batch: Batch) -> dict:
-    """Values in ``params`` of the model's own ``numpyro.param`` sites."""
-    names = [n for n, s in _trace(model.model, batch).items() if s["type"] == "param"]
+    """Values in ``params`` of the model's own ``numpyro.param`` sites and mutable state
+    (Flax batch-norm statistics: ``flax_module`` needs its ``$state`` with its ``$params``)."""
+    names = [n for n, s in _trace(model.model, batch).items() if s["type"] in ("param", "mutable")]
     return {n: params[n] for n in names if n in params}
 
 
