@@ -60,3 +60,20 @@ def test_cli_de_backed_equals_in_memory(saved, tmp_path, capsys):
     numeric = memory.select_dtypes("number").columns
     np.testing.assert_allclose(disk[numeric].to_numpy(float), memory[numeric].to_numpy(float),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_expression_analyses_on_a_backed_file_equal_in_memory(saved):
+    """normalized_expression, the latent and per-cell scores read a chunk of cells at a time."""
+    from lvmzoo.analysis import cell_scores, latent_representation, normalized_expression
+
+    root, fitted = saved
+    memory = lvmzoo.query_anndata(ad.read_h5ad(root / "cells.h5ad"), fitted.registry)
+    disk = lvmzoo.query_anndata(read_backed(root / "cells.h5ad"), fitted.registry)
+    assert disk.is_backed and not memory.is_backed
+    np.testing.assert_allclose(normalized_expression(fitted, disk, n_samples=3, seed=2),
+                               normalized_expression(fitted, memory, n_samples=3, seed=2),
+                               rtol=1e-6)
+    np.testing.assert_allclose(latent_representation(fitted, disk),
+                               latent_representation(fitted, memory), rtol=1e-6)
+    pd.testing.assert_frame_equal(cell_scores(fitted, disk, n_samples=5),
+                                  cell_scores(fitted, memory, n_samples=5))

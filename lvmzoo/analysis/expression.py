@@ -280,19 +280,33 @@ def map_cells(program, fitted, data: CellData, seed: int, extra: tuple, per_cell
     Every chunk has the same size (the last is padded with copies of the last
     cell and trimmed), so the program compiles once; cells are independent in
     evaluation mode, so padding changes nothing.  Outputs are pytrees of
-    arrays whose first axis is the chunk's cells.
+    arrays whose first axis is the chunk's cells.  Cells on disk are read a chunk at a
+    time (the same batches as in memory), so the input never has to fit in memory.
     """
-    source = DeviceSource(data)
+    source = None if data.is_backed else DeviceSource(data)
     size = min(chunk_size(per_cell), data.n_cells)
     key = jax.random.PRNGKey(seed)
     outputs = []
     for start in range(0, data.n_cells, size):
         index = np.minimum(np.arange(start, start + size), data.n_cells - 1)
-        batch = source.full_batch(index)
+        batch = source.full_batch(index) if source else _read_chunk(data, index, start)
         out = program(fitted.model, fitted.params, batch, jax.random.fold_in(key, start), *extra)
         n_valid = min(size, data.n_cells - start)
         outputs.append(jax.tree.map(lambda a: np.asarray(a[:n_valid]), out))
     return jax.tree.map(lambda *chunks: np.concatenate(chunks), *outputs)
+
+
+def _read_chunk(data: CellData, index: np.ndarray, start: int):
+    """The evaluation Batch of cells ``index`` (``start`` on, the last one repeated as padding)
+    read from disk: what ``DeviceSource(data).full_batch(index)`` gives in memory."""
+    from lvmzoo.data.source import PER_CELL_FIELDS, assemble_batch
+
+    stop = int(index[-1]) + 1
+    rows = data.x.read(start, stop).toarray()
+    x = jnp.asarray(rows[index - start], jnp.float32)
+    fields = {name: getattr(data, name)[index] for name in PER_CELL_FIELDS}
+    return assemble_batch(x, jnp.asarray(index, jnp.int32), fields, data.registry, len(index),
+                          training=False)
 
 
 # Module-level programs: the model (hashable hyperparameters) and sizes are
