@@ -33,6 +33,10 @@ REGISTRY_FILE = "registry.json"
 PARAMS_FILE = "params.msgpack"
 HISTORY_FILE = "history.json"
 RUN_FILES = (MODEL_FILE, REGISTRY_FILE, PARAMS_FILE, HISTORY_FILE)
+# A seed ensemble's run: replicate 0's files as above (so it reads as one fit),
+# this file, and replicate r's files under ``replicates/<r>/``.
+ENSEMBLE_FILE = "ensemble.json"
+REPLICATES_DIR = "replicates"
 
 
 # --------------------------------------------------------------------------

@@ -34,6 +34,21 @@ for each group, the 90% quantile, over the genes with mean raw count below
 two, divided by the number of genes (at least 1e-10).  This shrinks the fold
 changes of genes that are not expressed in either group towards 0.
 
+**Seed ensembles** (``fitted`` a :class:`~lvmzoo.infer.ensemble.FittedEnsemble`
+of ``R`` replicates): each group's ``n_samples`` draws are pooled from all
+replicates (``n_samples / R`` from each, the posterior of the equal-weight
+mixture of the replicates), draws are paired within a replicate, and every
+statistic above comes from the pooled draws.  Per gene the table adds how
+stable the result is across the replicates, each replicate's statistics
+computed from its own share of the draws (with the pooled pseudocount):
+``replicate_call_share``, the share of replicates that call the gene (its
+``is_de_fdr_<target>`` call within that replicate in "change"; ``|bayes_factor|
+>= 3`` in "vanilla", strong evidence on Kass and Raftery's scale),
+``replicate_bayes_factor_sd``, the standard deviation of the replicates'
+Bayes factors, ``replicate_lfc_mean_sd`` ("change"), that of their
+``lfc_mean``, and ``n_replicates``.  With one fit (or ``R = 1``) the table is
+unchanged.
+
 Not implemented: scvi-tools' ``filter_outlier_cells``, importance weights,
 ``delta=None`` (a delta estimated from the data), custom change functions,
 and its ``batchid1`` / ``batchid2`` options.
@@ -66,6 +81,7 @@ _UNEXPRESSED_MEAN_COUNT = 0.01  # raw mean count below which a gene counts as no
 _PSEUDOCOUNT_QUANTILE = 0.9
 _PSEUDOCOUNT_FLOOR = 1e-10
 _LFC_PSEUDOCOUNT_SHRINK = 1e-3  # summaries of the LFC use pseudocount / 1000 (scvi-tools)
+_STRONG_BAYES_FACTOR = 3.0  # "vanilla" call of one replicate: |ln BF| >= 3 (strong evidence)
 
 Groups = Union[None, str, Sequence[str]]
 
@@ -90,7 +106,9 @@ def differential_expression(
     """Bayesian differential expression of every gene between two groups of cells.
 
     Args:
-      fitted: a fitted scVI model.
+      fitted: a fitted scVI model, or a seed ensemble of one (``lvmzoo.fit(...,
+        replicates=R)``; the draws are pooled over the replicates and the
+        ``replicate_*`` stability columns added, see the module docstring).
       data: the cells, registered against ``fitted.registry`` (the training
         data, or ``lvmzoo.query_anndata(adata, fitted.registry)``).
       groupby: the cells' groups: the name of an ``obs`` column of ``adata``
@@ -124,8 +142,12 @@ def differential_expression(
       DataError: unknown ``groupby`` column or group, an empty group, or
         cells not registered against the model.
     """
-    model = checked_model(fitted, data)
+    members = list(getattr(fitted, "members", [fitted]))  # a seed ensemble's replicates
+    checked_model(members[0], data)
     _check_options(mode, delta, fdr_target, n_samples, pseudocounts, credible_intervals)
+    if n_samples < 2 * len(members):
+        raise ValueError(f"n_samples must be at least 2 per replicate ({2 * len(members)} for "
+                         f"{len(members)} replicates), got {n_samples}")
     codes, categories = group_codes(data, groupby, adata)
     column = groupby if isinstance(groupby, str) else "groupby"
     reference = None if group2 is None else _group_index(group2, categories, column)
@@ -137,7 +159,16 @@ def differential_expression(
     if not targets:
         raise DataError(f"no group to compare with {group2!r}: {column} has no other group")
 
-    sampler = _ExpressionSampler(model, fitted.params, data, seed)
+    samplers = [_ExpressionSampler(m.model, m.params, data, seed, member=r)
+                for r, m in enumerate(members)]
+    # Each replicate's share of the draws: n_samples split as evenly as it goes.
+    shares = [n_samples // len(members) + (r < n_samples % len(members))
+              for r in range(len(members))]
+
+    def draw(cells, transform, stream):
+        return [s.draw(np.flatnonzero(cells), k, transform, stream)
+                for s, k in zip(samplers, shares)]
+
     tables = []
     for i, target in enumerate(targets):
         cells1 = codes == target
@@ -148,11 +179,16 @@ def differential_expression(
             if not cells.any():
                 raise DataError(f"group {name!r} of {column} has no cells in the data")
         transform = np.unique(data.batch[cells1 | cells2]) if batch_correction else None
-        rho1 = sampler.draw(np.flatnonzero(cells1), n_samples, transform, stream=2 * i)
-        rho2 = sampler.draw(np.flatnonzero(cells2), n_samples, transform, stream=2 * i + 1)
-        table = _compare(rho1, rho2, mode, delta, pseudocounts, credible_intervals,
-                         _raw_counts(data, cells1), _raw_counts(data, cells2))
-        table.index = pd.Index(fitted.registry.gene_names)
+        parts1 = draw(cells1, transform, stream=2 * i)
+        parts2 = draw(cells2, transform, stream=2 * i + 1)
+        table = _compare(np.concatenate(parts1), np.concatenate(parts2), mode, delta,
+                         pseudocounts, credible_intervals, _raw_counts(data, cells1),
+                         _raw_counts(data, cells2))
+        if len(members) > 1:
+            used = table["pseudocounts"].iloc[0] if mode == "change" else None
+            table = pd.concat([table, replicate_stability(parts1, parts2, mode, delta, used,
+                                                          fdr_target)], axis=1)
+        table.index = pd.Index(members[0].registry.gene_names)
         table = _sort(table, mode)
         if mode == "change":
             table[f"is_de_fdr_{fdr_target}"] = posterior_fdr_calls(table["proba_de"], fdr_target)
@@ -219,13 +255,17 @@ def group_codes(data: CellData, groupby, adata=None) -> tuple[np.ndarray, tuple[
 
 
 class _ExpressionSampler:
-    """Draws ``rho`` for cells sampled from a group, in fixed-size compiled chunks."""
+    """Draws ``rho`` for cells sampled from a group, in fixed-size compiled chunks.
 
-    def __init__(self, model, params, data: CellData, seed: int):
+    ``member``: the replicate of a seed ensemble; replicate 0 draws what a
+    single fit draws, the others their own cells and ``z``.
+    """
+
+    def __init__(self, model, params, data: CellData, seed: int, member: int = 0):
         self.model, self.params, self.data = model, params, data
         # Cells on disk: only the drawn cells are read (see draw), never all of them.
         self.source = None if data.is_backed else DeviceSource(data)
-        self.seed = seed
+        self.seed, self.member = seed, member
 
     def draw(self, cells: np.ndarray, n_samples: int, transform, stream: int) -> np.ndarray:
         """``(n_samples, G)`` draws: a uniform cell of ``cells``, one ``z`` each, decoded.
@@ -233,12 +273,14 @@ class _ExpressionSampler:
         ``transform``: ``(n,)`` batch codes to average the decodings over, or
         ``None`` for each cell's own batch.
         """
-        rng = np.random.default_rng([self.seed, stream])
+        rng = np.random.default_rng([self.seed, stream] + ([self.member] if self.member else []))
         drawn = rng.choice(cells, size=n_samples, replace=True)
         codes = None if transform is None else jnp.asarray(transform, jnp.int32)
         n_codes = 1 if transform is None else len(transform)
         size = min(chunk_size(n_codes * self.data.n_genes), n_samples)
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), stream)
+        if self.member:
+            key = jax.random.fold_in(key, self.member)
         out = np.empty((n_samples, self.data.n_genes), np.float32)
         source, positions = self.source, drawn
         if source is None:
@@ -296,6 +338,35 @@ def _compare(rho1, rho2, mode, delta, pseudocounts, levels, raw1, raw2) -> pd.Da
             columns[f"lfc_confidence_interval_{label}_max"] = high
     for stat in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
         columns[f"{stat}1"], columns[f"{stat}2"] = raw1[stat], raw2[stat]
+    return pd.DataFrame(columns)
+
+
+def replicate_stability(parts1, parts2, mode, delta, pseudocount, fdr_target) -> pd.DataFrame:
+    """Per gene, how the replicates of an ensemble agree (see the module docstring).
+
+    ``parts1`` / ``parts2``: each replicate's paired draws ``(n_r, G)`` of the
+    two groups; ``pseudocount``: the pooled one ("change").
+    """
+    bayes, called, lfc_means = [], [], []
+    for rho1, rho2 in zip(parts1, parts2):
+        if mode == "vanilla":
+            p = np.mean(rho1 > rho2, axis=0)
+        else:
+            lfc = log2_fold_change(rho1, rho2, pseudocount)
+            p = np.maximum(np.mean(lfc >= delta, axis=0), np.mean(lfc < -delta, axis=0))
+            lfc_means.append(log2_fold_change(
+                rho1, rho2, _LFC_PSEUDOCOUNT_SHRINK * pseudocount).mean(0))
+        bf = np.log(p + _EPS) - np.log(1.0 - p + _EPS)
+        bayes.append(bf)
+        if mode == "vanilla":
+            called.append(np.abs(bf) >= _STRONG_BAYES_FACTOR)
+        else:
+            called.append(posterior_fdr_calls(pd.Series(p), fdr_target).to_numpy())
+    columns = {"replicate_call_share": np.mean(called, axis=0),
+               "replicate_bayes_factor_sd": np.std(bayes, axis=0, ddof=1)}
+    if mode == "change":
+        columns["replicate_lfc_mean_sd"] = np.std(lfc_means, axis=0, ddof=1)
+    columns["n_replicates"] = len(parts1)
     return pd.DataFrame(columns)
 
 

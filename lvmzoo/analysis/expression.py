@@ -87,7 +87,8 @@ def normalized_expression(
     cell's own library ``l``.
 
     Args:
-      fitted: a fitted scVI model.
+      fitted: a fitted scVI model, or a seed ensemble of one (the replicates'
+        expression averaged).
       data: cells registered against ``fitted.registry``.
       transform_batch: ``None`` decodes each cell in its own batch; a batch
         name decodes every cell as if from that batch; a list of names
@@ -102,6 +103,10 @@ def normalized_expression(
     Returns:
       ``(n_cells, n_genes)`` float32.
     """
+    if hasattr(fitted, "members"):  # a seed ensemble: the replicates' expression averaged
+        return np.mean([normalized_expression(
+            m, data, transform_batch=transform_batch, library_size=library_size,
+            n_samples=n_samples, seed=seed) for m in fitted.members], axis=0)
     checked_model(fitted, data)
     _check_positive(n_samples, "n_samples")
     codes = batch_codes(fitted.registry, transform_batch)
@@ -233,6 +238,11 @@ def has_count_decoder(model) -> bool:
 
 def checked_model(fitted, data: CellData, need_decoder: bool = True):
     """The fitted model, after checking it decodes counts and ``data`` matches its registry."""
+    if hasattr(fitted, "members"):
+        raise TypeError(
+            f"this analysis takes one fitted model, not a seed ensemble of "
+            f"{len(fitted.members)}; pass one replicate, ensemble.members[r] (ensembles take "
+            "differential_expression and normalized_expression as they are)")
     model = fitted.model
     if need_decoder and not has_count_decoder(model):
         raise TypeError(

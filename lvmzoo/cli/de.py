@@ -26,7 +26,15 @@ def add_parser(commands) -> None:
             "batch-corrected). Writes one CSV row per gene and comparison to --out, sorted by "
             "Bayes factor (vanilla mode) or probability of DE (change mode), and prints the "
             "top genes."
+        ) + "\n\n" + textwrap.fill(
+            "A run of 'lvmzoo fit --replicates R' (a seed ensemble) pools the posterior draws "
+            "of its R replicates (the mixture posterior) for every statistic, and adds per "
+            "gene how stable the result is across the replicates: replicate_call_share (the "
+            "share of replicates calling the gene: its FDR call in change mode, |Bayes factor| "
+            ">= 3 in vanilla mode), replicate_bayes_factor_sd and, in change mode, "
+            "replicate_lfc_mean_sd (standard deviations over the replicates), n_replicates."
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     de.add_argument("run_dir", metavar="RUN_DIR",
                     help="the --out directory of 'lvmzoo fit' (or its model/ subdirectory)")
@@ -119,6 +127,8 @@ def _de_summary(table, args, data, top: int = 10) -> str:
         if calls in rows:
             called = f"; {int(rows[calls].sum())} genes DE at FDR {args.fdr_target}"
         lines.append(f"\n{comparison}{called}; top {min(top, len(rows))}:")
-        shown = rows[_DE_SHOWN[args.mode]].head(top)
+        columns = _DE_SHOWN[args.mode] + (["replicate_call_share"]
+                                          if "replicate_call_share" in rows else [])
+        shown = rows[columns].head(top)
         lines.append(shown.to_string(float_format="{:.4g}".format))
     return "\n".join(lines)

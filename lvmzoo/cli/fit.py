@@ -100,6 +100,11 @@ def add_parser(commands, models) -> None:
     fit.add_argument("--seed", type=int, metavar="S", default=0,
                      help="random seed; a fit is reproducible for a given seed "
                           "(default: %(default)s)")
+    fit.add_argument("--replicates", type=int, metavar="R", default=None,
+                     help="fit a seed ensemble: R replicates with seeds S..S+R-1 in one "
+                          "compiled program, saved as one run whose latent, labels, "
+                          "evaluate and 'lvmzoo de' use all R (cells in memory; default: "
+                          "one fit)")
     fit.add_argument("--plot-method", choices=("auto", "umap", "pca"), default="auto",
                      help="2-D view of the latent in latent.png, drawn from at most "
                           f"{PLOT_CELLS:,} random cells: pca, umap (needs umap-learn; about "
@@ -177,6 +182,9 @@ def run(args) -> int:
         source = args.data
         backed = _train_from_disk(args)
         adata = _read_backed(args.data) if backed else _read_h5ad(args.data)
+    if args.replicates is not None and (backed or args.devices):
+        raise UsageError("--replicates trains its fits with the cells in memory on one "
+                         "device; leave out --backed and --devices (or fit one model)")
     if backed and args.exclude:
         raise UsageError("--exclude needs the cells in memory; leave out --backed, or write "
                          "the cells to keep to a file of their own")
@@ -210,7 +218,7 @@ def run(args) -> int:
                          early_stopping=args.early_stopping,
                          early_stopping_patience=args.patience,
                          progress=not args.no_progress, devices=devices,
-                         initial_params=warm_start)
+                         initial_params=warm_start, replicates=args.replicates)
     except FitDivergedError as err:
         _save_fit(out, err.result, settings)
         print(f"{PROG}: error: {' '.join(str(err).split())} "
@@ -337,6 +345,8 @@ def _check_fit_ranges(args) -> None:
         raise UsageError(f"--patience must be at least 1, got {args.patience}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.replicates is not None and args.replicates < 1:
+        raise UsageError(f"--replicates must be at least 1, got {args.replicates}")
     if args.lr is not None and not args.lr > 0:
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not 0.0 <= args.validation_fraction < 1.0:

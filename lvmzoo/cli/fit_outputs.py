@@ -167,6 +167,14 @@ def _summary(fitted, data, source, metrics, added, out, seconds, view) -> str:
         f"model/, result.h5ad (added {', '.join(added)})",
         f"look at {out / 'latent.png'} first; 'lvmzoo evaluate {out} NEW.h5ad' scores new cells",
     ]
+    if hasattr(fitted, "members"):  # a seed ensemble
+        train = metrics["train"]
+        lines.insert(3, f"seed ensemble of {len(fitted.members)} replicates (seeds "
+                        f"{', '.join(map(str, fitted.seeds))}): its log-likelihood is the "
+                        f"replicates' mixture; one replicate alone scores "
+                        f"{train['single_fit_avg_log_likelihood']:.4g} on average (train)"
+                        + (f", {metrics['validation']['single_fit_avg_log_likelihood']:.4g} "
+                           "(validation)" if metrics["validation"] else ""))
     if registry.labels_key is not None and hasattr(fitted.model, "predict_proba"):
         scores = metrics.get("validation_labels")
         lines.insert(-1, f"labels: {int((data.labels >= 0).sum()):,} of {data.n_cells:,} cells "

@@ -138,6 +138,38 @@ class FittedModel:
         if exact is None and getattr(self.guide, "joint_over_cells", False):
             joint = self._evaluate_joint(data, n_samples, key)
             return {**joint, "log_likelihood_sd": None} if standard_error else joint
+        log_likelihood, elbo, how = self._cell_scores(data, n_samples, key, exact)
+        scores = {
+            "n_cells": int(data.n_cells),
+            "avg_log_likelihood": float(np.mean(log_likelihood)),
+            "method": how,
+            "n_samples": 0 if exact is not None else int(n_samples),
+            "elbo": elbo,
+        }
+        if standard_error:
+            scores["log_likelihood_sd"] = (float(np.std(log_likelihood, ddof=1))
+                                           if data.n_cells > 1 else 0.0)
+        return scores
+
+    def cell_log_likelihoods(self, data: CellData, n_samples: int = 100, seed: int = 0,
+                             method: str = "auto") -> tuple[np.ndarray, float, str]:
+        """Per-cell log-likelihoods ``(n_cells,)``, the average ELBO and the method.
+
+        What :meth:`evaluate` averages (same ``method``, same draws for a
+        ``seed``), for callers that combine cells' scores themselves (an
+        ensemble's mixture).  Not for guides joint over all cells, whose
+        weights do not factor over cells.
+        """
+        if method not in ("auto", "importance_sampling"):
+            raise ValueError(f"method must be 'auto' or 'importance_sampling', got {method!r}")
+        exact = self.log_likelihood(data) if method == "auto" else None
+        if exact is None and getattr(self.guide, "joint_over_cells", False):
+            raise ValueError(f"guide {self.guide.name!r} is joint over all cells: its "
+                             "log-likelihood is one number for the cells together "
+                             "(FittedModel.evaluate), not one per cell")
+        return self._cell_scores(data, n_samples, jax.random.PRNGKey(seed), exact)
+
+    def _cell_scores(self, data, n_samples, key, exact):
         sampled, elbo = [], 0.0
         for i, (batch, params, guide) in enumerate(self._evaluation(data)):
             k = jax.random.fold_in(key, i)
@@ -146,17 +178,8 @@ class FittedModel:
                     self.model, guide, params, batch, k, n_samples)))
             elbo += float(_elbo(self.model, guide, params, batch, k))
         log_likelihood = exact if exact is not None else np.concatenate(sampled)
-        scores = {
-            "n_cells": int(data.n_cells),
-            "avg_log_likelihood": float(np.mean(log_likelihood)),
-            "method": "exact" if exact is not None else self._sampled_method(),
-            "n_samples": 0 if exact is not None else int(n_samples),
-            "elbo": elbo / data.n_cells,
-        }
-        if standard_error:
-            scores["log_likelihood_sd"] = (float(np.std(log_likelihood, ddof=1))
-                                           if data.n_cells > 1 else 0.0)
-        return scores
+        how = "exact" if exact is not None else self._sampled_method()
+        return log_likelihood, elbo / data.n_cells, how
 
     def _sampled_method(self) -> str:
         """What a sampled score is: a point-mass guide (``map``) is no proposal density, so

@@ -10,6 +10,11 @@ A saved model is a *run directory*::
                      dicts from Flax modules included), Flax msgpack format
     history.json     the per-epoch loss history
 
+A seed ensemble (:class:`~lvmzoo.infer.ensemble.FittedEnsemble`) is saved as
+the run of its replicate 0 plus ``ensemble.json`` (seeds, the alignment of
+the replicates' latents, replicates left out) and ``replicates/<r>/`` holding
+the four files of replicate ``r``; :func:`load_model` returns the ensemble.
+
 The directory is assembled under a temporary sibling name and renamed into
 place, so a crash never leaves a half-written run behind.
 
@@ -38,8 +43,9 @@ import numpy as np
 from lvmzoo.data.registry import DataRegistry
 from lvmzoo.infer.results import FittedModel
 from lvmzoo.models.registry import model_from_origin, model_origin
-from lvmzoo.io import (FORMAT_VERSION, HISTORY_FILE, MODEL_FILE, PARAMS_FILE, REGISTRY_FILE,
-                       RUN_FILES, PathLike, params_from_bytes, params_to_bytes, to_json)
+from lvmzoo.io import (ENSEMBLE_FILE, FORMAT_VERSION, HISTORY_FILE, MODEL_FILE, PARAMS_FILE,
+                       REGISTRY_FILE, REPLICATES_DIR, RUN_FILES, PathLike, params_from_bytes,
+                       params_to_bytes, to_json)
 
 DEFAULT_GUIDE = "default"
 CUSTOM_GUIDE = "custom"
@@ -80,24 +86,43 @@ def save_model(
             f"{path} exists and is not a saved lvmzoo model; choose a new directory or remove it"
         )
     # Serialise everything before touching the disk, so a bad value fails early.
-    files = {
-        MODEL_FILE: to_json(_model_description(fitted, fit_settings)),
-        REGISTRY_FILE: to_json(fitted.registry.to_dict()),
-        PARAMS_FILE: params_to_bytes(fitted.params),
-        HISTORY_FILE: to_json(fitted.history),
-    }
+    members = getattr(fitted, "members", None)
+    if members is None:
+        files = _run_files(fitted, fit_settings)
+    else:  # a seed ensemble: replicate 0's run, the ensemble file, the other replicates
+        files = _run_files(members[0], fit_settings)
+        files[ENSEMBLE_FILE] = to_json({
+            "format_version": FORMAT_VERSION, "n_replicates": len(members),
+            "seeds": [int(m.seed) for m in members],
+            "alignment": fitted.alignment.to_dict(),
+            "dropped": {str(seed): message for seed, message in fitted.dropped.items()},
+            "temperature": float(fitted.temperature),
+        })
+        for r, member in enumerate(members[1:], start=1):
+            files.update({f"{REPLICATES_DIR}/{r}/{name}": content
+                          for name, content in _run_files(member, fit_settings).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = _fresh_sibling(path, "tmp")
     staging.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the run
     try:
         for name, content in files.items():
             data = content.encode("utf-8") if isinstance(content, str) else content
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_bytes(data)
         _replace_directory(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _run_files(fitted: FittedModel, fit_settings) -> dict[str, Any]:
+    return {
+        MODEL_FILE: to_json(_model_description(fitted, fit_settings)),
+        REGISTRY_FILE: to_json(fitted.registry.to_dict()),
+        PARAMS_FILE: params_to_bytes(fitted.params),
+        HISTORY_FILE: to_json(fitted.history),
+    }
 
 
 def _is_replaceable(path: Path) -> bool:
@@ -202,7 +227,8 @@ def load_model(path: PathLike, *, guide: Optional[Callable] = None) -> FittedMod
 
     Returns:
       A :class:`FittedModel` equal to the saved one: same model config,
-      params, registry, history, seed and cell split.
+      params, registry, history, seed and cell split (a
+      :class:`~lvmzoo.infer.ensemble.FittedEnsemble` for a saved ensemble).
 
     Raises:
       FileNotFoundError: ``path`` is not a run directory or lacks a file.
@@ -210,6 +236,24 @@ def load_model(path: PathLike, *, guide: Optional[Callable] = None) -> FittedMod
         used and ``guide`` was not given.
     """
     path = Path(path)
+    if (path / ENSEMBLE_FILE).is_file():
+        return _load_ensemble(path, guide)
+    return _load_one(path, guide)
+
+
+def _load_ensemble(path: Path, guide):
+    from lvmzoo.infer.ensemble import Alignment, FittedEnsemble
+
+    description = json.loads((path / ENSEMBLE_FILE).read_text("utf-8"))
+    members = [_load_one(path, guide)] + [
+        _load_one(path / REPLICATES_DIR / str(r), guide)
+        for r in range(1, description["n_replicates"])]
+    return FittedEnsemble(members, Alignment.from_dict(description["alignment"]),
+                          {int(k): v for k, v in description.get("dropped", {}).items()},
+                          float(description.get("temperature", 1.0)))
+
+
+def _load_one(path: Path, guide) -> FittedModel:
     if not path.is_dir():
         raise FileNotFoundError(f"no saved model at {path}: directory not found")
     missing = [name for name in RUN_FILES if not (path / name).is_file()]

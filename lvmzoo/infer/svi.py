@@ -76,6 +76,7 @@ def fit(
     devices: Devices = None,
     shuffle: Optional[BlockShuffle] = None,
     initial_params: Optional[Any] = None,
+    replicates: Optional[int] = None,
 ) -> FittedModel:
     """Fit ``model`` to ``data`` by stochastic variational inference.
 
@@ -131,6 +132,11 @@ def fit(
         :class:`FittedModel` (its ``params``; its genes and batches must be
         ``data``'s).  Each must be a site of ``model`` with the shape it would
         initialise; sites not given start as usual.
+      replicates: ``R`` fits with seeds ``seed, ..., seed + R - 1`` in one
+        vmapped program, returned as a
+        :class:`~lvmzoo.infer.ensemble.FittedEnsemble` (every replicate holds
+        out the same validation cells and stops early on its own; cells in
+        memory, one device).  ``None`` (default): one fit.
 
     Returns:
       A :class:`FittedModel` with constrained parameters and the loss history
@@ -145,6 +151,19 @@ def fit(
       FitDivergedError: the loss became NaN/inf; ``err.result`` holds the last
         finite parameters.
     """
+    if replicates is not None:
+        if devices is not None or shuffle is not None:
+            raise ValueError("replicates train on one device with the cells in memory; leave "
+                             "out devices and shuffle")
+        from lvmzoo.infer.ensemble import fit_ensemble
+
+        return fit_ensemble(
+            model, data, replicates=replicates, seed=seed, guide=guide, optimizer=optimizer,
+            learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
+            validation_fraction=validation_fraction, early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            early_stopping_tolerance=early_stopping_tolerance, progress=progress,
+            initial_params=initial_params)
     check_data_kind(model, data)
     model = model.for_data(data)  # data-dependent settings (e.g. a category's code) resolved
     if isinstance(initial_params, FittedModel):
