@@ -213,6 +213,10 @@ def test_cli_fit_replicates_then_de(counts, tmp_path, capsys):
     header = (tmp_path / "de.csv").read_text().splitlines()[0].split(",")
     assert {"replicate_call_share", "replicate_lfc_mean_sd", "n_replicates"} <= set(header)
     capsys.readouterr()
+    assert cli.main(["evaluate", str(run), str(path), "--n-samples", "5"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["ensemble"] == "mixture of 2 replicates"
+    assert scores["avg_log_likelihood"] >= scores["single_fit_avg_log_likelihood"]
     assert cli.main(["fit", "scvi", str(path), "--replicates", "2", "--backed", "--out",
                      str(tmp_path / "r2")]) != 0
     error = capsys.readouterr().err.strip().splitlines()

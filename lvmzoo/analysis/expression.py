@@ -239,10 +239,13 @@ def has_count_decoder(model) -> bool:
 def checked_model(fitted, data: CellData, need_decoder: bool = True):
     """The fitted model, after checking it decodes counts and ``data`` matches its registry."""
     if hasattr(fitted, "members"):
-        raise TypeError(
+        from lvmzoo.infer.ensemble import NeedsOneModel
+
+        raise NeedsOneModel(
             f"this analysis takes one fitted model, not a seed ensemble of "
-            f"{len(fitted.members)}; pass one replicate, ensemble.members[r] (ensembles take "
-            "differential_expression and normalized_expression as they are)")
+            f"{len(fitted.members)}; pass one replicate, ensemble.members[r] (on the command "
+            "line: the run directory RUN/model/replicates/<r>, r >= 1); ensembles take "
+            "differential_expression and normalized_expression as they are")
     model = fitted.model
     if need_decoder and not has_count_decoder(model):
         raise TypeError(

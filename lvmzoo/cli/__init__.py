@@ -67,8 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as err:
         from lvmzoo.data.registry import DataError
+        from lvmzoo.infer.ensemble import NeedsOneModel
 
-        if isinstance(err, DataError):
+        if isinstance(err, (DataError, NeedsOneModel)):
             return _usage_error(err)
         raise  # a genuine bug: keep the traceback
 

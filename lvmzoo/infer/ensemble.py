@@ -51,6 +51,10 @@ from scipy.special import logsumexp
 from lvmzoo.data.registry import CellData
 from lvmzoo.infer.results import FittedModel
 
+class NeedsOneModel(TypeError):
+    """An analysis that needs one set of parameters was given a seed ensemble."""
+
+
 # Training cells the alignment of the replicates' latents is computed on.
 ALIGNMENT_CELLS = 5_000
 
@@ -147,9 +151,10 @@ class FittedEnsemble:
 
     @property
     def params(self):
-        raise TypeError(
-            f"an ensemble of {self.n_replicates} fits has no single set of parameters; "
-            "analyses that need one take a replicate, ensemble.members[r]")
+        raise NeedsOneModel(
+            f"a seed ensemble of {self.n_replicates} fits has no single set of parameters; "
+            "analyses that need one take a replicate, ensemble.members[r] (on the command "
+            "line: the run directory RUN/model/replicates/<r>, r >= 1)")
 
     @property
     def history(self) -> dict[str, Any]:
