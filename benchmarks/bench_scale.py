@@ -37,10 +37,26 @@ Targets: out-of-core peak RSS over 1 M cells < 2 GiB; out-of-core throughput
 ≥ 80 % of in-memory at 100 k cells; ratios to scvi-tools at every size.
 Outputs ``results/scale.{json,md,png}`` (atomically).
 
+Differential expression (issue 21), after the epoch rows: the whole ``lvmzoo de``
+command as a user runs it, timed from start to exit with the peak resident
+memory of its process (``ru_maxrss`` of the only child of a small wrapper), on
+the same files::
+
+    lvmzoo de RUN DATA --groupby batch --group1 batch0 --out de.csv --backed | --no-backed
+
+(vanilla mode, 5,000 posterior samples per group, seed 0) for 100 k cells in
+memory and from disk and 1 M cells from disk (``--de-rows``).  ``RUN`` is one
+epoch of ``lvmzoo fit scvi`` on the 100 k file (``--backed``, no validation
+split; DE needs the model's genes and batches, which every size shares), fitted
+once and not timed.  Target: peak RSS of ``lvmzoo de --backed`` on 1 M cells
+< 2 GiB.  Outputs ``results/de_scale.{json,md}``; ``--de only`` runs just these
+rows (and leaves ``scale.*`` alone), ``--de skip`` leaves them out.
+
 Usage::
 
     python benchmarks/bench_scale.py                          # 10k, 100k, 1M: ~40 min on 2 quiet cores
     python benchmarks/bench_scale.py --sizes 10000 --output-dir /tmp/scale   # a quick check
+    python benchmarks/bench_scale.py --de only --keep-data /tmp/scale_data   # DE rows only
 """
 
 from __future__ import annotations
@@ -78,6 +94,11 @@ LIKELIHOOD = "nb"
 # Targets of issue 12.
 OOC_PEAK_RSS_TARGET_MIB = 2048
 OOC_THROUGHPUT_TARGET = 0.8
+# lvmzoo de rows (issue 21): (cells, from disk), the cells of the model they use, the target.
+DE_ROWS = ((100_000, False), (100_000, True), (1_000_000, True))
+DE_FIT_CELLS = 100_000
+DE_PEAK_RSS_TARGET_MIB = 2048
+DE_COMMAND = ("--groupby", "batch", "--group1", "batch0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +110,8 @@ class Settings:
     memory_share: float = 0.8
     worker_timeout: float = 4 * 3600.0
     torch_threads: int = os.cpu_count() or 1
+    de: str = "include"  # lvmzoo de rows: include, only, skip
+    de_rows: tuple[tuple[int, bool], ...] = DE_ROWS
 
 
 # --------------------------------------------------------------------------
@@ -127,6 +150,42 @@ def prepare_main(n_cells: int, n_genes: int, path: Path) -> None:
             "source": f"lvmzoo.datasets.simulate_counts(n_cells={n_cells}, n_genes={n_genes}, "
                       f"n_batches={N_BATCHES}, seed=0)"}
     path.with_suffix(".json").write_text(json.dumps(info))  # for --keep-data reruns
+    print(RESULT_PREFIX + json.dumps(info), flush=True)
+
+
+def prepare_tiled(n_cells: int, base: Path, path: Path) -> None:
+    """``n_cells`` cells written as copies of the cells of ``base``, in bounded memory.
+
+    For a machine without the ~6 GiB free that simulating a million cells at
+    once takes: the file has the same genes, batches, density and layout on
+    disk (CSR, rows appended in place); the cells are ``base``'s repeated
+    (renamed ``cell0``..), which is all a benchmark of reading and memory
+    needs.  Recorded in the sidecar JSON's ``source``.
+    """
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+
+    cells = ad.read_h5ad(base)
+    copies, rest = divmod(n_cells, cells.n_obs)
+    if rest:
+        raise ValueError(f"{n_cells} is not a multiple of the {cells.n_obs} cells of {base}")
+    obs = pd.concat([cells.obs] * copies)
+    obs.index = pd.Index([f"cell{i}" for i in range(n_cells)])
+    ad.AnnData(X=cells.X, obs=cells.obs, var=cells.var).write_h5ad(path)
+    with h5py.File(path, "a") as f:
+        x = sparse_dataset(f["X"])
+        for _ in range(copies - 1):
+            x.append(cells.X)
+        del f["obs"]
+        write_elem(f, "obs", obs)
+    nnz = int(cells.X.nnz) * copies
+    info = {"n_cells": n_cells, "n_genes": cells.n_vars, "nnz": nnz,
+            "density": nnz / (n_cells * cells.n_vars), "file_mib": path.stat().st_size / 2**20,
+            "source": f"the {cells.n_obs:,} cells of {base.name} repeated {copies} times "
+                      f"(bench_scale.py --prepare {n_cells} --tile-from {base.name})"}
+    path.with_suffix(".json").write_text(json.dumps(info))
     print(RESULT_PREFIX + json.dumps(info), flush=True)
 
 
@@ -235,6 +294,159 @@ def launch(variant: str, path: Path, epochs: int, settings: Settings) -> dict[st
     out["process_seconds"] = time.perf_counter() - started
     out["load_average_at_start"] = load
     return out
+
+
+# --------------------------------------------------------------------------
+# lvmzoo de: the whole command, in a fresh process under a small wrapper
+# --------------------------------------------------------------------------
+
+# ru_maxrss of the children is that of the only child, lvmzoo (Linux carries a
+# parent's peak across fork + exec, so the wrapper must stay small: it is).
+TIMED = """
+import json, resource, subprocess, sys, time
+started = time.perf_counter()
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"returncode": done.returncode, "seconds": time.perf_counter() - started,
+                  "peak_rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  "stdout": done.stdout[-4000:], "stderr": done.stderr[-4000:]}))
+"""
+
+
+def timed_command(command: list[str], timeout: float) -> dict[str, Any]:
+    """``{"seconds", "peak_rss_mib", "stdout", "stderr"}`` of ``command`` run start to exit."""
+    done = subprocess.run([sys.executable, "-c", TIMED, *command], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["returncode"] != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result['stderr'][-3000:]}")
+    return {"seconds": result["seconds"], "peak_rss_mib": result["peak_rss_kib"] / 1024,
+            "stdout": result["stdout"], "stderr": result["stderr"]}
+
+
+def _lvmzoo() -> str:
+    return str(Path(sys.executable).parent / "lvmzoo")
+
+
+def fit_for_de(path: Path, run_dir: Path, timeout: float) -> dict[str, Any]:
+    """The scVI run DE uses: one epoch from disk, no validation split, few cells scored."""
+    command = [_lvmzoo(), "fit", "scvi", str(path), "--epochs", "1", "--validation-fraction",
+               "0", "--no-progress", "--backed", "--per-gene-outputs", "none",
+               "--score-cells", "100", "--out", str(run_dir)]
+    result = timed_command(command, timeout)
+    return {"command": " ".join(["lvmzoo", *command[1:]]), "seconds": result["seconds"],
+            "peak_rss_mib": result["peak_rss_mib"]}
+
+
+def run_de(run_dir: Path, path: Path, backed: bool, out: Path, timeout: float) -> dict[str, Any]:
+    import pandas as pd
+
+    command = [_lvmzoo(), "de", str(run_dir), str(path), *DE_COMMAND, "--out", str(out),
+               "--backed" if backed else "--no-backed"]
+    load = load_average()
+    result = timed_command(command, timeout)
+    table = pd.read_csv(out, index_col=0)
+    top = table.sort_values("bayes_factor", ascending=False).head(5)
+    return {"wall_seconds": result["seconds"], "peak_rss_mib": result["peak_rss_mib"],
+            "n_genes_tested": int(len(table)), "top_genes": list(map(str, top.index)),
+            "top_bayes_factors": [float(b) for b in top["bayes_factor"]],
+            "command": " ".join(["lvmzoo", *command[1:]]), "load_average_at_start": load}
+
+
+def run_de_rows(settings: Settings, paths: dict[int, Path], directory: Path,
+                infos: dict[int, dict[str, Any]], keep: bool) -> dict[str, Any]:
+    """Fit the model once (not timed), then every ``lvmzoo de`` row in its own process.
+
+    Under ``--keep-data`` a model fitted by an earlier run (``de_run/`` beside
+    the files) is reused.
+    """
+    run_dir = directory / "de_run"
+    record = directory / "de_run.json"
+    if keep and (run_dir / "model").is_dir() and record.is_file():
+        fit = {**json.loads(record.read_text()), "reused": True}
+    else:
+        fit = fit_for_de(paths[DE_FIT_CELLS], run_dir, settings.worker_timeout)
+        record.write_text(json.dumps(fit))
+    print(f"de model: {fit['command']} ({fit['seconds']:.0f} s)", flush=True)
+    rows = []
+    for n_cells, backed in settings.de_rows:
+        info = infos[n_cells]
+        row = {"n_cells": n_cells, "n_genes": GENES, "mode": "backed" if backed else "in memory",
+               "file_mib": info["file_mib"],
+               "data_in_memory_mib": (info["nnz"] * 8 + (n_cells + 1) * 8) / 2**20}
+        try:
+            row.update(run_de(run_dir, paths[n_cells], backed, directory / "de.csv",
+                              settings.worker_timeout))
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            row["failed"] = str(err).strip().splitlines()[-1:] or ["?"]
+            print(f"{n_cells:>9,} de {row['mode']:9s} FAILED {row['failed']}", flush=True)
+            rows.append(row)
+            continue
+        rows.append(row)
+        print(f"{n_cells:>9,} de {row['mode']:9s} wall {row['wall_seconds']:7.1f} s peak "
+              f"{row['peak_rss_mib']:7,.0f} MiB [load {row['load_average_at_start'][0]}]",
+              flush=True)
+    big = [r for r in rows if r["n_cells"] == 1_000_000 and r["mode"] == "backed"
+           and "peak_rss_mib" in r]
+    target = ({"backed_peak_rss_1m_mib": big[0]["peak_rss_mib"],
+               "backed_peak_rss_1m_met": big[0]["peak_rss_mib"] < DE_PEAK_RSS_TARGET_MIB}
+              if big else {})
+    return {"model": fit, "rows": rows, "targets": target}
+
+
+def render_de_markdown(report: dict[str, Any]) -> str:
+    m, de = report["machine"], report["de"]
+    lines = [
+        "# `lvmzoo de` at scale: 100 k cells in memory and from disk, 1 M cells from disk",
+        "",
+        "Written by `benchmarks/bench_scale.py` (`--de only` for these rows alone). The whole "
+        "command, in a fresh process, start to exit; peak RSS is `ru_maxrss` of that process "
+        "(the only child of a small wrapper). Simulated counts × 2,000 genes, 33 % non-zero "
+        "(the files are described under Data, below); vanilla mode, 5,000 posterior samples "
+        "per group, batch-corrected, seed 0:",
+        "",
+        "```bash",
+        de["model"]["command"].replace(str(Path(report["data_directory"])) + "/", ""),
+        f"lvmzoo de RUN simulated_Nx2000.h5ad {' '.join(DE_COMMAND)} --out de.csv "
+        "--backed   # or --no-backed",
+        "```",
+        "",
+        f"The model (one epoch of scVI from disk on {DE_FIT_CELLS:,} cells, fitted once, "
+        f"{de['model']['seconds']:.0f} s, not part of the rows) is the same for every row: "
+        "DE needs its genes and batches, which every file shares. In memory, `lvmzoo de` "
+        "loads the matrix; from disk (`--backed`) it reads only the cells drawn for the "
+        "posterior samples and accumulates the raw group means block by block.",
+        "",
+        "| cells × genes | mode | file MiB | matrix in memory MiB | wall s | peak RSS MiB "
+        "| target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in de["rows"]:
+        head = (f"| {r['n_cells']:,} × {r['n_genes']:,} | {r['mode']} | {r['file_mib']:,.0f} "
+                f"| {r['data_in_memory_mib']:,.0f} ")
+        if "wall_seconds" not in r:
+            lines.append(head + f"| failed: {r['failed']} | | |")
+            continue
+        target = ""
+        if r["n_cells"] == 1_000_000 and r["mode"] == "backed":
+            met = r["peak_rss_mib"] < DE_PEAK_RSS_TARGET_MIB
+            target = f"< {DE_PEAK_RSS_TARGET_MIB:,} {'✓' if met else '✗ NOT met'}"
+        lines.append(head + f"| {r['wall_seconds']:.1f} | {r['peak_rss_mib']:,.0f} | {target} |")
+    loads = [r["load_average_at_start"][0] for r in de["rows"] if r.get("load_average_at_start")]
+    lines += ["", "Data:", ""]
+    lines += [f"* {info['n_cells']:,} × {info['n_genes']:,} ({info['file_mib']:,.0f} MiB): "
+              f"{info['source']}" for info in report["data"]]
+    lines += [
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; "
+        f"Python {m['python']}, jax {m['versions']['jax']}, anndata {m['versions']['anndata']}; "
+        f"{m['date']}; 1-min load average {min(loads, default=0):.1f}–"
+        f"{max(loads, default=0):.1f} at the start of the rows (other processes shared the "
+        "cores: wall times are upper bounds; peak RSS does not depend on the load). No GPU.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------
@@ -361,6 +573,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             if fit:
                 lines.append(f"| {variant} | {key} | {fit['intercept']:,.1f} "
                              f"| {fit['per_100k_cells']:,.2f} |")
+    if report.get("de"):
+        lines += ["", "`lvmzoo de` (the whole command; details in `de_scale.md`):", "",
+                  "| cells | mode | wall s | peak RSS MiB |", "|---|---|---|---|"]
+        for r in report["de"]["rows"]:
+            if "wall_seconds" in r:
+                lines.append(f"| {r['n_cells']:,} | {r['mode']} | {r['wall_seconds']:.1f} "
+                             f"| {r['peak_rss_mib']:,.0f} |")
     loads = [r["load_average_at_start"][0] for r in runs if r.get("load_average_at_start")]
     lines += [
         "",
@@ -424,6 +643,12 @@ def parse_args(argv=None):
                              "the available RAM (default 0.8)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
                         help=f"where to write scale.json/.md/.png (default {RESULTS_DIR})")
+    parser.add_argument("--de", choices=("include", "only", "skip"), default="include",
+                        help="the lvmzoo de rows: after the epoch rows (include), alone "
+                             "(only: scale.* is not rewritten), or not at all (default include)")
+    parser.add_argument("--de-rows", default=None,
+                        help="comma-separated CELLS:memory|backed lvmzoo de rows (default "
+                             "100000:memory,100000:backed,1000000:backed)")
     parser.add_argument("--keep-data", type=Path, default=None,
                         help="write (or reuse) the .h5ad files in this directory instead of a "
                              "temporary one")
@@ -432,6 +657,10 @@ def parse_args(argv=None):
     parser.add_argument("--prepare", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--genes", type=int, default=GENES, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tile-from", type=Path, default=None,
+                        help="with --prepare N: write N cells as copies of this .h5ad's cells "
+                             "(bounded memory) instead of simulating them; put the file in "
+                             "--keep-data's directory to have the benchmark use it")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
                         help=argparse.SUPPRESS)
@@ -453,14 +682,34 @@ def parse_args(argv=None):
     variants = tuple(v.strip() for v in args.variants.split(","))
     if set(variants) - set(VARIANTS):
         parser.error(f"unknown variants {set(variants) - set(VARIANTS)}")
+    de_rows = DE_ROWS
+    if args.de_rows:
+        try:
+            de_rows = tuple((int(n), {"memory": False, "backed": True}[mode])
+                            for n, mode in (item.split(":") for item in args.de_rows.split(",")))
+        except (KeyError, ValueError):
+            parser.error("--de-rows takes CELLS:memory or CELLS:backed, comma-separated")
     return Settings(sizes=sizes, epochs=epochs, gene_sweep=sweep, variants=variants,
-                    memory_share=args.memory_share), args
+                    memory_share=args.memory_share, de=args.de, de_rows=de_rows), args
+
+
+def _data(n_cells: int, n_genes: int, directory: Path, keep: bool) -> tuple[Path, dict[str, Any]]:
+    """The simulated file of ``n_cells`` × ``n_genes``: reused under --keep-data, else written."""
+    path = directory / f"simulated_{n_cells}x{n_genes}.h5ad"
+    if keep and path.exists() and path.with_suffix(".json").exists():
+        return path, json.loads(path.with_suffix(".json").read_text())
+    path, info = prepare(n_cells, n_genes, directory)
+    print(f"data {n_cells:,} × {n_genes:,}: {info['file_mib']:,.0f} MiB, density "
+          f"{info['density']:.2f}, {info['prepare_seconds']:.0f} s", flush=True)
+    return path, info
 
 
 def main(argv=None) -> Optional[dict[str, Any]]:
     settings, args = parse_args(argv)
     if settings is None:
-        if args.prepare:
+        if args.prepare and args.tile_from:
+            prepare_tiled(args.prepare, args.tile_from, args.data)
+        elif args.prepare:
             prepare_main(args.prepare, args.genes, args.data)
         else:
             worker_main(args)
@@ -474,19 +723,15 @@ def main(argv=None) -> Optional[dict[str, Any]]:
     plan = [(n, GENES, e) for n, e in zip(settings.sizes, settings.epochs)]
     plan += [(min(settings.sizes), g, settings.epochs[settings.sizes.index(min(settings.sizes))])
              for g in settings.gene_sweep]
+    if settings.de == "only":
+        plan = []
     runs: list[dict[str, Any]] = []
     data_info = []
+    de_report = None
     try:
         for n_cells, n_genes, epochs in plan:
-            path = directory / f"simulated_{n_cells}x{n_genes}.h5ad"
-            if args.keep_data and path.exists() and path.with_suffix(".json").exists():
-                info = json.loads(path.with_suffix(".json").read_text())
-                data_info.append(info)
-            else:
-                path, info = prepare(n_cells, n_genes, directory)
-                data_info.append(info)
-                print(f"data {n_cells:,} × {n_genes:,}: {info['file_mib']:,.0f} MiB, density "
-                      f"{info['density']:.2f}, {info['prepare_seconds']:.0f} s", flush=True)
+            path, info = _data(n_cells, n_genes, directory, args.keep_data is not None)
+            data_info.append(info)
             variants = settings.variants if n_genes == GENES else \
                 tuple(v for v in settings.variants if v in ("lvmzoo", "lvmzoo-ooc"))
             for variant in variants:
@@ -508,6 +753,13 @@ def main(argv=None) -> Optional[dict[str, Any]]:
                           f"[load {run['load_average_at_start'][0]}]", flush=True)
                 else:
                     print(f"{n_cells:>9,} {variant:11s} FAILED {run['failed']}", flush=True)
+        if settings.de != "skip":
+            paths, infos = {}, {}
+            for n_cells in sorted({n for n, _ in settings.de_rows} | {DE_FIT_CELLS}):
+                paths[n_cells], infos[n_cells] = _data(n_cells, GENES, directory,
+                                                       args.keep_data is not None)
+            de_report = run_de_rows(settings, paths, directory, infos,
+                                    args.keep_data is not None)
     finally:
         if args.keep_data is None:
             shutil.rmtree(directory, ignore_errors=True)
@@ -524,6 +776,19 @@ def main(argv=None) -> Optional[dict[str, Any]]:
         "wall_seconds": time.perf_counter() - started,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if de_report is not None:
+        de_full = {"benchmark": "de_scale", "machine": report["machine"], "de": de_report,
+                   "data_directory": str(directory),
+                   "data": [infos[n] for n in sorted(infos)],
+                   "wall_seconds": report["wall_seconds"]}
+        write_text(args.output_dir / "de_scale.json", json.dumps(de_full, indent=2) + "\n")
+        de_markdown = render_de_markdown(de_full)
+        write_text(args.output_dir / "de_scale.md", de_markdown)
+        print(de_markdown)
+        print(f"wrote {args.output_dir}/de_scale.{{json,md}}")
+        report["de"] = de_report
+    if settings.de == "only":
+        return report
     write_text(args.output_dir / "scale.json", json.dumps(report, indent=2) + "\n")
     markdown = render_markdown(report)
     write_text(args.output_dir / "scale.md", markdown)

@@ -16,6 +16,7 @@ from lvmzoo.cli._common import (EXIT_DIVERGED, EXIT_INTERRUPTED, PROG, UsageErro
 from lvmzoo.cli.fit_outputs import (PER_GENE_VALUES, PLOT_CELLS, SCORE_CELLS, PostFitSteps,
                                     _annotate_backed, _fit_metrics, _save_latent_plot, _summary,
                                     per_gene_outputs)
+from lvmzoo.cli._distributed import add_distributed_options, start_distributed
 from lvmzoo.models.base import LatentModel
 from lvmzoo.cli.options import (add_model_options, given_options, hyperparameters, model_class,
                                 option_flag)
@@ -143,6 +144,7 @@ def add_parser(commands, models) -> None:
                      help="devices to train on: a number or 'all'; each minibatch is split "
                           "over them, parameters are replicated; --batch-size is the total "
                           "over all devices (default: one device)")
+    add_distributed_options(fit)
     add_model_options(fit, models)
     fit.set_defaults(run=run, command_parser=fit)
 
@@ -152,6 +154,7 @@ def run(args) -> int:
     from lvmzoo.data.registry import setup_anndata
     from lvmzoo.infer.svi import FitDivergedError, fit
 
+    writes_out = start_distributed(args)  # first: before anything touches a device
     cls = model_class(args.model)
     warm_start = _warm_start(args, cls) if args.from_run else None
     try:
@@ -230,6 +233,8 @@ def run(args) -> int:
               f"far is saved in {out / 'model'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     fit_seconds = time.perf_counter() - started
+    if not writes_out:  # --distributed: process 0 writes the outputs
+        return 0
 
     steps = PostFitSteps()
     with steps("save_model", "saving the model"):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import textwrap
 from pathlib import Path
 
-from lvmzoo.cli._common import UsageError, _comma_list, _output_dir, _read_h5ad
+from lvmzoo.cli._common import UsageError, _comma_list, _output_dir, _read_backed, _read_h5ad
 
 
 _INTEGRATION_DEFAULT = ("wu2020", "patient", "cluster_orig")
@@ -60,6 +61,12 @@ def add_parser(commands) -> None:
                          help="components of a computed X_pca (default: %(default)s)")
     command.add_argument("--seed", type=int, metavar="S", default=0,
                          help="seed of k-means, Leiden and the PCA (default: %(default)s)")
+    command.add_argument("--backed", action=argparse.BooleanOptionalAction, default=None,
+                         help="leave DATA's matrix on disk (a backed .h5ad or a .zarr store): "
+                              "the metrics need only obs and the obsm embeddings, so X is never "
+                              "read, and a missing X_pca is refused rather than computed "
+                              "(default: on when DATA is larger than a quarter of this "
+                              "machine's RAM, as for fit)")
     command.set_defaults(run=run, command_parser=command)
 
 
@@ -84,7 +91,7 @@ def run(args) -> int:
             if getattr(args, option) is None:
                 raise UsageError(f"--{option.replace('_', '-')} is required with DATA; name "
                                  f"a categorical obs column")
-        adata, source, name = _read_h5ad(args.data), args.data, Path(args.data).name
+        adata, source, name = _read_input(args), args.data, Path(args.data).name
     out = _output_dir(args.out)
     table = integration.benchmark(
         adata, args.batch_key, args.labels_key, _comma_list(args.embeddings),
@@ -104,3 +111,26 @@ def run(args) -> int:
           f"({args.labels_key}); X_pca {attrs['x_pca']}; wrote {out}/: integration_metrics.csv, "
           "integration_metrics.md, integration_metrics.png")
     return 0
+
+
+def _read_input(args):
+    """DATA in memory, or with its matrix left on disk (``--backed``, or DATA too large to load).
+
+    On disk, only obs and obsm are in memory: every metric reads the embeddings
+    and the batch and label columns, never X.  The one thing that would need X
+    is a missing ``X_pca``; that is refused with the ways around it.
+    """
+    from lvmzoo.cli.fit import _train_from_disk
+
+    if not _train_from_disk(args):
+        return _read_h5ad(args.data)
+    adata = _read_backed(args.data)
+    pcr = "pcr_comparison" in _comma_list(args.metrics)
+    wants_pca = "X_pca" in _comma_list(args.embeddings) or (pcr and args.pre_integrated == "X_pca")
+    if wants_pca and "X_pca" not in adata.obsm:
+        raise UsageError(
+            f"DATA {args.data} has no obsm['X_pca'] and its matrix stays on disk (--backed), "
+            "where a PCA of every cell cannot be computed; add obsm['X_pca'] to DATA, or leave "
+            "X_pca out of --embeddings and pcr_comparison out of --metrics (or name another "
+            "unintegrated embedding with --pre-integrated KEY)")
+    return adata

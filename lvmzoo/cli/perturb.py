@@ -78,6 +78,7 @@ def run(args) -> int:
         raise UsageError(f"--out {args.out} is a file; give a directory")
     model_dir, _ = _de_run_dirs(args.run_dir)
     fitted = _load_for_de(model_dir, args.run_dir)
+    _refuse_data_too_large(args.data)
     adata, source = _input_data(args.data, None, "kang_ifnb")
     design = dict(condition_key=args.condition_key, control=args.control,
                   perturbed=args.perturbed, cell_type_key=args.cell_type_key,
@@ -145,6 +146,30 @@ def _predict_only(fitted, adata, design, source, args) -> int:
     save_prediction_plot(profiles, out / "perturbation.png")
     print(_prediction_summary(profiles, name, source, args, out))
     return 0
+
+
+def _refuse_data_too_large(path) -> None:
+    """One line instead of an out-of-memory kill: perturb holds DATA's cells in memory.
+
+    Its metrics compare every gene's mean over the held-out type's cells, the
+    baseline averages the other types' changes, and the energy distance needs
+    the cells themselves: it reads DATA whole.  Refused above the share of RAM
+    at which 'lvmzoo fit' switches to reading from disk.
+    """
+    from lvmzoo.cli.fit import BACKED_RAM_SHARE
+    from lvmzoo.data.backed import file_size, total_memory
+
+    if path is None or not Path(path).is_file():
+        return  # the bundled data set, or a missing/invalid DATA reported when it is read
+    size, ram = file_size(path), total_memory()
+    if ram and size > BACKED_RAM_SHARE * ram:
+        raise UsageError(
+            f"DATA is {size / 2**30:.1f} GiB, more than {BACKED_RAM_SHARE:.0%} of this "
+            f"machine's {ram / 2**30:.0f} GiB of RAM, and 'lvmzoo perturb' reads it into "
+            "memory (it compares cells, not only means); write a subset to a smaller .h5ad "
+            "(only the control and perturbed conditions, or a sample of each cell type's "
+            "cells: adata[cells].to_memory().write_h5ad(...) after anndata.read_h5ad(DATA, "
+            "backed='r')), or run it on a machine with more RAM")
 
 
 def _method_name(fitted, predicted) -> str:

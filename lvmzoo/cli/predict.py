@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import textwrap
 
-from lvmzoo.cli._common import UsageError, _load_run, _fit_dir, _output_file, _scores_against_known_labels, _read_h5ad
+from lvmzoo.cli._common import (UsageError, _fit_dir, _load_run, _output_file, _read_backed,
+                                _read_h5ad, _scores_against_known_labels)
 
 
 def add_parser(commands) -> None:
@@ -27,6 +29,12 @@ def add_parser(commands) -> None:
                               "default: RUN_DIR/result.h5ad, written by 'lvmzoo fit')")
     predict.add_argument("--out", required=True, metavar="FILE",
                          help="CSV file to write (its directory is created if needed)")
+    predict.add_argument("--backed", action=argparse.BooleanOptionalAction, default=None,
+                         help="read DATA's cells from disk (a backed .h5ad or a .zarr store) "
+                              "a chunk at a time instead of loading them; the probabilities "
+                              "are the same (default: on when DATA is larger than a quarter "
+                              "of this machine's RAM, as for fit; a .zarr store is always "
+                              "read from disk)")
     predict.set_defaults(run=run, command_parser=predict)
 
 
@@ -43,7 +51,10 @@ def run(args) -> int:
     if not hasattr(fitted.model, "predict_proba"):
         raise UsageError(f"the {fitted.model.name} model in {args.run_dir} does not predict "
                          "labels; fit one with a classifier, e.g. 'lvmzoo fit scanvi'")
-    adata = _read_h5ad(args.data or str(_fit_dir(args.run_dir) / "result.h5ad"))
+    from lvmzoo.cli.fit import _train_from_disk
+
+    args.data = args.data or str(_fit_dir(args.run_dir) / "result.h5ad")
+    adata = _read_backed(args.data) if _train_from_disk(args) else _read_h5ad(args.data)
     # The cells' own labels play no part in a prediction: register without them. Genes the
     # data lack are zero-filled (with a warning), as map-query does.
     registry = dc.replace(fitted.registry, labels_key=None)

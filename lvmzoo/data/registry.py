@@ -438,6 +438,8 @@ def _with_zero_genes(adata, genes, layer) -> ad.AnnData:
     x = adata.X if layer is None else adata.layers[layer] if layer in adata.layers else None
     if x is None:
         return adata  # _observations reports the missing layer
+    if is_on_disk(x):  # read into memory, as a reordering of the genes is
+        x = backed_matrix(x).to_memory()
     zeros = sp.csr_matrix((adata.n_obs, len(genes)), dtype=x.dtype)
     x = sp.hstack([sp.csr_matrix(x), zeros], format="csr")
     var = pd.DataFrame(index=pd.Index([*map(str, adata.var_names), *genes]))

@@ -104,6 +104,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import scipy.special
 from numpyro import handlers
 from numpyro.contrib.module import flax_module
 from numpyro.distributions import constraints
@@ -443,8 +444,10 @@ def _pseudotime_program(model, params, batch):
 
 
 _LOGIT_LEVELS = np.log(REFERENCE_LEVELS) - np.log1p(-REFERENCE_LEVELS)
-_INTERVAL_NODES = np.sqrt(2.0) * np.asarray(
-    jax.scipy.special.erfinv(2.0 * (np.arange(N_INTERVAL_NODES) + 0.5) / N_INTERVAL_NODES - 1.0))
+# scipy, not jax: a jax computation at import would start jax's backend, after
+# which `lvmzoo fit --distributed` can no longer call jax.distributed.initialize.
+_INTERVAL_NODES = np.sqrt(2.0) * scipy.special.erfinv(
+    2.0 * (np.arange(N_INTERVAL_NODES) + 0.5) / N_INTERVAL_NODES - 1.0).astype(np.float32)
 
 
 def _reference_fit(u, reference) -> jax.Array:

@@ -343,14 +343,18 @@ class SCANVI(SCVI):
 
 
 def label_probabilities(model, params, data, chunk: int = 1024) -> np.ndarray:
-    """``(n_cells, C)`` predicted label probabilities of every cell of ``data``."""
-    from lvmzoo.data.source import DeviceSource
+    """``(n_cells, C)`` predicted label probabilities of every cell of ``data``.
 
-    source = DeviceSource(data)
-    chunks = [np.asarray(_predict_program(model, params, source.full_batch(
-        np.arange(start, min(start + chunk, data.n_cells))))) for start in range(0, data.n_cells,
-                                                                                 chunk)]
-    return np.concatenate(chunks)
+    The cells are taken ``chunk`` at a time (:class:`~lvmzoo.data.streaming.
+    EvaluationBatches`): cells on disk are read a chunk at a time, so memory
+    holds a chunk of cells and the ``n_cells × C`` result, never the matrix; the
+    probabilities equal those of the same cells in memory (evaluation mode:
+    each cell's prediction depends on that cell only).
+    """
+    from lvmzoo.data.streaming import EvaluationBatches
+
+    return np.concatenate([np.asarray(_predict_program(model, params, batch))
+                           for batch in EvaluationBatches(data, chunk)])
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
