@@ -65,6 +65,7 @@ import numpyro
 import optax
 import pandas as pd
 from numpyro import handlers
+from numpyro.distributions import biject_to
 from numpyro.infer import autoguide
 
 from lvmzoo.data.registry import CellData
@@ -241,6 +242,50 @@ class NamedGuide:
             self._build(batch)
         return self.per_cell
 
+    def start_params(self, values: dict[str, Any], batch: Batch) -> dict[str, Any]:
+        """Params that start the guide's locations at ``values``.
+
+        ``values``: constrained values of global latent sample sites of the
+        model, keyed by site name (what ``init_params`` may return for them).
+        Each family keeps its locations differently:
+
+        * ``mean_field`` (and the per-site part of ``amortized`` and of
+          ``local="mean_field"``): ``<site>_auto_loc`` on the unconstrained
+          scale, ``biject_to(support).inv(value)``;
+        * ``map``: ``<site>_auto_loc`` is the constrained value itself;
+        * ``low_rank`` / ``full_rank`` / ``laplace``: the site's entries of
+          the one flattened, unconstrained ``auto_loc``; the other entries keep
+          their default start.
+
+        Left out (the guide's own start stands): every site of ``flow``,
+        whose location is the output of an autoregressive network, not a
+        parameter, and sites the model's own guide covers under
+        ``amortized``, whose parameters the model names itself.
+        """
+        if self._parts is None or any(getattr(part, "prototype_trace", False) is None
+                                      for part in self._parts):
+            ensure_built(self, batch)  # autoguides set up their sites on their first call
+        params = {}
+        for part in self._parts:
+            if not isinstance(part, autoguide.AutoGuide):
+                continue  # the model's own guide
+            covered = sorted(set(values) & set(part._init_locs))
+            if isinstance(part, autoguide.AutoDelta):
+                params.update({f"{name}_{part.prefix}_loc": jnp.asarray(values[name])
+                               for name in covered})
+            elif isinstance(part, autoguide.AutoNormal):
+                params.update({f"{name}_{part.prefix}_loc": _unconstrained(part, name, values[name])
+                               for name in covered})
+            elif isinstance(part, _JOINT_WITH_LOC) and covered:
+                loc = part._init_latent
+                # Positions of each site's entries in the flattened vector, by unpacking 0..D-1.
+                positions = part._unpack_latent(jnp.arange(part.latent_dim))
+                for name in covered:
+                    loc = loc.at[positions[name].reshape(-1)].set(
+                        _unconstrained(part, name, values[name]).reshape(-1))
+                params[f"{part.prefix}_loc"] = loc
+        return params
+
     # -- construction ---------------------------------------------------------
 
     def _build(self, batch: Batch) -> None:
@@ -342,6 +387,18 @@ class _AutoNormal(_CellPlates, autoguide.AutoNormal):
 
 class _AutoDelta(_CellPlates, autoguide.AutoDelta):
     pass
+
+
+# Joint families whose location is one parameter, ``<prefix>_loc``, over the flattened
+# unconstrained latents (AutoIAFNormal, ``flow``, has none).
+_JOINT_WITH_LOC = (autoguide.AutoLowRankMultivariateNormal, autoguide.AutoMultivariateNormal,
+                   autoguide.AutoLaplaceApproximation)
+
+
+def _unconstrained(part, name: str, value) -> jax.Array:
+    """``value`` of the site ``name`` on the unconstrained scale the autoguide ``part`` keeps."""
+    support = part.prototype_trace[name]["fn"].support
+    return biject_to(support).inv(jnp.asarray(value))
 
 
 def _trace(fn, batch, seed=0):

@@ -336,18 +336,25 @@ INIT_SAMPLE_ELEMENTS = 1 << 24
 
 
 def initial_params_of(model: LatentModel, data: CellData, *, batch_size: int = 128,
-                      seed: int = 0, initial_params: Optional[Any] = None) -> dict[str, Any]:
+                      seed: int = 0, initial_params: Optional[Any] = None,
+                      guide: Optional[Callable] = None) -> dict[str, Any]:
     """The constrained params and Flax state a fit of ``model`` to ``data`` starts from.
 
-    What :func:`fit` with the default guide, ``seed`` and ``initial_params``
-    initialises before its first step (nothing is compiled), e.g. to build
-    ``initial_params`` for a changed model or to check a warm start.
+    What :func:`fit` with ``guide`` (default the model's own), ``seed`` and
+    ``initial_params`` initialises before its first step (nothing is
+    compiled), e.g. to build ``initial_params`` for a changed model, to check
+    a warm start, or to see where a named guide's locations start.
     """
     check_data_kind(model, data)
     model = model.for_data(data)  # data-dependent settings (e.g. a category's code) resolved
     if isinstance(initial_params, FittedModel):
         initial_params = _params_for(initial_params, data)
-    svi = SVI(model.model, model.guide, optax.identity(), loss=model.elbo())
+    if guide is None:
+        guide = model.guide
+    elif isinstance(guide, (str, NamedGuide)):  # a new one, as fit builds: it takes data shapes
+        guide = make_guide(guide if isinstance(guide, str) else guide.name, model,
+                           **({} if isinstance(guide, str) else guide.options))
+    svi = SVI(model.model, guide, optax.identity(), loss=model.elbo())
     key_init = jax.random.split(jax.random.PRNGKey(seed), 3)[0]
     source = DeviceSource(data)
     state = initial_state(svi, model, source, min(batch_size, source.n_cells), key_init,
@@ -359,6 +366,11 @@ def initial_state(svi, model, source, batch_size, key, initial_params=None):
     """``svi.init`` on a first minibatch, with the model's data-dependent start values
     and then ``initial_params`` (checked against the sites the model initialises).
 
+    The start values come from ``model.init_params`` (``init_params_per_cell``
+    for a named guide with per-cell parameters, :func:`start_method`); their
+    keys are checked and values of latent sample sites moved onto the guide's
+    locations by :func:`start_params`.
+
     ``model.init_params`` sees a random sample of the training cells (all of
     them when ``n_cells * n_genes`` fits :data:`INIT_SAMPLE_ELEMENTS`, and at
     least 2,048; see the source's ``sample``), so data stored in some order
@@ -368,12 +380,12 @@ def initial_state(svi, model, source, batch_size, key, initial_params=None):
     key_sample, key_start = jax.random.split(key)
     sample = source.sample(n_sample, key_sample)
     batch = source.head(batch_size)
-    per_cell = isinstance(svi.guide, NamedGuide) and svi.guide.holds_per_cell_params(batch)
-    init_params = model.init_params_per_cell if per_cell else model.init_params
-    start = init_params(sample.replace(n_cells=sample.size), key_start)
+    method = start_method(svi, batch)
+    start = getattr(model, method)(sample.replace(n_cells=sample.size), key_start)
+    needs_shapes = bool(initial_params) or (isinstance(start, dict) and bool(start))
+    fresh = initial_shapes(svi, batch, key) if needs_shapes else None
+    start = start_params(svi, model, batch, start, method, fresh, key)
     if initial_params:
-        fresh = jax.eval_shape(lambda k: _all_params(svi, svi.init(k, batch, init_params=start)),
-                               key)
         _check_initial_params(initial_params, fresh, model)
         # New containers: Flax updates its state dicts in place, never the caller's.
         initial_params = jax.tree.map(jnp.asarray, initial_params)
@@ -384,6 +396,149 @@ def initial_state(svi, model, source, batch_size, key, initial_params=None):
         given = {k: v for k, v in initial_params.items() if k in state.mutable_state}
         state = state._replace(mutable_state={**state.mutable_state, **given})
     return state
+
+
+class InitParamsError(ValueError):
+    """A model's ``init_params`` (or ``init_params_per_cell``) names no site of the fit,
+    or gives a value whose shape is not the site's."""
+
+
+def start_method(svi, batch) -> str:
+    """The model method whose start values a fit with ``svi``'s guide takes:
+    ``"init_params_per_cell"`` for a named guide with per-cell parameters, else ``"init_params"``."""
+    per_cell = isinstance(svi.guide, NamedGuide) and svi.guide.holds_per_cell_params(batch)
+    return "init_params_per_cell" if per_cell else "init_params"
+
+
+def initial_shapes(svi, batch, key) -> dict[str, Any]:
+    """The params and Flax state ``svi.init(key, batch)`` gives, by shape (nothing is computed)."""
+    from numpyro import handlers
+
+    if isinstance(svi.guide, NamedGuide):
+        # Autoguides set up their sites, and draw their start, on their first call: make it
+        # here, not inside eval_shape (which would leave tracers in them), with the key
+        # svi.init gives the guide, so the start is the one svi.init alone would draw.
+        guide_key = jax.random.split(key, 3)[2]
+        with handlers.block():
+            handlers.trace(handlers.seed(svi.guide, guide_key)).get_trace(batch)
+    return jax.eval_shape(lambda k: _all_params(svi, svi.init(k, batch)), key)
+
+
+def start_params(svi, model, batch, start, method, fresh, key) -> Optional[dict]:
+    """``start`` (what ``model.<method>`` returned) as ``svi.init``'s ``init_params``.
+
+    Every key must name a site of the model or of a guide of it:
+
+    * a ``numpyro.param`` site or Flax ``<name>$params`` / ``<name>$state``
+      entry of the model or of ``svi``'s guide (in ``fresh``, the
+      :func:`jax.eval_shape` of the initial params): kept;
+    * a continuous global latent sample site of the model: under a named
+      guide, converted to the guide's location params
+      (:meth:`~lvmzoo.infer.guides.NamedGuide.start_params`); left to the
+      guide's own start under a guide function, which has no location to set;
+    * a param of the model's own guide while another guide replaces it:
+      dropped (the default ``init_params_per_cell`` returns ``init_params``,
+      which may start the model's encoder).
+
+    Raises:
+      InitParamsError: a key that names none of these (a misspelling), a
+        per-cell latent site (the values are for the sample of cells the
+        method saw, not the training cells), or a value of another shape.
+    """
+    if start is None:
+        return None
+    if not isinstance(start, dict):
+        raise InitParamsError(f"{model.name}.{method} returned a {type(start).__name__}; it "
+                              "must return a dict of start values keyed by site name, or None")
+    problems = [_shape_problem(method, name, value, fresh[name])
+                for name, value in start.items() if name in fresh]
+    rest = {name: value for name, value in start.items() if name not in fresh}
+    latents = _latent_site_shapes(model, batch, key) if rest else {}
+    values = {}
+    for name in sorted(set(rest) & set(latents)):
+        shape, per_cell = latents[name]
+        if per_cell:
+            problems.append(f"{method} returns {name!r}, a per-cell latent site; its guide "
+                            "starts it (init_params sees a sample of cells, not the training "
+                            "cells); leave it out")
+        elif tuple(np.shape(rest[name])) != shape:
+            problems.append(f"{method}[{name!r}] has shape {tuple(np.shape(rest[name]))}, the "
+                            f"sample site {shape}; return a value of the site's shape")
+        else:
+            values[name] = rest[name]
+    unknown = sorted(set(rest) - set(latents))
+    own_guide = {}
+    if unknown and svi.guide != model.guide:
+        own_guide = _param_shapes(model.guide, batch, key)
+        problems += [_shape_problem(method, name, rest[name], own_guide[name])
+                     for name in unknown if name in own_guide]
+        unknown = [name for name in unknown if name not in own_guide]
+    if unknown:
+        valid = sorted(set(fresh) | set(own_guide)
+                       | {name for name, (_, per_cell) in latents.items() if not per_cell})
+        problems += [f"{method} returns {name!r}, which names no param or latent sample site "
+                     f"of {model.name} or its guide{_closest_name(name, valid)}; name the "
+                     f"numpyro.param or sample site it starts (valid names: {', '.join(valid)})"
+                     for name in unknown]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise InitParamsError(f"{model.name}: " + "; ".join(problems))
+    params = {name: value for name, value in start.items() if name in fresh}
+    if values and isinstance(svi.guide, NamedGuide):
+        # A key naming the guide's param itself (e.g. "<site>_auto_loc") wins over the site's.
+        params = {**svi.guide.start_params(values, batch), **params}
+    return params
+
+
+def _shape_problem(method, name, value, expected) -> Optional[str]:
+    """A sentence when ``value`` (a pytree for Flax entries) is not shaped like ``expected``."""
+    given = [tuple(np.shape(leaf)) for leaf in jax.tree.leaves(value)]
+    wanted = [tuple(leaf.shape) for leaf in jax.tree.leaves(expected)]
+    if given == wanted:
+        return None
+    show = lambda shapes: shapes[0] if len(shapes) == 1 else shapes  # noqa: E731
+    return (f"{method}[{name!r}] has shape {show(given)}, the site {show(wanted)}; return a "
+            "value of the site's shape")
+
+
+def _closest_name(name, names) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _abstract_trace(fn, batch, key):
+    """The NumPyro trace of ``fn(batch)`` by shape only (:func:`jax.eval_shape`)."""
+    from numpyro import handlers
+
+    box = {}
+
+    def run(k):
+        with handlers.block():
+            box["trace"] = handlers.trace(handlers.seed(fn, k)).get_trace(batch)
+        return 0
+
+    jax.eval_shape(run, key)
+    return box["trace"]
+
+
+def _latent_site_shapes(model, batch, key) -> dict[str, tuple[tuple, bool]]:
+    """Continuous latent sample sites of ``model``: name -> (shape, whether per cell)."""
+    sites = {}
+    for name, site in _abstract_trace(model.model, batch, key).items():
+        if (site["type"] == "sample" and not site["is_observed"]
+                and not site["infer"].get("is_auxiliary")
+                and site["infer"].get("enumerate") != "parallel"):
+            per_cell = any(frame.name == "cells" for frame in site["cond_indep_stack"])
+            sites[name] = (tuple(site["value"].shape), per_cell)
+    return sites
+
+
+def _param_shapes(fn, batch, key) -> dict[str, Any]:
+    """Param and mutable (Flax state) sites of ``fn``, by shape."""
+    return {name: site["value"] for name, site in _abstract_trace(fn, batch, key).items()
+            if site["type"] in ("param", "mutable")}
 
 
 def _check_initial_params(initial, fresh, model) -> None:
