@@ -229,3 +229,152 @@ def test_samples_have_the_distribution_mean_and_variance():
     zero = np.mean(np.asarray(zinb.sample(jax.random.PRNGKey(1))) == 0)
     expected_zero = 0.5 + 0.5 * stats.nbinom.pmf(0, theta, theta / (theta + mu))
     assert abs(zero - expected_zero) < 0.01
+
+
+# ---------------------------------------------------------------------------
+# The sparse log-pmf: the log binomial coefficient on the nonzero counts only
+# ---------------------------------------------------------------------------
+
+
+def _sparse_block(seed, n_cells=40, n_genes=600, zero_fraction=0.9):
+    """A ``(cells, genes)`` block of NB counts with about ``zero_fraction`` zeros, an
+    all-zero row and a row with no zero; per-gene ``theta`` and per-count ``log mu``."""
+    rng = np.random.default_rng(seed)
+    theta = np.exp(rng.uniform(np.log(1e-2), np.log(1e3), n_genes))
+    mu = np.exp(rng.uniform(np.log(1e-2), np.log(50.0), (n_cells, n_genes)))
+    x = rng.negative_binomial(theta, theta / (theta + mu)).astype(float)
+    x[rng.random(x.shape) < zero_fraction] = 0.0
+    x[0] = 0.0  # an all-zero row
+    x[1] = rng.integers(1, 3000, n_genes)  # a dense row, large counts included
+    logits = rng.normal(0.0, 2.0, (n_cells, n_genes))
+    return _f32(x, np.log(mu), theta, logits)
+
+
+def _assert_float32_equal(ours, reference, x, theta):
+    """Equal up to float32 rounding of the largest term (the log binomial coefficient)."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    term = np.broadcast_to(_nb_term(np.asarray(x, np.float64), np.asarray(theta, np.float64)),
+                           reference.shape)
+    tolerance = np.maximum(np.maximum(1e-6 * np.abs(reference), 1e-5),
+                           4 * np.finfo(np.float32).eps * term)
+    assert np.all(np.isfinite(ours))
+    assert np.all(np.abs(ours - reference) <= tolerance), np.max(np.abs(ours - reference) / tolerance)
+
+
+def _numpyro_reference(x, log_mu, theta, logits, zero_inflated):
+    """NumPyro's own NB / ZINB log-pmf (float32, ``lgamma`` on every count)."""
+    import numpyro.distributions as ndist
+
+    nb = ndist.NegativeBinomial2(jnp.exp(log_mu), theta)
+    if zero_inflated:
+        return ndist.ZeroInflatedNegativeBinomial2(jnp.exp(log_mu), theta,
+                                                   gate_logits=logits).log_prob(x)
+    return nb.log_prob(x)
+
+
+@pytest.mark.parametrize("zero_inflated", [False, True])
+@pytest.mark.parametrize("zero_fraction", [0.9, 0.0])
+def test_sparse_log_pmf_equals_dense_values_and_gradients(zero_inflated, zero_fraction):
+    """``sparse=True`` against ``sparse=False`` (every count) and NumPyro's distributions.
+
+    The block has 24,000 counts (above ``_SPARSE_MIN_ENTRIES``): with 90 % of
+    the counts set to zero the compacted branch runs, with the NB draws alone
+    (about 45 % nonzero: more than the capacity of a quarter of the counts)
+    the dense fallback does; both must give the dense values and gradients.
+    Against dense: the same expressions on the same numbers, so equal to
+    float32 rounding (1e-6 relative, or 4 ulps of the log binomial coefficient
+    where the value is a small difference of large terms).  Against NumPyro's
+    ``NegativeBinomial2`` / ``ZeroInflatedNegativeBinomial2`` (``lgamma``
+    differences in float32, which lose digits for large ``theta``): 1e-4.
+    """
+    from lvmzoo.models import likelihoods as lik
+
+    x, log_mu, theta, logits = _sparse_block(0, zero_fraction=zero_fraction)
+    assert x.size >= lik._SPARSE_MIN_ENTRIES
+    nonzero_share = float(jnp.mean(x > 0))
+    assert (nonzero_share <= lik._SPARSE_CAPACITY) == (zero_fraction == 0.9)
+
+    def log_prob(log_mu, theta, logits, sparse):
+        if zero_inflated:
+            return lik.zero_inflated_negative_binomial_log_prob(x, log_mu, theta, logits,
+                                                                sparse=sparse)
+        return lik.negative_binomial_log_prob(x, log_mu, theta, sparse=sparse)
+
+    results = {}
+    for sparse in (False, True):
+        value = jax.jit(lambda *a, s=sparse: log_prob(*a, s))(log_mu, theta, logits)
+        # A weighted sum, so every count's gradient matters (rows summed as the model does).
+        weights = jnp.asarray(np.random.default_rng(1).uniform(0.5, 1.5, x.shape), jnp.float32)
+        grads = jax.jit(jax.grad(lambda *a, s=sparse: jnp.sum(weights * log_prob(*a, s)),
+                                 argnums=(0, 1, 2)))(log_mu, theta, logits)
+        results[sparse] = (np.asarray(value, np.float64), [np.asarray(g, np.float64) for g in grads])
+    (dense_value, dense_grads), (sparse_value, sparse_grads) = results[False], results[True]
+    assert np.all(np.isfinite(sparse_value))
+    _assert_float32_equal(sparse_value, dense_value, x, theta)
+    assert np.all(sparse_value[0] <= 0) and np.all(np.isfinite(sparse_value[1]))
+    names = ["log mu", "theta", "logits"] if zero_inflated else ["log mu", "theta"]
+    for name, ours, reference in zip(names, sparse_grads, dense_grads):
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max(),
+                                   err_msg=name)
+
+    numpyro_value = _numpyro_reference(x, log_mu, theta, logits, zero_inflated)
+    x64, theta64 = np.asarray(x, np.float64), np.asarray(theta, np.float64)
+    # NumPyro adds three float32 lgammas: a few ulps of each.
+    lgammas = np.abs(gammaln(x64 + theta64)) + np.abs(gammaln(theta64)) + gammaln(x64 + 1)
+    tolerance = np.maximum(1e-4 * np.abs(sparse_value), 1e-4) + 8 * np.finfo(np.float32).eps * lgammas
+    assert np.all(np.abs(sparse_value - np.asarray(numpyro_value, np.float64)) <= tolerance)
+    numpyro_grads = jax.grad(
+        lambda *a: jnp.sum(_numpyro_reference(x, *a, zero_inflated)), argnums=(0, 1, 2)
+    )(log_mu, theta, logits)
+    unweighted = jax.grad(lambda *a: jnp.sum(log_prob(*a, True)), argnums=(0, 1, 2))(
+        log_mu, theta, logits)
+    for name, ours, reference in zip(names, unweighted, numpyro_grads):
+        reference = np.asarray(reference, np.float64)
+        np.testing.assert_allclose(np.asarray(ours, np.float64), reference, rtol=1e-3,
+                                   atol=1e-4 * np.abs(reference).max(), err_msg=name)
+
+
+def test_sparse_log_pmf_through_the_distributions_and_broadcast_shapes():
+    """The distributions' ``log_prob`` takes the sparse path by default (``SPARSE_LOG_PMF``)
+    and gives the dense values, also with samples ``(S, B, G)`` of ``log mu`` against
+    counts ``(B, G)``, with per-cell ``theta`` ``(B, G)`` and an all-zero block."""
+    from lvmzoo.models import likelihoods as lik
+
+    x, log_mu, theta, logits = _sparse_block(2)
+    samples = log_mu[None] + jnp.asarray([[[-0.5]], [[0.0]], [[0.7]]], jnp.float32)
+    per_cell_theta = theta * jnp.exp(log_mu * 0.1)
+    cases = [(x, samples, theta), (x, log_mu, per_cell_theta), (jnp.zeros_like(x), log_mu, theta)]
+    for counts, lm, th in cases:
+        for build in (lambda lm, th, s: lik.negative_binomial_log_prob(counts, lm, th, sparse=s),
+                      lambda lm, th, s: lik.zero_inflated_negative_binomial_log_prob(
+                          counts, lm, th, logits, sparse=s)):
+            dense = np.asarray(jax.jit(lambda lm, th: build(lm, th, False))(lm, th))
+            sparse = np.asarray(jax.jit(lambda lm, th: build(lm, th, True))(lm, th))
+            assert sparse.shape == jnp.broadcast_shapes(counts.shape, lm.shape, th.shape)
+            _assert_float32_equal(sparse, dense, counts, th)
+    previous = lik.SPARSE_LOG_PMF
+    try:
+        for flag in (False, True):
+            lik.SPARSE_LOG_PMF = flag
+            assert lik._use_sparse(None, x, log_mu, theta) == flag
+            value = jax.jit(lambda lm, th: ZeroInflatedNegativeBinomial(
+                inverse_dispersion=th, log_mean=lm, dropout_logits=logits).log_prob(x))(log_mu, theta)
+            _assert_float32_equal(
+                value, lik.zero_inflated_negative_binomial_log_prob(x, log_mu, theta, logits,
+                                                                    sparse=False), x, theta)
+        assert not lik._use_sparse(None, x[:2, :10], log_mu[:2, :10], theta[:10])  # too small
+    finally:
+        lik.SPARSE_LOG_PMF = previous
+
+
+def test_nonzero_positions_in_order_with_padding():
+    from lvmzoo.models.likelihoods import _nonzero_positions
+
+    rng = np.random.default_rng(3)
+    for n, share in [(1, 1.0), (31, 0.5), (1024, 0.1), (5000, 0.02), (70_001, 0.3)]:
+        flat = np.where(rng.random(n) < share, rng.integers(1, 9, n), 0).astype(np.float32)
+        expected = np.flatnonzero(flat)
+        capacity = max(expected.size, 1) + 7
+        ours = np.asarray(jax.jit(_nonzero_positions, static_argnums=1)(jnp.asarray(flat), capacity))
+        np.testing.assert_array_equal(ours[: expected.size], expected)
+        assert np.all(ours[expected.size:] == n)
