@@ -8,25 +8,22 @@ import textwrap
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
 
 from lvmzoo.cli._common import (EXIT_DIVERGED, EXIT_INTERRUPTED, PROG, UsageError, _first_line,
-                                _input_data, _load_run, _output_dir, _read_backed, _read_h5ad,
-                                _write_h5ad, _write_json)
+                                _input_data, _output_dir, _read_backed, _read_h5ad, _write_h5ad,
+                                _write_json)
 from lvmzoo.cli.fit_outputs import (PER_GENE_VALUES, PLOT_CELLS, SCORE_CELLS, PostFitSteps,
                                     _annotate_backed, _fit_metrics, _save_latent_plot, _summary,
                                     per_gene_outputs)
 from lvmzoo.cli._distributed import add_distributed_options, start_distributed
+from lvmzoo.cli.fit_inputs import (BACKED_RAM_SHARE, _check_fit_ranges, _check_model_accepts,
+                                   _check_same_cells_layout, _devices, _excluded, _score_cells,
+                                   _train_from_disk, _use_warm_start_registry, _warm_start)
 from lvmzoo.models.base import LatentModel
-from lvmzoo.cli.options import (add_model_options, given_options, hyperparameters, model_class,
-                                option_flag)
+from lvmzoo.cli.options import (add_model_options, hyperparameters, model_class)
 
 # Models whose default DATA is a bundled labelled data set: (data set, labels key, batch key).
 LABELLED_DEFAULTS = {"scanvi": ("wu2020", "cluster_orig", "patient")}
-# `lvmzoo fit` trains from disk when DATA is larger than this share of RAM: an
-# in-memory fit holds the matrix about four times at its peak (the AnnData,
-# the registered float32 copy, the training cells and the device copy).
-BACKED_RAM_SHARE = 0.25
 
 
 def add_parser(commands, models) -> None:
@@ -272,152 +269,6 @@ def run(args) -> int:
         spelled = ",".join(f"{k}={v}" for k, v in group["cells"].items())
         print(f"left out {group['n_cells']:,} cells with {spelled} (--exclude)")
     return 0
-
-
-def _score_cells(text: str):
-    """``--score-cells``: a positive number, or ``all`` (``None``)."""
-    if text.strip().lower() == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {text!r}")
-    return n
-
-
-def _warm_start(args, cls):
-    """The fitted scvi model of ``--from-run`` (for scanvi)."""
-    if not hasattr(cls, "from_scvi"):
-        raise UsageError(f"--from-run warm starts scanvi from a fitted scvi; {cls.name} has no "
-                         "warm start")
-    architecture = [n for n in given_options(args) if n != "classification_ratio"]
-    if architecture:
-        raise UsageError(f"{option_flag(args, architecture[0])} cannot be combined with "
-                         "--from-run: the architecture is the scvi model's")
-    fitted = _load_run(args.from_run, "--from-run")
-    if fitted.model.name != "scvi":
-        raise UsageError(f"--from-run {args.from_run} holds a {fitted.model.name} model; "
-                         "give the --out directory of 'lvmzoo fit scvi'")
-    return fitted
-
-
-def _use_warm_start_registry(args, registry) -> None:
-    """``--layer`` and ``--batch-key`` of the scvi run; a different explicit one is an error."""
-    for option, name in (("--batch-key", "batch_key"), ("--layer", "layer")):
-        given, theirs = getattr(args, name), getattr(registry, name)
-        if given is not None and given != theirs:
-            raise UsageError(f"{option} {given} differs from the --from-run model's ({theirs}); "
-                             f"leave {option} out to use the scvi model's")
-        setattr(args, name, theirs)
-
-
-def _check_same_cells_layout(mine, theirs, run) -> None:
-    for what in ("gene_names", "batch_categories"):
-        if tuple(getattr(mine, what)) != tuple(getattr(theirs, what)):
-            raise UsageError(f"DATA has other {what.replace('_', ' ')} than the scvi model in "
-                             f"{run} was fitted to; give the data that model was fitted to")
-
-
-def _excluded(adata, specs: Sequence[str]):
-    """``(adata without the --exclude groups, [{"cells": {key: value}, "n_cells": n}])``."""
-    from lvmzoo.analysis.perturbation import exclude_cells
-
-    groups = [_key_values(spec) for spec in specs]
-    if not groups:
-        return adata, []
-    counts = []
-    for group in groups:
-        match = exclude_cells(adata, [group])  # checks the columns and that cells match
-        counts.append(adata.n_obs - match.n_obs)
-    return exclude_cells(adata, groups), [
-        {"cells": group, "n_cells": n} for group, n in zip(groups, counts)]
-
-
-def _key_values(spec: str) -> dict[str, str]:
-    pairs = [p.strip() for p in spec.split(",") if p.strip()]
-    group = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise UsageError(f"--exclude {spec!r}: write KEY=VALUE[,KEY=VALUE...], e.g. "
-                             "cell_type=B,condition=stim")
-        group[key.strip()] = value.strip()
-    if not group:
-        raise UsageError("--exclude needs KEY=VALUE pairs, e.g. cell_type=B,condition=stim")
-    return group
-
-
-def _check_fit_ranges(args) -> None:
-    if args.epochs is not None and args.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.patience is not None and args.patience < 1:
-        raise UsageError(f"--patience must be at least 1, got {args.patience}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.replicates is not None and args.replicates < 1:
-        raise UsageError(f"--replicates must be at least 1, got {args.replicates}")
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"--lr must be a positive number, got {args.lr}")
-    if not 0.0 <= args.validation_fraction < 1.0:
-        raise UsageError(
-            f"--validation-fraction must be in [0, 1), got {args.validation_fraction}"
-        )
-
-
-def _check_model_accepts(model, data) -> None:
-    # The driver's own check, run before anything is written; its ValueError
-    # is a mismatch between --kind/--transform and the model: a usage error.
-    from lvmzoo.infer.svi import check_data_kind as check
-
-    try:
-        check(model, data)
-    except ValueError as err:
-        raise UsageError(f"{err} (set --kind and --transform accordingly)") from None
-    if hasattr(model, "predict_proba") and data.registry.n_labels == 0:
-        raise UsageError(f"{model.name} learns from cell labels: give --labels-key K (cells "
-                         "whose label is missing or --unlabeled-category are unlabelled)")
-
-
-def _devices(text: Optional[str]):
-    """``--devices``: ``None``, a positive number or ``"all"``."""
-    if text is None or text == "all":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise UsageError(f"--devices must be a positive number or 'all', got {text!r}")
-    import jax
-
-    available = len(jax.devices())
-    if n > available:
-        raise UsageError(f"--devices {n} but this machine has {available} "
-                         f"{jax.devices()[0].platform} device(s)")
-    return n
-
-
-def _train_from_disk(args) -> bool:
-    """``--backed`` / ``--no-backed``, else whether DATA is too large to load (with a message)."""
-    from lvmzoo.data.backed import file_size, total_memory
-
-    path = Path(args.data)
-    if path.is_dir():  # a .zarr store: always read from disk
-        if args.backed is False:
-            raise UsageError(f"DATA {args.data} is a directory (a .zarr store), which lvmzoo "
-                             "reads from disk; drop --no-backed")
-        return True
-    if args.backed is not None or not path.exists():
-        return bool(args.backed)  # a missing file is reported when it is read
-    size, ram = file_size(path), total_memory()
-    if ram and size > BACKED_RAM_SHARE * ram:
-        print(f"{PROG}: DATA is {size / 2**30:.1f} GiB, more than {BACKED_RAM_SHARE:.0%} of "
-              f"this machine's {ram / 2**30:.0f} GiB of RAM: training from disk (as --backed; "
-              "--no-backed loads it into memory)", file=sys.stderr)
-        return True
-    return False
 
 
 def _save_fit(out: Path, fitted, settings) -> None:
