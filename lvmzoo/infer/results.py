@@ -16,6 +16,10 @@ from lvmzoo.infer.evaluate import importance_sampled_scores, joint_log_weights
 from lvmzoo.models.base import LatentModel
 
 EVAL_CHUNK = 1024
+# Importance sampling holds draws × cells × genes likelihood terms at once: its chunks
+# of cells are cut so that this product stays at 2^25 float32 (128 MiB), whatever the
+# number of genes or draws (100 draws × 1,024 cells × 2,000 genes would be 800 MiB).
+SAMPLED_CHUNK_ELEMENTS = 1 << 25
 
 # Models and guides are static (hashable) arguments and params are traced, so
 # each program compiles once per model and chunk shape, not once per call.
@@ -71,18 +75,19 @@ class FittedModel:
     diverged: Optional[str] = None
     interrupted: bool = False
 
-    def _chunks(self, data: CellData):
+    def _chunks(self, data: CellData, size: int = EVAL_CHUNK):
         # Cells on disk (data.is_backed) are read chunk by chunk, never loaded whole.
-        return iter(EvaluationBatches(data, EVAL_CHUNK))
+        return iter(EvaluationBatches(data, size))
 
-    def _evaluation(self, data: CellData, cells: bool = True):
-        """``(batch, params, guide)`` per chunk; guides from ``make_guide`` get the
-        per-cell params of exactly these cells (see :mod:`lvmzoo.infer.guides`)."""
+    def _evaluation(self, data: CellData, cells: bool = True, size: int = EVAL_CHUNK):
+        """``(batch, params, guide)`` per chunk of ``size`` cells; guides from ``make_guide``
+        get the per-cell params of exactly these cells (see :mod:`lvmzoo.infer.guides`),
+        in chunks of :data:`EVAL_CHUNK` (their local refits depend on the chunks)."""
         from lvmzoo.infer.guides import NamedGuide, evaluation_chunks
 
         if isinstance(self.guide, NamedGuide):
             return evaluation_chunks(self, data, EVAL_CHUNK, cells=cells)
-        return ((b, self.params, self.guide) for b in self._chunks(data))
+        return ((b, self.params, self.guide) for b in self._chunks(data, size))
 
     def latent(self, data: CellData, seed: int = 0) -> np.ndarray:
         """Per-cell representation ``(n_cells, n_latent)`` (posterior mean, or responsibilities)."""
@@ -171,7 +176,9 @@ class FittedModel:
 
     def _cell_scores(self, data, n_samples, key, exact):
         sampled, elbo = [], 0.0
-        for i, (batch, params, guide) in enumerate(self._evaluation(data)):
+        size = EVAL_CHUNK if exact is not None else max(1, min(
+            EVAL_CHUNK, SAMPLED_CHUNK_ELEMENTS // max(1, n_samples * data.n_genes)))
+        for i, (batch, params, guide) in enumerate(self._evaluation(data, size=size)):
             k = jax.random.fold_in(key, i)
             if exact is None:
                 sampled.append(np.asarray(_sampled_log_likelihood(
