@@ -57,6 +57,8 @@ SMALL_SETTINGS: dict[str, dict[str, object]] = {
     "05_perturbation.ipynb": {"EPOCHS": 2, "N_CELLS": 600, "N_HIDDEN": 16},
     "08_seed_ensembles.ipynb": {"N_CELLS": 300, "N_GENES": 100, "EPOCHS": 3, "REPLICATES": 2,
                                 "N_SAMPLES": 200},
+    "07_citeseq.ipynb": {"EPOCHS": 3, "N_LATENT": 4, "N_HIDDEN": 16, "N_CLUSTERS": 3,
+                         "DE_SAMPLES": 200},
     "06_trajectories.ipynb": {"N_CELLS": 150, "N_GENES": 30, "EPOCHS": 5, "PAUL15_CELLS": 300,
                               "PAUL15_EPOCHS": 3, "N_LINEAGES": 2},
 }

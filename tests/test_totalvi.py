@@ -260,6 +260,13 @@ def test_cli_fit_and_de_on_bundled_data(tmp_path, capsys):
                      "--n-samples", "200", "--out", str(table)]) == 0
     de = pd.read_csv(table, index_col=0)
     assert len(de) == 2000 and {"bayes_factor", "proba_m1"} <= set(de.columns)
+    # ...and on the proteins (denoised foreground expression), one row per protein.
+    proteins = tmp_path / "de_proteins.csv"
+    assert cli.main(["de", str(run), "--proteins", "--groupby", "batch", "--group1", "5k",
+                     "--n-samples", "200", "--out", str(proteins)]) == 0
+    de = pd.read_csv(proteins, index_col=0)
+    assert de.index.name == "protein" and len(de) == 29
+    assert list(de.index.sort_values()) == sorted(foreground.columns)
     print(capsys.readouterr().out[-600:])
 
 
@@ -272,3 +279,94 @@ def test_cli_fit_without_proteins_is_a_clear_error(tmp_path, capsys):
                    "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"])
     assert rc != 0
     assert "obsm['protein_expression'] not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# Protein outputs, protein DE (through lvmzoo.analysis.de, unchanged), query mapping
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_protein_de_finds_the_planted_proteins():
+    from lvmzoo.analysis.proteins import (protein_differential_expression, protein_outputs,
+                                          protein_view)
+
+    # Two cell types in two batches; P0, P2, P4 are foreground in type 0, P1, P3, P5 in type 1.
+    adata, foreground = simulate_citeseq(n_batches=2, seed=2)
+    data = register(adata)
+    result = lvmzoo.fit(TotalVI(**SMALL), data, epochs=30, progress=False, seed=0)
+    table = protein_differential_expression(result, data, "cell_type", "0", "1", adata=adata,
+                                            n_samples=400)
+    assert sorted(table.index) == [f"P{p}" for p in range(6)]
+    up = {"P0", "P2", "P4"}
+    for name, row in table.iterrows():
+        assert (row["bayes_factor"] > 0) == (name in up), table
+    # Raw statistics are those of the protein counts.
+    y = adata.obsm["protein_expression"]
+    in0 = (adata.obs["cell_type"] == "0").to_numpy()
+    np.testing.assert_allclose(table.loc[list(y.columns), "raw_mean1"], y[in0].mean(0),
+                               rtol=1e-5)
+    change = protein_differential_expression(result, data, "cell_type", "0", "1", adata=adata,
+                                             n_samples=400, mode="change")
+    assert set(change.index[:3]) <= set(y.columns) and len(change) == 6
+    assert np.all(np.sign(change.loc[["P0", "P2", "P4"], "lfc_mean"]) > 0)
+    assert np.all(np.sign(change.loc[["P1", "P3", "P5"], "lfc_mean"]) < 0)
+
+    # The view decodes the model's denoised proteins: in a cell's own batch, transform_batch
+    # = that batch is the same as no transform, and the per-cell outputs agree in scale.
+    view, view_data = protein_view(result, data)
+    assert view_data.n_genes == 6 and tuple(view.registry.gene_names) == tuple(y.columns)
+    source = DeviceSource(view_data)
+    cells = np.flatnonzero(data.batch == 1)[:16]
+    batch = source.full_batch(cells)
+    key = jax.random.PRNGKey(3)
+    own = view.model.expression(result.params, batch, key, n_samples=4)
+    as_b1 = view.model.expression(result.params, batch, key, n_samples=4,
+                                  transform_batch=jnp.array([1]))
+    np.testing.assert_allclose(own, as_b1, rtol=1e-5)
+    outputs = protein_outputs(result, data, n_samples=10)
+    assert set(outputs) == {"foreground_probability", "denoised", "background"}
+    denoised = outputs["denoised"].to_numpy()
+    assert denoised[foreground].mean() > 1.5 * denoised[~foreground].mean()
+
+
+@pytest.mark.slow
+def test_map_query_of_a_citeseq_batch_onto_a_totalvi_reference():
+    from lvmzoo.analysis import map_query
+    from lvmzoo.analysis.proteins import protein_outputs
+
+    adata = load_pbmc_citeseq()
+    reference = adata[adata.obs["batch"] == "5k"].copy()  # measured all 29 proteins
+    query = adata[adata.obs["batch"] == "10k"].copy()  # measured 14 of them
+    model = TotalVI(n_latent=6, n_hidden=32, encode_batch=True)
+    data = setup_anndata(reference, batch_key="batch", **model.registration())
+    fitted = lvmzoo.fit(model, data, epochs=6, progress=False, seed=0)
+    before = jax.tree.map(np.array, fitted.params)
+    latent_before = fitted.latent(data)
+    proteins_before = protein_outputs(fitted, data, n_samples=5)["denoised"]
+
+    mapped, query_data = map_query(fitted, query, epochs=4)
+    assert mapped.registry.batch_categories == ("5k", "10k")
+    # The reference is untouched: its params, and its cells' latent and proteins.
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, fitted.params), before)
+    reference_data = lvmzoo.query_anndata(reference, mapped.registry)
+    np.testing.assert_allclose(mapped.latent(reference_data), latent_before, atol=1e-5)
+    proteins_after = protein_outputs(mapped, reference_data, n_samples=5)["denoised"]
+    np.testing.assert_allclose(proteins_after, proteins_before, rtol=1e-4)
+    # The query batch: its own protein mask (from its counts) and background prior.
+    y = query.obsm["protein_expression"].to_numpy()
+    measured = np.asarray(mapped.params["protein_measured"])
+    np.testing.assert_array_equal(measured[0], 1.0)
+    np.testing.assert_array_equal(measured[1], (y.sum(0) > 0).astype(np.float32))
+    assert measured[1].sum() == 14
+    # Its latent and denoised proteins come out, finite; imputed proteins on the measured scale.
+    latent = mapped.latent(query_data)
+    assert latent.shape == (200, 6) and np.all(np.isfinite(latent))
+    outputs = protein_outputs(mapped, query_data, n_samples=5)
+    denoised = outputs["denoised"].to_numpy()
+    assert denoised.shape == (200, 29) and np.all(np.isfinite(denoised)) and np.all(denoised > 0)
+    unmeasured = measured[1] == 0
+    ratio = denoised[:, unmeasured].mean() / proteins_before.to_numpy()[:, unmeasured].mean()
+    assert 0.1 < ratio < 10, ratio
+    probability = outputs["foreground_probability"].to_numpy()
+    assert np.all((probability >= 0) & (probability <= 1))

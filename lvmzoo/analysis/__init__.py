@@ -17,6 +17,11 @@ from lvmzoo.analysis.expression import (
     reconstruction_error,
 )
 from lvmzoo.analysis.labels import expected_calibration_error, label_scores
+from lvmzoo.analysis.proteins import (
+    protein_differential_expression,
+    protein_outputs,
+    protein_view,
+)
 from lvmzoo.analysis.query import map_query
 from lvmzoo.analysis.trajectory import changing_genes, orient
 from lvmzoo.analysis.perturbation import (
@@ -35,4 +40,5 @@ __all__ = [
     "likelihood_parameters", "normalized_expression", "posterior_fdr_calls",
     "posterior_predictive_sample", "reconstruction_error",
     "expected_calibration_error", "label_scores", "map_query",
+    "protein_differential_expression", "protein_outputs", "protein_view",
 ]

@@ -71,6 +71,11 @@ from lvmzoo.infer.results import FittedModel
 
 FLAX_PARAMS = "$params"
 FLAX_SUFFIX = "$"  # Flax modules' sites: "<name>$params", "<name>$state"
+# Per-batch params a model's init_params sets from the data (name prefix -> whether the
+# new rows train): the query batches' rows start from the query's own values, as a fit
+# of them would.  scVI's latent-library prior (data statistics, fixed); totalVI's
+# protein mask (which proteins the batch measured, fixed) and background prior (trained).
+DATA_ROWS = {"library_log_": False, "protein_measured": False, "background_prior_": True}
 
 
 def map_query(
@@ -202,14 +207,16 @@ def _grow(name: str, old, new) -> tuple[jax.Array, np.ndarray]:
     if old.ndim != new.ndim or old.shape[1:] != new.shape[1:] or old.shape[0] > new.shape[0]:
         raise ValueError(f"{name}: cannot grow the reference's shape {old.shape} to {new.shape}; "
                          "only batch rows can be added")
+    data_rows = next((train for prefix, train in DATA_ROWS.items() if name.startswith(prefix)),
+                     None)
     if FLAX_PARAMS in name:
         rows = jnp.zeros((new.shape[0] - old.shape[0],) + old.shape[1:], old.dtype)
-    elif name.startswith("library_log_"):
-        rows = new[old.shape[0]:]  # data statistics of the query's batches (held fixed)
+    elif data_rows is not None:
+        rows = new[old.shape[0]:]  # from the query's batches (see DATA_ROWS)
     else:
         rows = jnp.broadcast_to(old.mean(0), (new.shape[0] - old.shape[0],) + old.shape[1:])
     mask = np.zeros(new.shape, bool)
-    if not name.startswith("library_log_"):
+    if data_rows is not False:
         mask[old.shape[0]:] = True
     return jnp.concatenate([old, rows]), mask
 

@@ -62,6 +62,9 @@ def add_parser(commands) -> None:
     de.add_argument("--no-batch-correction", action="store_true",
                     help="decode each cell in its own batch instead of averaging over the "
                          "batches of the two groups")
+    de.add_argument("--proteins", action="store_true",
+                    help="a totalvi run: compare its proteins (denoised foreground expression, "
+                         "ambient background removed) instead of its genes; one row per protein")
     de.add_argument("--seed", type=int, metavar="S", default=0,
                     help="random seed of the draws (default: %(default)s)")
     de.add_argument("--out", required=True, metavar="FILE",
@@ -104,6 +107,13 @@ def run(args) -> int:
 
     adata = _read_backed(args.data) if _train_from_disk(args) else _read_h5ad(args.data)
     data = query_anndata(adata, fitted.registry)
+    if getattr(args, "proteins", False):  # the same DE on the protein view of a totalvi model
+        from lvmzoo.analysis.proteins import protein_view
+
+        if getattr(fitted, "members", [fitted])[0].model.name != "totalvi":
+            raise UsageError(f"--proteins needs a totalvi run; {args.run_dir} holds a "
+                             f"{getattr(fitted, 'members', [fitted])[0].model.name!r} model")
+        fitted, data = protein_view(fitted, data)
     table = differential_expression(
         fitted, data, args.groupby, args.group1, args.group2, adata=adata, mode=args.mode,
         delta=args.delta, fdr_target=args.fdr_target, n_samples=args.n_samples,
@@ -113,13 +123,15 @@ def run(args) -> int:
     except OSError as err:
         raise UsageError(
             f"cannot create the directory of --out {args.out}: {err.strerror}") from None
-    atomic_write_file(out, lambda tmp: table.to_csv(tmp, index_label="gene"))
+    atomic_write_file(out, lambda tmp: table.to_csv(
+        tmp, index_label="protein" if getattr(args, "proteins", False) else "gene"))
     print(_de_summary(table, args, data))
     return 0
 
 
 def _de_summary(table, args, data, top: int = 10) -> str:
-    lines = [f"differential expression ({args.mode} mode) of {data.n_genes:,} genes over "
+    features = "proteins" if getattr(args, "proteins", False) else "genes"
+    lines = [f"differential expression ({args.mode} mode) of {data.n_genes:,} {features} over "
              f"{data.n_cells:,} cells by {args.groupby!r}; wrote {args.out}"]
     calls = f"is_de_fdr_{args.fdr_target}"
     for comparison, rows in table.groupby("comparison", sort=False):

@@ -286,6 +286,25 @@ class TotalVI(SCVI):
                               constraint=constraints.positive)
         return loc[batch.batch], scale[batch.batch]
 
+    def _imputation_prior(self, batch: Batch, n_proteins: int) -> tuple[jax.Array, jax.Array]:
+        """``(loc, scale)`` tables ``(n_batches, P)`` of ``log beta`` for the outputs.
+
+        A batch's own (learned) prior where it measured the protein; where it
+        did not, the mean prior of the batches that did (all batches' if none
+        did), so that imputed proteins are on the measured scale, also for
+        batches added later (:func:`lvmzoo.analysis.map_query`).
+        """
+        loc = numpyro.param("background_prior_loc", jnp.zeros((batch.n_batches, n_proteins)))
+        scale = numpyro.param("background_prior_scale", jnp.ones((batch.n_batches, n_proteins)),
+                              constraint=constraints.positive)
+        table = jax.lax.stop_gradient(
+            numpyro.param("protein_measured", jnp.ones((batch.n_batches, n_proteins))))
+        measured = table > 0.5
+        weight = jnp.where(measured.any(0), measured.astype(loc.dtype), 1.0)
+        weight = weight / weight.sum(0)
+        pooled_loc, pooled_scale = (weight * loc).sum(0), (weight * scale).sum(0)
+        return jnp.where(measured, loc, pooled_loc), jnp.where(measured, scale, pooled_scale)
+
     def _protein_generate(self, z, log_background, batch: Batch, codes, phi_table,
                           training: bool) -> ProteinGenerative:
         """Protein decoder outputs for ``z`` ``(..., B, K)`` and ``log beta`` ``(..., B, P)``."""
@@ -406,7 +425,8 @@ class TotalVI(SCVI):
             n_proteins = y.shape[-1]
             measured = self._measured(batch, n_proteins)
             loc, scale = self._background_posterior(batch, n_proteins)
-            prior_loc, prior_scale = self._background_prior(batch, n_proteins)
+            loc_table, scale_table = self._imputation_prior(batch, n_proteins)
+            prior_loc, prior_scale = loc_table[batch.batch], scale_table[batch.batch]
             # Unmeasured proteins: the background from its prior (q was never trained there).
             loc, scale = jnp.where(measured, loc, prior_loc), jnp.where(measured, scale, prior_scale)
             noise = jax.random.normal(key_background, (n_samples,) + loc.shape)
@@ -419,6 +439,52 @@ class TotalVI(SCVI):
             denoised = prior * jnp.exp(out.log_foreground)
             return {"foreground_probability": foreground.mean(0), "denoised": denoised.mean(0),
                     "background": jnp.exp(log_background).mean(0)}
+
+        return _with_params(decode, params)()
+
+    def denoised_protein(self, params, batch: Batch, key: jax.Array, n_samples: int = 25,
+                         transform_batch=None) -> jax.Array:
+        """Foreground-only protein expression ``(1 - pi) alpha beta``, ``(B, P)``.
+
+        Averaged over ``n_samples`` draws of ``(z, log beta)`` from the guide
+        (evaluation mode).  With ``transform_batch`` (a code or ``(n,)`` codes)
+        every cell is decoded *as if* from each of those batches: the decoder
+        reads that batch's code and the cell's background moves with the
+        batches' background priors (``log beta + mu_{b'} - mu_b``); a protein's
+        decodings are averaged over the given batches that measured it (over
+        all of them when none did).  ``None`` keeps each cell's own batch.
+        """
+        batch = batch.replace(training=False)
+        key_z, key_background = jax.random.split(key)
+        z, _ = self.sample_posterior(params, batch, key_z, n_samples)
+        n_proteins = self._proteins(batch).shape[-1]
+
+        def decode():
+            measured = self._measured(batch, n_proteins)
+            loc, scale = self._background_posterior(batch, n_proteins)
+            loc_table, scale_table = self._imputation_prior(batch, n_proteins)
+            prior_loc, prior_scale = loc_table[batch.batch], scale_table[batch.batch]
+            loc, scale = jnp.where(measured, loc, prior_loc), jnp.where(measured, scale, prior_scale)
+            log_background = loc + scale * jax.random.normal(key_background,
+                                                             (n_samples,) + loc.shape)
+            phi_table = params["protein_inverse_dispersion"]
+            if transform_batch is None:
+                out = self._protein_generate(z, log_background, batch, batch.batch, phi_table,
+                                             False)
+                return (jax.nn.sigmoid(-out.mixture_logits) * jnp.exp(out.log_foreground)).mean(0)
+            targets = jnp.reshape(jnp.asarray(transform_batch, jnp.int32), (-1,))
+            # (n, 1, B, P): each target batch's background prior relative to the cell's own.
+            shift = (loc_table[targets][:, None, None, :] - prior_loc[None, None])
+            codes = targets[:, None, None]
+            out = self._protein_generate(z[None], log_background[None] + shift, batch, codes,
+                                         phi_table, False)
+            value = (jax.nn.sigmoid(-out.mixture_logits) * jnp.exp(out.log_foreground)).mean(1)
+            weight = jax.lax.stop_gradient(
+                numpyro.param("protein_measured", jnp.ones((batch.n_batches, n_proteins))))
+            weight = (weight[targets] > 0.5).astype(value.dtype)  # (n, P)
+            weight = jnp.where(weight.sum(0) > 0, weight, 1.0)
+            weight = weight / weight.sum(0)
+            return jnp.einsum("nbp,np->bp", value, weight)
 
         return _with_params(decode, params)()
 
