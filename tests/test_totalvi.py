@@ -370,3 +370,44 @@ def test_map_query_of_a_citeseq_batch_onto_a_totalvi_reference():
     assert 0.1 < ratio < 10, ratio
     probability = outputs["foreground_probability"].to_numpy()
     assert np.all((probability >= 0) & (probability <= 1))
+
+
+def _write_h5mu(path, adata):
+    """A MuData file as mudata writes it: /mod/rna, /mod/prot and the cells' obs at the top."""
+    import h5py
+    from anndata.io import write_elem
+
+    proteins = adata.obsm["protein_expression"]
+    rna = ad.AnnData(adata.X, obs=pd.DataFrame(index=adata.obs_names), var=adata.var)
+    order = np.arange(adata.n_obs)[::-1]  # the protein modality lists the cells in another order
+    prot = ad.AnnData(np.asarray(proteins, np.float32)[order],
+                      obs=pd.DataFrame(index=adata.obs_names[order]),
+                      var=pd.DataFrame(index=list(proteins.columns)))
+    with h5py.File(path, "w") as file:
+        file.attrs["encoding-type"] = "MuData"
+        write_elem(file, "obs", adata.obs)
+        write_elem(file, "mod/rna", rna)
+        write_elem(file, "mod/prot", prot)
+
+
+def test_mudata_file_gives_the_obsm_convention_and_fits_from_the_cli(tmp_path, capsys):
+    """A .h5mu with 'rna' and 'prot' modalities (cells in another order in 'prot') reads as the
+    RNA with obsm['protein_expression'] of the same cells; lvmzoo fit totalvi takes it."""
+    from lvmzoo.data import read_h5mu
+    from lvmzoo.data.registry import DataError
+
+    adata = load_pbmc_citeseq()
+    path = tmp_path / "citeseq.h5mu"
+    _write_h5mu(path, adata)
+    combined = read_h5mu(path)
+    expected = adata.obsm["protein_expression"]
+    np.testing.assert_array_equal(combined.obsm["protein_expression"].to_numpy(),
+                                  expected.to_numpy())
+    assert list(combined.obsm["protein_expression"].columns) == list(expected.columns)
+    assert list(combined.obs["batch"]) == list(adata.obs["batch"])
+    with pytest.raises(DataError, match="no 'protein' modality"):
+        read_h5mu(path, protein="protein")
+    run = tmp_path / "run"
+    assert cli.main(["fit", "totalvi", str(path), "--batch-key", "batch", "--out", str(run),
+                     "--epochs", "2", "--no-progress"]) == 0
+    assert ad.read_h5ad(run / "result.h5ad").obsm["totalvi_denoised_protein"].shape == (400, 29)

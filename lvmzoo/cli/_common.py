@@ -151,9 +151,13 @@ def _read_h5ad(path: str):
     file = Path(path)
     if not file.exists():
         raise UsageError(f"DATA file {path} does not exist")
+    if file.suffix.lower() == ".h5mu":  # MuData: the "rna" modality, "prot" as obsm
+        from lvmzoo.data.multimodal import read_h5mu
+
+        return read_h5mu(file)
     if file.is_dir() or file.suffix.lower() != ".h5ad":
         raise UsageError(
-            f"DATA {path} is not an .h5ad file; convert it first, e.g. "
+            f"DATA {path} is not an .h5ad (or .h5mu) file; convert it first, e.g. "
             "anndata.read_csv(...).write_h5ad('data.h5ad')"
         )
     try:
