@@ -11,7 +11,7 @@ filtering):
 * ``"kang_ifnb"``: 6,000 human PBMCs × 2,039 genes from Kang et al. (2018),
   half control and half stimulated with interferon-β, with cell types
   derived from marker genes – the perturbation-prediction data set.
-* :func:`load_paul15` (also ``paul15()``; not in :data:`DATASETS`): 2,660 mouse
+* :func:`load_paul15` (also ``paul15()``): 2,660 mouse
   myeloid progenitors × 240 genes from Paul et al. (2015), 7 cell types and the
   Slingshot pseudotime of 2 lineages, via tradeSeq – the trajectory data set.
 
@@ -211,6 +211,11 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
             load_pbmc_citeseq,
             "10x Genomics CITE-seq PBMCs, 400 × 2,000 raw UMI counts and 29 surface proteins "
             "(14 measured in both batches), 2 batches (scvi-tools test data)",
+        ),
+        "paul15": DatasetInfo(
+            load_paul15,
+            "Paul et al. 2015 mouse myeloid progenitors, 2,660 × 240 raw UMI counts, 7 cell "
+            "types from progenitors to 5 fates, Slingshot pseudotime of 2 lineages (via tradeSeq)",
         ),
     }
 )

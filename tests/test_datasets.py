@@ -128,13 +128,14 @@ def test_package_ships_provenance_and_licences():
 
 
 def test_registry_and_load_by_name():
-    assert set(DATASETS) == {"mouse_10k", "wu2020", "kang_ifnb", "pbmc_citeseq"}
+    assert set(DATASETS) == {"mouse_10k", "wu2020", "kang_ifnb", "pbmc_citeseq", "paul15"}
     assert DEFAULT_DATASET == "mouse_10k"
     for name, (loader, description) in DATASETS.items():
         assert callable(loader) and isinstance(description, str) and description
     assert load().shape == (9999, 715)
     assert load("wu2020").shape == (200, 2599)
     assert load("kang_ifnb").shape == (6000, 2039)
+    assert load("paul15").shape == (2660, 240)
 
 
 def test_load_unknown_name_lists_known_datasets():
