@@ -157,7 +157,7 @@ def _read_h5ad(path: str):
         return read_h5mu(file)
     if file.is_dir() or file.suffix.lower() != ".h5ad":
         raise UsageError(
-            f"DATA {path} is not an .h5ad (or .h5mu) file; convert it first, e.g. "
+            f"DATA {path} is not an .h5ad file (nor an .h5mu MuData); convert it first, e.g. "
             "anndata.read_csv(...).write_h5ad('data.h5ad')"
         )
     try:
