@@ -64,6 +64,8 @@ Usage::
 
     python benchmarks/bench_scvi.py            # ~20 min on 2 cores; writes results/scvi.{json,md}
     python benchmarks/bench_scvi.py --quick    # tiny sizes, 1 repeat; prints, writes nothing
+    python benchmarks/bench_scvi.py --accelerator gpu   # scvi-tools on the GPU; lvmzoo on JAX's
+                                                        # default device (benchmarks/gpu/run.sh)
 """
 
 from __future__ import annotations
@@ -109,6 +111,13 @@ SPLIT_SEED = 0
 SIMULATED_GENES = 2000
 SIMULATED_BATCHES = 2
 REAL = "mouse_10k"
+# Lightning accelerator of the scvi-tools runs ("cpu", "gpu", "auto"): set by
+# --accelerator, read by every worker (bench_scale.py's too) from the environment.
+ACCELERATOR_ENV = "LVMZOO_BENCH_ACCELERATOR"
+
+
+def scvi_accelerator() -> str:
+    return os.environ.get(ACCELERATOR_ENV, "cpu")
 
 
 @dataclass(frozen=True)
@@ -254,6 +263,8 @@ def scvi_tools_adam(n_train: int):
 
 def run_lvmzoo(train, evaluate, batch_key, args) -> dict[str, Any]:
     """Fit lvmzoo ``SCVI`` on ``train`` (AnnData) and score ``evaluate``."""
+    import jax
+
     import lvmzoo
     from lvmzoo.models import SCVI
 
@@ -287,6 +298,7 @@ def run_lvmzoo(train, evaluate, batch_key, args) -> dict[str, Any]:
         "n_train": int(data.n_cells),
         "peak_rss_train_mib": peak_train,
         "diverged": result.diverged,
+        "device": str(jax.devices()[0]),
     })
     if args.n_samples > 0:
         heldout = lvmzoo.query_anndata(evaluate, data.registry)
@@ -339,7 +351,7 @@ def run_scvi_tools(train, evaluate, batch_key, args) -> dict[str, Any]:
                             use_batch_norm="both", use_layer_norm="none",
                             encode_covariates=False)
     model.train(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, train_size=1.0,
+        max_epochs=args.epochs, accelerator=scvi_accelerator(), devices=1, train_size=1.0,
         batch_size=BATCH_SIZE, early_stopping=False, enable_progress_bar=False,
         callbacks=[clock],
         plan_kwargs=dict(optimizer="Adam", lr=LEARNING_RATE, eps=ADAM_EPS,
@@ -359,6 +371,7 @@ def run_scvi_tools(train, evaluate, batch_key, args) -> dict[str, Any]:
         "n_train": int(train.n_obs),
         "peak_rss_train_mib": peak_train,
         "torch_threads": torch.get_num_threads(),
+        "device": str(model.device),
     })
     if args.n_samples > 0:
         t0 = time.perf_counter()
@@ -488,7 +501,20 @@ def machine_info() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {**hardware(), "versions": versions}
+    return {**hardware(), "gpu": gpu_name(), "versions": versions}
+
+
+def gpu_name() -> Optional[str]:
+    """``nvidia-smi``'s name and memory of each GPU, or None (asks no framework: no GPU memory taken)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return "; ".join(done.stdout.strip().splitlines()) or None
 
 
 def _fmt(stat: dict[str, float], fmt: str) -> str:
@@ -567,7 +593,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ll_lines + [
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; "
-        f"Python {m['python']}, jax {v['jax']}, numpyro {v['numpyro']}, flax {v['flax']}, "
+        + (f"GPU {m['gpu']} (scvi-tools accelerator {s.get('scvi_tools_accelerator', 'cpu')}); "
+           if m.get("gpu") else "")
+        + f"Python {m['python']}, jax {v['jax']}, numpyro {v['numpyro']}, flax {v['flax']}, "
         f"optax {v['optax']}, torch {v['torch']}, scvi-tools {v['scvi-tools']}, "
         f"lightning {v['lightning']}; {m['date']}{load_text}. "
         f"Benchmark wall time {report['wall_seconds'] / 60:.1f} min.",
@@ -606,6 +634,9 @@ def parse_args(argv=None):
                         help="torch.set_num_threads for scvi-tools (default: all cores); "
                              "a list such as 2,1 adds a scvi-tools run per extra value")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up pair")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default=None,
+                        help=f"Lightning accelerator of scvi-tools (default: ${ACCELERATOR_ENV} "
+                             "or cpu); lvmzoo runs on JAX's default device (JAX_PLATFORMS)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"where to write scvi.json/.md (default {RESULTS_DIR})")
     # Internal: one worker run.
@@ -613,6 +644,8 @@ def parse_args(argv=None):
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.accelerator:
+        os.environ[ACCELERATOR_ENV] = args.accelerator  # the workers inherit it
     if args.worker:
         args.epochs = int(args.epochs)
         args.torch_threads = int(args.torch_threads or os.cpu_count() or 1)
@@ -699,7 +732,8 @@ def main(argv=None) -> Optional[dict[str, Any]]:
 
     report = {
         "benchmark": "scvi",
-        "settings": {**dataclasses.asdict(settings), "batch_size": BATCH_SIZE,
+        "settings": {**dataclasses.asdict(settings), "scvi_tools_accelerator": scvi_accelerator(),
+                     "batch_size": BATCH_SIZE,
                      "learning_rate": LEARNING_RATE, "adam_eps": ADAM_EPS,
                      "weight_decay": WEIGHT_DECAY, "architecture": ARCHITECTURE,
                      "heldout_fraction": HELDOUT_FRACTION, "split_seed": SPLIT_SEED},
