@@ -49,7 +49,7 @@ from scipy.linalg import orthogonal_procrustes
 from scipy.special import logsumexp
 
 from lvmzoo.data.registry import CellData
-from lvmzoo.infer.results import FittedModel
+from lvmzoo.infer.results import FittedModel, label_predictions
 
 class NeedsOneModel(TypeError):
     """An analysis that needs one set of parameters was given a seed ensemble."""
@@ -251,14 +251,7 @@ class FittedEnsemble:
 
     def predict(self, data: CellData, soft: bool = False):
         """As :meth:`FittedModel.predict`, from the members' averaged probabilities."""
-        probs = self.predict_proba(data)
-        index = pd.Index(np.asarray(data.obs_names).astype(str))
-        categories = list(self.registry.label_categories)
-        labels = pd.Series(pd.Categorical.from_codes(probs.argmax(1), categories), index=index,
-                           name="prediction")
-        if not soft:
-            return labels
-        return labels, pd.DataFrame(probs, index=index, columns=categories)
+        return label_predictions(self.predict_proba(data), data, self.registry, soft)
 
     def annotate(self, adata: ad.AnnData, data: CellData, *, per_gene: bool = True,
                  copy: bool = True) -> tuple[ad.AnnData, list[str]]:

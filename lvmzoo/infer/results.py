@@ -231,21 +231,13 @@ class FittedModel:
           a cells × labels DataFrame (columns in the registry's label order,
           rows summing to 1).
         """
-        import pandas as pd
-
         if not hasattr(self.model, "predict_proba"):
             raise TypeError(f"model {self.model.name!r} does not predict labels; fit a model "
                             "with a classifier, e.g. scanvi")
         from lvmzoo.models.scanvi import label_probabilities
 
         probs = label_probabilities(self.model, self.params, data)
-        index = pd.Index(np.asarray(data.obs_names).astype(str))
-        categories = list(self.registry.label_categories)
-        labels = pd.Series(pd.Categorical.from_codes(probs.argmax(1), categories), index=index,
-                           name="prediction")
-        if not soft:
-            return labels
-        return labels, pd.DataFrame(probs, index=index, columns=categories)
+        return label_predictions(probs, data, self.registry, soft)
 
     def loadings(self):
         """Gene loadings of a linearly decoded model (LinearSCVI): genes × ``n_latent`` DataFrame."""
@@ -281,3 +273,19 @@ class FittedModel:
         from lvmzoo.infer.saving import save_model  # saving imports this module
 
         save_model(self, path)
+
+
+def label_predictions(probs: np.ndarray, data: CellData, registry: DataRegistry,
+                      soft: bool = False):
+    """The most probable label of each cell (a Series named ``"prediction"``, indexed by cell),
+    and with ``soft=True`` also ``probs`` as a cells × labels DataFrame, columns in the
+    registry's label order: what ``predict`` returns, for one model or an ensemble."""
+    import pandas as pd
+
+    index = pd.Index(np.asarray(data.obs_names).astype(str))
+    categories = list(registry.label_categories)
+    labels = pd.Series(pd.Categorical.from_codes(np.asarray(probs).argmax(1), categories),
+                       index=index, name="prediction")
+    if not soft:
+        return labels
+    return labels, pd.DataFrame(probs, index=index, columns=categories)

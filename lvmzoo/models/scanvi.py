@@ -236,12 +236,7 @@ class SCANVI(SCVI):
                                        .to_event(1))  # (C, B, K): one u per label
             prior = dist.Normal(*self._latent_prior(u, batch)).to_event(1)
             z = numpyro.sample("z", LabelWeighted(label, prior))
-            if library_prior is None:
-                log_library = jnp.log(batch.x.sum(-1))
-            else:
-                log_library = numpyro.sample("log_library", dist.Normal(*library_prior))
-            out = self._generate(z, log_library, batch, batch.batch, theta_table, batch.training)
-            numpyro.sample("x", self.observation(out).to_event(1), obs=batch.x)
+            self._observe_counts(z, batch, theta_table, library_prior)
 
     def _latent_prior(self, u, batch: Batch):
         """``(loc, scale)`` of ``p(z | u, c)`` for ``u`` ``(C, B, K)``, label ``c`` on axis 0."""

@@ -288,12 +288,17 @@ class SCVI(LatentModel):
         with cell_plate(batch):
             with self._kl_warmup(batch):
                 z = numpyro.sample("z", self.prior(batch))
-            if library_prior is None:
-                log_library = jnp.log(batch.x.sum(-1))
-            else:
-                log_library = numpyro.sample("log_library", dist.Normal(*library_prior))
-            out = self._generate(z, log_library, batch, batch.batch, theta_table, batch.training)
-            numpyro.sample("x", self.observation(out).to_event(1), obs=batch.x)
+            self._observe_counts(z, batch, theta_table, library_prior)
+
+    def _observe_counts(self, z, batch: Batch, theta_table, library_prior) -> None:
+        """Inside the cells plate: each cell's library size (observed, or the ``log_library``
+        site when ``latent_library``), then its counts ``x`` decoded from ``z``."""
+        if library_prior is None:
+            log_library = jnp.log(batch.x.sum(-1))
+        else:
+            log_library = numpyro.sample("log_library", dist.Normal(*library_prior))
+        out = self._generate(z, log_library, batch, batch.batch, theta_table, batch.training)
+        numpyro.sample("x", self.observation(out).to_event(1), obs=batch.x)
 
     def prior(self, batch: Batch) -> dist.Distribution:
         """``p(z)`` of each cell, event shape ``(n_latent,)``; the default is ``N(0, I)``.

@@ -250,12 +250,7 @@ class TotalVI(SCVI):
             with self._kl_warmup(batch):
                 z = numpyro.sample("z", self.prior(batch))
             # RNA, as in scVI.
-            if library_prior is None:
-                log_library = jnp.log(batch.x.sum(-1))
-            else:
-                log_library = numpyro.sample("log_library", dist.Normal(*library_prior))
-            out = self._generate(z, log_library, batch, batch.batch, theta_table, batch.training)
-            numpyro.sample("x", self.observation(out).to_event(1), obs=batch.x)
+            self._observe_counts(z, batch, theta_table, library_prior)
             # Proteins: background level, then the background/foreground mixture.
             with self._kl_warmup(batch):
                 log_background = numpyro.sample(
