@@ -5,7 +5,7 @@ and ``jax.distributed`` must be set up before jax is imported, so these fits
 run in their own processes::
 
     python tests/_fit_worker.py DATA.h5ad OUT.npz --devices all \
-        [--coordinator localhost:PORT --num-processes 2 --process-id I]
+        [--coordinator localhost:PORT --num-processes 2 --process-id I] [--only backed]
 
 Writes ``OUT.npz``: the parameters of an in-memory fit (``memory/<site>``) and
 of a fit streamed from the backed file (``backed/<site>``), in the same block
@@ -48,12 +48,13 @@ def optimizer(n_train: int):
     return optax.chain(optax.scale(1.0 / n_train), optax.sgd(0.01))
 
 
-def fit_both(path: str, devices=None) -> dict:
+def fit_both(path: str, devices=None, only=None) -> dict:
     """``{"memory": FittedModel, "backed": FittedModel}``: ``path`` in memory and streamed.
 
     Both fits take their cells in the same block-shuffled order, so they are
     the same fit; the streamed one arrives in chunks of ``STEPS_PER_CHUNK``
-    steps (10 steps per epoch: chunks of 4, 4 and 2).
+    steps (10 steps per epoch: chunks of 4, 4 and 2).  ``only``: ``"memory"`` or
+    ``"backed"`` to fit just one of them.
     """
     import anndata as ad
 
@@ -66,6 +67,8 @@ def fit_both(path: str, devices=None) -> dict:
     n_train = in_memory.n_cells - round(SETTINGS["validation_fraction"] * in_memory.n_cells)
     fits = {}
     for name, data in (("memory", in_memory), ("backed", backed)):
+        if only not in (None, name):
+            continue
         previous = streaming.CHUNK_BYTES
         streaming.CHUNK_BYTES = STEPS_PER_CHUNK * SETTINGS["batch_size"] * _bytes_per_cell(data)
         try:
@@ -103,6 +106,7 @@ def main(argv=None) -> None:
     parser.add_argument("--coordinator", default=None)
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("--only", choices=("memory", "backed"), default=None)
     args = parser.parse_args(argv)
     import jax
 
@@ -112,7 +116,7 @@ def main(argv=None) -> None:
     devices = args.devices
     if devices is not None and devices != "all":
         devices = int(devices)
-    fits = fit_both(args.data, devices)
+    fits = fit_both(args.data, devices, args.only)
     np.savez(args.out, **{f"{name}/{key}": value for name, fitted in fits.items()
                           for key, value in flatten(fitted).items()})
     print(json.dumps({"process": jax.process_index(), "devices": len(jax.devices()),

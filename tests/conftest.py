@@ -11,6 +11,8 @@ types, a strong batch effect).  batch0 and batch1 are the *reference*, where
 by tests/test_scanvi.py (label transfer) and tests/test_query.py (mapping).
 """
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -19,6 +21,37 @@ import scipy.sparse as sp
 
 import lvmzoo
 from lvmzoo import datasets
+
+# How the two xdist workers share the suite (``--dist loadgroup`` in pyproject.toml): each
+# module is one unit, run by one worker so its module fixtures are built once, except the
+# notebooks, each its own unit (together they take about a quarter of the suite). Units go
+# out heaviest first, so that no long module starts last while the other worker idles.
+# Measured seconds per module on the loaded 2-core machine (``pytest --durations``); a
+# module not listed counts as light.
+MODULE_SECONDS = {
+    "test_check_model.py": 300, "test_scale.py": 200, "test_real_data.py": 255,
+    "test_scanvi.py": 255, "test_totalvi.py": 225, "test_guides.py": 170,
+    "test_defaults.py": 145, "test_compare.py": 115, "test_mcmc_diagnostics.py": 100,
+    "test_ensembles.py": 90, "test_pseudotime.py": 90, "test_user_models.py": 90,
+    "test_fit_outputs.py": 85, "test_author_bugs.py": 70, "test_docs.py": 65,
+}
+NOTEBOOK_SECONDS = 60
+
+
+def pytest_collection_modifyitems(config, items):
+    def unit(item) -> tuple[str, float]:
+        module = Path(str(item.fspath)).name
+        if module == "test_notebooks.py":
+            return item.nodeid, NOTEBOOK_SECONDS
+        return module, MODULE_SECONDS.get(module, 0)
+
+    first_seen = {}
+    for position, item in enumerate(items):
+        name, seconds = unit(item)
+        first_seen.setdefault(name, (-seconds, position))
+        item.add_marker(pytest.mark.xdist_group(name=name))
+    items.sort(key=lambda item: first_seen[unit(item)[0]])
+
 
 LABEL_FRACTION = 0.1
 QUERY_BATCH = "batch2"
