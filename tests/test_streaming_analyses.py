@@ -80,7 +80,7 @@ def test_expression_analyses_on_a_backed_file_equal_in_memory(saved):
 
 
 # --------------------------------------------------------------------------
-# predict (scANVI's labels), integration-metrics and perturb on backed files
+# predict (scANVI's labels) and integration-metrics on backed files (perturb: its own file)
 # --------------------------------------------------------------------------
 
 
@@ -164,17 +164,3 @@ def test_cli_integration_metrics_leave_a_backed_matrix_on_disk(tmp_path, capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "has no obsm['X_pca'] and its matrix stays on disk" in err
     assert "leave X_pca out of --embeddings and pcr_comparison out of --metrics" in err
-
-
-def test_cli_perturb_refuses_data_too_large_to_load(saved, monkeypatch, capsys):
-    from lvmzoo.data import backed as backed_module
-
-    root, _ = saved
-    monkeypatch.setattr(backed_module, "total_memory", lambda: 1000)  # any file is "large"
-    rc = cli.main(["perturb", str(root / "run"), str(root / "cells.h5ad"), "--condition-key",
-                   "batch", "--control", "batch0", "--perturbed", "batch1", "--cell-type-key",
-                   "cell_type", "--predict", "type0", "--out", str(root / "perturb")])
-    err = capsys.readouterr().err
-    assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "'lvmzoo perturb' reads it into memory" in err and "write a subset" in err
-    assert not (root / "perturb").exists()

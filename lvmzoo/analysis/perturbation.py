@@ -58,6 +58,18 @@ predictions without scoring them: the per-gene means of the predictions, of
 the held-out type's control cells and of the mean-shift baseline, and the
 genes the prediction changes most.
 
+Every function here takes an AnnData in memory or with its matrix on disk
+(``anndata.read_h5ad(path, backed="r")``, :func:`lvmzoo.data.read_backed`)
+and reads the cells the same way, a block of contiguous rows at a time: the
+prediction streams the cells through the model (the latent of each cell, the
+decoded held-out cells), and the evaluation accumulates what its metrics need
+in one pass (per cell type and condition, the mean of log-normalised
+expression; of the held-out type's control and perturbed cells, the variance
+for the Welch t and the genes × genes covariance whose leading eigenvectors
+are the energy distance's principal components; the few cells drawn up front
+for the energy distance).  Memory is a block of cells plus the outputs: the
+predicted cells and at most ``max_cells`` cells per set.
+
 References:
   Lotfollahi, M., Wolf, F. A. & Theis, F. J. (2019). scGen predicts
   single-cell perturbation responses. Nature Methods 16, 715–721.
@@ -66,6 +78,9 @@ References:
   baselines. Nature Methods.
   Székely, G. J. & Rizzo, M. L. (2013). Energy statistics. Journal of
   Statistical Planning and Inference 143, 1249–1272.
+  Chan, T. F., Golub, G. H. & LeVeque, R. J. (1983). Algorithms for
+  computing the sample variance: analysis and recommendations. The American
+  Statistician 37, 242–247.
 """
 
 from __future__ import annotations
@@ -78,17 +93,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import scipy.linalg
 import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 
 from lvmzoo.analysis.expression import map_cells
-from lvmzoo.data.registry import DataError, query_anndata, setup_anndata
+from lvmzoo.data.backed import SCAN_BLOCK, BackedMatrix
+from lvmzoo.data.registry import DataError, _check_values, _observations, query_anndata
+from lvmzoo.data.transforms import apply_transform
 
 EXPECTED_LAYER = "expected"
 BASELINES = ("mean shift", "no change")
 METHODS = ("auto", "counterfactual", "latent_arithmetic")
 # What X of a prediction holds, by the data the model was fitted to.
 COUNTS, LOG_NORMALISED = "counts", "log1p_cp10k"
+# Cells per block read (contiguous rows): at most _BLOCK_ELEMENTS float64 values, 32 MiB.
+_BLOCK_ELEMENTS = 1 << 22
+_MAX_BLOCK_CELLS = SCAN_BLOCK
 
 
 class Design(NamedTuple):
@@ -300,7 +321,7 @@ def _latent_arithmetic(result, adata, design: Design, seed: int):
             f"no cell type other than {design.cell_type!r} has both {design.control!r} and "
             f"{design.perturbed!r} cells; latent arithmetic learns the shift from them")
     keep = ~design.held_out_perturbed  # never read the cells to predict
-    data = query_anndata(adata[keep], result.registry)
+    data = query_anndata(adata, result.registry, cells=np.flatnonzero(keep))
     z = result.latent(data)
     condition = adata.obs[design.condition_key].astype(str).to_numpy()[keep]
     types = adata.obs[design.cell_type_key].astype(str).to_numpy()[keep]
@@ -330,7 +351,7 @@ def _counterfactual(result, adata, design: Design, dose, seed: int):
         perturbed = doses[adata.obs[key].astype(str).to_numpy() == design.perturbed]
         values, counts = np.unique(perturbed[np.isfinite(perturbed)], return_counts=True)
         dose = float(values[np.argmax(counts)]) if values.size else 1.0
-    data = query_anndata(adata[design.held_out_control], registry)
+    data = query_anndata(adata, registry, cells=np.flatnonzero(design.held_out_control))
     sample, expected = map_cells(
         _counterfactual_program, result, data, seed,
         extra=(jnp.int32(code), None if dose_key is None else jnp.float32(dose)),
@@ -444,36 +465,73 @@ def compare_perturbation(
                         "compare the predictions with (prediction_profiles describes "
                         "predictions without them)")
     genes = _checked_genes(adata, predictions)
-    observed = _log_normalised_cells(adata, genes, layer)
-    control_cells = observed[design.held_out_control]
-    perturbed_cells = observed[design.held_out_perturbed]
-    methods = {name: _prediction_values(p, name) for name, p in predictions.items()}
-    methods["mean shift"] = control_cells + _mean_shift(observed, adata, design)
-    methods["no change"] = control_cells
-
-    top = top_genes(control_cells, perturbed_cells, n_top_genes)
-    control_mean, observed_mean = control_cells.mean(0), perturbed_cells.mean(0)
-    projection = _shared_pca(np.vstack([control_cells, perturbed_cells]), n_pcs)
-    rng = np.random.default_rng(seed)
-    target = _subsample(projection(perturbed_cells), max_cells, rng)
-    rows, means = {}, {"control": control_mean, "observed": observed_mean}
-    for name, cells in methods.items():
-        mean = cells.mean(0)
-        means[name] = mean
-        change, true_change = mean - control_mean, observed_mean - control_mean
-        rows[name] = {
-            "r2": r2_score(observed_mean, mean),
-            "r2_top": r2_score(observed_mean[top], mean[top]),
-            "delta_pearson": pearson(true_change, change),
-            "delta_pearson_top": pearson(true_change[top], change[top]),
-            "energy_distance": energy_distance(
-                _subsample(projection(cells), max_cells, rng), target),
-            "n_cells": int(cells.shape[0]),
-        }
+    scales = {name: _scale(p, name) for name, p in predictions.items()}
+    for name, value in (("n_top_genes", n_top_genes), ("n_pcs", n_pcs), ("max_cells", max_cells)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    _check_other_types(design)
+    names = list(dict.fromkeys([*predictions, *BASELINES]))  # a baseline's name is the baseline
+    target_rows, picks = _energy_picks(design, predictions, names, max_cells, seed)
+    control_rows = np.flatnonzero(design.held_out_control)
+    baseline_rows = [control_rows[picks[name]] for name in BASELINES]
+    held_out = [(design.cell_type, design.control), (design.cell_type, design.perturbed)]
+    groups, spread, picked = _measured_moments(
+        adata, genes, layer, design, held_out + _other_groups(design), spread=held_out,
+        picks=np.unique(np.concatenate([target_rows, *baseline_rows])))
+    control_moments, observed_moments = (groups[key] for key in held_out)
+    control_mean, observed_mean = control_moments.mean, observed_moments.mean
+    shift = _mean_shift(groups, design)
+    top = _welch_top(control_moments, observed_moments, n_top_genes)
+    projection = _pca(spread, n_pcs)
+    target = projection(picked.take(target_rows))
+    means = {"mean shift": control_mean + shift, "no change": control_mean}
+    samples = {"mean shift": picked.take(baseline_rows[0]) + shift,
+               "no change": picked.take(baseline_rows[1])}
+    sizes = dict.fromkeys(BASELINES, len(control_rows))
+    for name, prediction in predictions.items():
+        if name not in BASELINES:
+            moments, chosen = _prediction_moments(prediction, scales[name], picks[name])
+            means[name], samples[name] = moments.mean, chosen.take(picks[name])
+            sizes[name] = prediction.n_obs
+    rows = {name: _scores(means[name], control_mean, observed_mean, top,
+                          energy_distance(projection(samples[name]), target), sizes[name])
+            for name in names}
     metrics = pd.DataFrame.from_dict(rows, orient="index")
     metrics.index.name = "method"
-    gene_means = pd.DataFrame(means, index=pd.Index(genes, name="gene"))
+    gene_means = pd.DataFrame({"control": control_mean, "observed": observed_mean,
+                               **{name: means[name] for name in names}},
+                              index=pd.Index(genes, name="gene"))
     return PerturbationEvaluation(metrics, gene_means, [genes[i] for i in top], design)
+
+
+def _energy_picks(design: Design, predictions, names, max_cells: int, seed: int):
+    """``(target rows, {name: positions})``: the cells of the energy distance, drawn up front.
+
+    The measured perturbed cells' file rows, then per method (``names`` in
+    order) positions among its cells (a prediction's, or the held-out control
+    cells for a baseline): all of them, or a random ``max_cells``, drawn in
+    that order from one generator.
+    """
+    rng = np.random.default_rng(seed)
+    perturbed_rows = np.flatnonzero(design.held_out_perturbed)
+    target_rows = perturbed_rows[_pick(len(perturbed_rows), max_cells, rng)]
+    n_control = int(design.held_out_control.sum())
+    picks = {name: _pick(n_control if name in BASELINES else predictions[name].n_obs,
+                         max_cells, rng) for name in names}
+    return target_rows, picks
+
+
+def _scores(mean, control_mean, observed_mean, top, energy: float, n_cells: int) -> dict:
+    """One row of the metrics: a method's per-gene ``mean`` against the measured means."""
+    change, true_change = mean - control_mean, observed_mean - control_mean
+    return {
+        "r2": r2_score(observed_mean, mean),
+        "r2_top": r2_score(observed_mean[top], mean[top]),
+        "delta_pearson": pearson(true_change, change),
+        "delta_pearson_top": pearson(true_change[top], change[top]),
+        "energy_distance": energy,
+        "n_cells": int(n_cells),
+    }
 
 
 class PerturbationPrediction(NamedTuple):
@@ -533,14 +591,17 @@ def prediction_profiles(
     design = perturbation_design(adata, condition_key, control, perturbed, cell_type_key,
                                  cell_type)
     genes = _checked_genes(adata, predictions)
-    keep = ~design.held_out_perturbed  # never read the cells that were to be predicted
-    observed = _log_normalised_cells(adata[keep], genes, layer)
-    control_mean = observed[design.held_out_control[keep]].mean(0)
+    scales = {name: _scale(p, name) for name, p in predictions.items()}
+    # Never read the cells that were to be predicted: the held-out type's perturbed cells.
+    control_key = (design.cell_type, design.control)
+    groups, _, _ = _measured_moments(adata, genes, layer, design,
+                                     [control_key, *_other_groups(design)])
+    control_mean = groups[control_key].mean
     means = {"control": control_mean}
     for name, prediction in predictions.items():
-        means[name] = _prediction_values(prediction, name).mean(0)
+        means[name] = _prediction_moments(prediction, scales[name])[0].mean
     if design.other_types:
-        means["mean shift"] = control_mean + _mean_shift(observed, adata[keep], design)
+        means["mean shift"] = control_mean + _mean_shift(groups, design)
     first = means[next(iter(predictions))]
     change = np.abs(first - control_mean)
     top = np.argsort(-change, kind="stable")[: min(n_top_genes, len(genes))]
@@ -573,23 +634,13 @@ def _shared_genes(predictions: Mapping[str, ad.AnnData]) -> list[str]:
     return first
 
 
-def _prediction_values(prediction: ad.AnnData, name: str) -> np.ndarray:
-    """The prediction's cells as log-normalised expression, dense float64."""
+def _scale(prediction: ad.AnnData, name: str) -> str:
+    """What the prediction's ``X`` holds: :data:`COUNTS` or :data:`LOG_NORMALISED`."""
     scale = prediction.uns.get("perturbation", {}).get("scale")
-    x = prediction.X.toarray() if sp.issparse(prediction.X) else np.asarray(prediction.X)
-    if scale == COUNTS:
-        return log_normalise(x)
-    if scale == LOG_NORMALISED:
-        return x.astype(np.float64)
+    if scale in (COUNTS, LOG_NORMALISED):
+        return scale
     raise DataError(f"prediction {name!r} has no uns['perturbation']['scale'] "
                     f"({COUNTS!r} or {LOG_NORMALISED!r}); set it to say what its X holds")
-
-
-def _log_normalised_cells(adata, genes, layer) -> np.ndarray:
-    """The measured cells' ``log1p_cp10k`` over ``genes`` (validated as counts), dense."""
-    # setup_anndata checks the counts (finite, non-negative integers, no empty cell).
-    data = setup_anndata(adata[:, genes], layer=layer, kind="counts", transform=LOG_NORMALISED)
-    return data.dense_x().astype(np.float64)
 
 
 def log_normalise(counts: np.ndarray) -> np.ndarray:
@@ -599,17 +650,171 @@ def log_normalise(counts: np.ndarray) -> np.ndarray:
     return np.log1p(counts * np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0))
 
 
-def _mean_shift(observed: np.ndarray, adata, design: Design) -> np.ndarray:
-    """Average over the other types of (perturbed − control) mean expression, ``(n_genes,)``."""
+# --------------------------------------------------------------------------
+# Streaming: one pass over blocks of contiguous rows, in memory or on disk
+# --------------------------------------------------------------------------
+
+
+class _Moments:
+    """Count, mean and summed squared deviations of rows added a block at a time.
+
+    Blocks merge by Chan, Golub & LeVeque's pairwise update (stable in
+    float64, unlike sums of squares); ``cross=True`` keeps the summed outer
+    products of the deviations, ``(n_genes, n_genes)``, instead of their
+    diagonal.
+    """
+
+    def __init__(self, n_genes: int, cross: bool = False):
+        self.n = 0
+        self.mean = np.zeros(n_genes)
+        self.m2 = np.zeros((n_genes, n_genes) if cross else n_genes)
+
+    def add(self, rows: np.ndarray) -> None:
+        b = len(rows)
+        if not b:
+            return
+        mean = rows.mean(0)
+        deviation = rows - mean
+        delta, n = mean - self.mean, self.n + b
+        if self.m2.ndim == 2:  # one genes × genes temporary at a time
+            self.m2 += deviation.T @ deviation
+            self.m2 += np.multiply.outer(delta * (self.n * b / n), delta)
+        else:
+            self.m2 += np.einsum("ij,ij->j", deviation, deviation) + delta**2 * (self.n * b / n)
+        self.mean = self.mean + delta * (b / n)
+        self.n = n
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Per-gene sample variance (``ddof=1``); 0 for fewer than two rows."""
+        return self.m2 / (self.n - 1) if self.n > 1 else np.zeros_like(self.mean)
+
+
+class _Picked:
+    """The values of the cells at ``rows`` (sorted positions), kept as the blocks pass."""
+
+    def __init__(self, rows: np.ndarray, n_genes: int):
+        self.rows = np.asarray(rows, np.int64)
+        self.values = np.zeros((len(self.rows), n_genes))
+
+    def add(self, rows: np.ndarray, values: np.ndarray) -> None:
+        hit = np.isin(rows, self.rows)
+        self.values[np.searchsorted(self.rows, rows[hit])] = values[hit]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.values[np.searchsorted(self.rows, rows)]
+
+
+def _pick(n: int, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of at most ``max_cells`` of ``n`` cells (all, or a random subset)."""
+    return np.arange(n) if n <= max_cells else np.sort(rng.choice(n, max_cells, replace=False))
+
+
+def _blocks(x, use: np.ndarray, columns: Optional[np.ndarray]):
+    """``(rows, block)`` per range of contiguous rows of ``x`` with a cell in ``use``: the
+    positions of those cells and their values (CSR or dense; ``columns`` only, or all).
+
+    ``x``: what ``_observations`` gives, in memory or a :class:`BackedMatrix`,
+    which reads a range as one slice of each CSR array (never row by row).
+    """
+    size = int(max(1, min(_MAX_BLOCK_CELLS, _BLOCK_ELEMENTS // max(x.shape[1], 1))))
+    for start in range(0, x.shape[0], size):
+        stop = min(start + size, x.shape[0])
+        local = np.flatnonzero(use[start:stop])
+        if not local.size:
+            continue
+        block = x.read_raw(start, stop) if isinstance(x, BackedMatrix) else x[start:stop]
+        block = block[local] if local.size < stop - start else block
+        yield start + local, block if columns is None else block[:, columns]
+
+
+def _measured_moments(adata, genes, layer, design: Design, keys, spread=(),
+                      picks=np.zeros(0, np.int64)):
+    """One pass over the measured cells of the groups ``keys`` ``(cell type, condition)``.
+
+    Returns ``({key: _Moments}, spread, picked)``: the moments of each group's
+    ``log1p_cp10k`` expression over ``genes`` (counts validated as they are
+    read), the cross moments of the groups ``spread`` together (``None``
+    without), and the values of the cells at positions ``picks``.
+    """
+    condition = adata.obs[design.condition_key].astype(str).to_numpy()
+    types = adata.obs[design.cell_type_key].astype(str).to_numpy()
+    codes = np.full(adata.n_obs, -1)
+    for code, (cell_type, value) in enumerate(keys):
+        codes[(types == cell_type) & (condition == value)] = code
+    in_spread = np.isin(codes, [keys.index(key) for key in spread])
+    moments = [_Moments(len(genes)) for _ in keys]
+    spread_moments = _Moments(len(genes), cross=True) if spread else None
+    picked = _Picked(picks, len(genes))
+    x = _observations(adata, layer)
+    for rows, block in _blocks(x, codes >= 0, _gene_columns(adata, genes)):
+        # As setup_anndata checks counts: finite, non-negative integers, no empty cell.
+        _check_values(block, "counts", warn_unobserved_genes=False)
+        values = apply_transform(LOG_NORMALISED, block)
+        # float32 as registered data hold it (setup_anndata), then float64 for the sums.
+        values = (values.toarray() if sp.issparse(values) else values).astype(np.float32,
+                                                                               copy=False)
+        values = values.astype(np.float64)
+        for code in np.unique(codes[rows]):
+            moments[code].add(values[codes[rows] == code])
+        if spread_moments is not None:
+            spread_moments.add(values[in_spread[rows]])
+        picked.add(rows, values)
+    return dict(zip(keys, moments)), spread_moments, picked
+
+
+def _prediction_moments(prediction: ad.AnnData, scale: str, picks=np.zeros(0, np.int64)):
+    """``(_Moments, _Picked)`` of a prediction's log-normalised expression, in one pass."""
+    x = _observations(prediction, None)
+    moments, picked = _Moments(x.shape[1]), _Picked(picks, x.shape[1])
+    for rows, block in _blocks(x, np.ones(x.shape[0], bool), None):
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        values = log_normalise(block) if scale == COUNTS else block.astype(np.float64)
+        moments.add(values)
+        picked.add(rows, values)
+    return moments, picked
+
+
+def _gene_columns(adata, genes) -> Optional[np.ndarray]:
+    """Positions of ``genes`` in ``adata.var_names``; ``None``: all of them, in order."""
+    names = pd.Index(map(str, adata.var_names))
+    if not names.is_unique:
+        raise DataError("var_names are not unique; call adata.var_names_make_unique() first")
+    columns = names.get_indexer(genes)
+    return None if np.array_equal(columns, np.arange(len(names))) else columns
+
+
+def _other_groups(design: Design) -> list[tuple[str, str]]:
+    return [(t, c) for t in design.other_types for c in (design.control, design.perturbed)]
+
+
+def _check_other_types(design: Design) -> None:
     if not design.other_types:
         raise DataError(f"no cell type other than {design.cell_type!r} has both conditions; "
                         "the mean-shift baseline needs at least one")
-    condition = adata.obs[design.condition_key].astype(str).to_numpy()
-    types = adata.obs[design.cell_type_key].astype(str).to_numpy()
-    shifts = [observed[(types == t) & (condition == design.perturbed)].mean(0)
-              - observed[(types == t) & (condition == design.control)].mean(0)
+
+
+def _mean_shift(groups: Mapping[tuple[str, str], _Moments], design: Design) -> np.ndarray:
+    """Average over the other types of (perturbed − control) mean expression, ``(n_genes,)``."""
+    _check_other_types(design)
+    shifts = [groups[(t, design.perturbed)].mean - groups[(t, design.control)].mean
               for t in design.other_types]
     return np.mean(shifts, axis=0)
+
+
+def _pca(spread: _Moments, n_pcs: int):
+    """``cells -> (cells, k)``: the projection on the first ``k <= n_pcs`` principal components.
+
+    The leading eigenvectors of the cells' covariance (``spread``), which are
+    the right singular vectors of the centred cells (up to sign, which no
+    distance sees).
+    """
+    n_genes = len(spread.mean)
+    k = min(n_pcs, spread.n, n_genes)
+    _, vectors = scipy.linalg.eigh(spread.m2, subset_by_index=[n_genes - k, n_genes - 1],
+                                   overwrite_a=True)  # the covariance serves nothing else
+    components, center = vectors[:, ::-1].T, spread.mean
+    return lambda x: (x - center) @ components.T
 
 
 def top_genes(control: np.ndarray, perturbed: np.ndarray, n: int) -> np.ndarray:
@@ -621,11 +826,18 @@ def top_genes(control: np.ndarray, perturbed: np.ndarray, n: int) -> np.ndarray:
     Returns:
       ``(min(n, n_genes),)`` int, most significant first (ties by gene order).
     """
+    moments = []
+    for cells in (control, perturbed):
+        moments.append(_Moments(cells.shape[1]))
+        moments[-1].add(np.asarray(cells, np.float64))
+    return _welch_top(*moments, n)
+
+
+def _welch_top(control: _Moments, perturbed: _Moments, n: int) -> np.ndarray:
     if n < 1:
         raise ValueError(f"n_top_genes must be at least 1, got {n}")
-    difference = perturbed.mean(0) - control.mean(0)
-    se2 = (perturbed.var(0, ddof=1) / len(perturbed) if len(perturbed) > 1 else 0.0) + (
-        control.var(0, ddof=1) / len(control) if len(control) > 1 else 0.0)
+    difference = perturbed.mean - control.mean
+    se2 = perturbed.variance / perturbed.n + control.variance / control.n
     t = np.divide(difference, np.sqrt(se2), out=np.zeros_like(difference), where=se2 > 0)
     # A gene constant within both groups but different between them is the most DE of all.
     t = np.where((se2 == 0) & (difference != 0), np.inf, np.abs(t))
@@ -660,24 +872,6 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     mean_distance = lambda a, b: float(cdist(a, b).mean())
     return 2.0 * mean_distance(x, y) - mean_distance(x, x) - mean_distance(y, y)
-
-
-def _shared_pca(cells: np.ndarray, n_pcs: int):
-    """``cells -> (cells, k)``: the projection on the first ``k <= n_pcs`` PCs of ``cells``."""
-    if n_pcs < 1:
-        raise ValueError(f"n_pcs must be at least 1, got {n_pcs}")
-    center = cells.mean(0)
-    _, _, vt = np.linalg.svd(cells - center, full_matrices=False)
-    components = vt[: min(n_pcs, vt.shape[0])]
-    return lambda x: (x - center) @ components.T
-
-
-def _subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    if n < 1:
-        raise ValueError(f"max_cells must be at least 1, got {n}")
-    if len(x) <= n:
-        return x
-    return x[np.sort(rng.choice(len(x), n, replace=False))]
 
 
 def markdown_table(metrics: pd.DataFrame, digits: int = 3) -> str:

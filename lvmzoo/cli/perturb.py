@@ -3,12 +3,14 @@ evaluate it when DATA holds that type's measured perturbed cells."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import textwrap
 import warnings
 from pathlib import Path
 
-from lvmzoo.cli._common import UsageError, _input_data, _output_dir, _de_run_dirs, _load_for_de, _write_h5ad
+from lvmzoo.cli._common import (UsageError, _de_run_dirs, _input_data, _load_for_de, _output_dir,
+                                _read_backed, _write_h5ad)
 
 
 def add_parser(commands) -> None:
@@ -30,16 +32,18 @@ def add_parser(commands) -> None:
             "and metrics.md; the figure shows predicted vs measured means. Without them the "
             "prediction is not evaluated: gene_means.csv holds the per-gene mean of the "
             "control cells, the prediction and the mean-shift baseline, and the figure shows "
-            "predicted vs control means."
+            "predicted vs control means. DATA is read a block of cells at a time, from disk "
+            "with --backed (automatic for a file larger than a quarter of RAM): memory then holds "
+            "the predicted cells, not DATA."
         ),
     )
     perturb.add_argument("run_dir", metavar="RUN_DIR",
                          help="the --out directory of 'lvmzoo fit' (or its model/ subdirectory)")
     perturb.add_argument("data", metavar="DATA", nargs="?", default=None,
-                         help=".h5ad file of raw counts with the model's genes and obs columns, "
-                              "including the --predict type's control cells and, to evaluate "
-                              "the prediction, its measured perturbed cells (default: the "
-                              "bundled 'kang_ifnb' data set)")
+                         help=".h5ad file (or .zarr AnnData store) of raw counts with the "
+                              "model's genes and obs columns, including the --predict type's "
+                              "control cells and, to evaluate the prediction, its measured "
+                              "perturbed cells (default: the bundled 'kang_ifnb' data set)")
     perturb.add_argument("--condition-key", metavar="K", default="condition",
                          help="obs column of conditions (default: %(default)s)")
     perturb.add_argument("--control", metavar="C", default="ctrl",
@@ -66,6 +70,12 @@ def add_parser(commands) -> None:
                          help="seed of the predicted counts (default: %(default)s)")
     perturb.add_argument("--out", required=True, metavar="DIR",
                          help="output directory (created if needed; earlier outputs replaced)")
+    perturb.add_argument("--backed", action=argparse.BooleanOptionalAction, default=None,
+                         help="read DATA's cells from disk (a backed .h5ad or a .zarr store) a "
+                              "block at a time instead of loading them; the predictions and "
+                              "metrics are the same (default: on when DATA is larger than a "
+                              "quarter of this machine's RAM, as for fit; a .zarr store is "
+                              "always read from disk)")
     perturb.set_defaults(run=run, command_parser=perturb)
 
 
@@ -78,8 +88,7 @@ def run(args) -> int:
         raise UsageError(f"--out {args.out} is a file; give a directory")
     model_dir, _ = _de_run_dirs(args.run_dir)
     fitted = _load_for_de(model_dir, args.run_dir)
-    _refuse_data_too_large(args.data)
-    adata, source = _input_data(args.data, None, "kang_ifnb")
+    adata, source = _read_data(args)
     design = dict(condition_key=args.condition_key, control=args.control,
                   perturbed=args.perturbed, cell_type_key=args.cell_type_key,
                   cell_type=args.predict)
@@ -148,28 +157,20 @@ def _predict_only(fitted, adata, design, source, args) -> int:
     return 0
 
 
-def _refuse_data_too_large(path) -> None:
-    """One line instead of an out-of-memory kill: perturb holds DATA's cells in memory.
+def _read_data(args):
+    """``(adata, description)``: DATA in memory, or with its matrix on disk (``--backed``, a
+    .zarr store, or a file larger than a quarter of RAM); the bundled data set in memory."""
+    from lvmzoo.cli.fit import _train_from_disk
 
-    Its metrics compare every gene's mean over the held-out type's cells, the
-    baseline averages the other types' changes, and the energy distance needs
-    the cells themselves: it reads DATA whole.  Refused above the share of RAM
-    at which 'lvmzoo fit' switches to reading from disk.
-    """
-    from lvmzoo.cli.fit import BACKED_RAM_SHARE
-    from lvmzoo.data.backed import file_size, total_memory
-
-    if path is None or not Path(path).is_file():
-        return  # the bundled data set, or a missing/invalid DATA reported when it is read
-    size, ram = file_size(path), total_memory()
-    if ram and size > BACKED_RAM_SHARE * ram:
-        raise UsageError(
-            f"DATA is {size / 2**30:.1f} GiB, more than {BACKED_RAM_SHARE:.0%} of this "
-            f"machine's {ram / 2**30:.0f} GiB of RAM, and 'lvmzoo perturb' reads it into "
-            "memory (it compares cells, not only means); write a subset to a smaller .h5ad "
-            "(only the control and perturbed conditions, or a sample of each cell type's "
-            "cells: adata[cells].to_memory().write_h5ad(...) after anndata.read_h5ad(DATA, "
-            "backed='r')), or run it on a machine with more RAM")
+    if args.data is None:
+        if args.backed:
+            raise UsageError("--backed reads DATA from disk, and no DATA was given (the bundled "
+                             "'kang_ifnb' data set is in memory); give an .h5ad file or a "
+                             ".zarr store, or leave out --backed")
+        return _input_data(None, None, "kang_ifnb")
+    if _train_from_disk(args):
+        return _read_backed(args.data), args.data
+    return _input_data(args.data, None, "kang_ifnb")
 
 
 def _method_name(fitted, predicted) -> str:

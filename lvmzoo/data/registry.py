@@ -363,6 +363,7 @@ def query_anndata(
     *,
     missing_genes: str = "error",
     min_shared_genes: float = MIN_SHARED_GENES,
+    cells: Optional[np.ndarray] = None,
 ) -> CellData:
     """Validate new cells against a saved registry and encode them the same way.
 
@@ -381,6 +382,9 @@ def query_anndata(
         the registry's genes the data must have (default 0.5); below it the
         query is refused, as zero-filling most of a profile would describe
         cells that were not measured.
+      cells: increasing positions (or a boolean mask) of the cells to
+        register, as ``adata[cells]`` but with a matrix on disk left there;
+        the other cells are neither read nor checked.  ``None``: all.
     """
     if missing_genes not in ("error", "zero"):
         raise ValueError(f"missing_genes must be 'error' or 'zero', got {missing_genes!r}")
@@ -415,6 +419,8 @@ def query_anndata(
         # model's order (e.g. the training file) stays on disk.
         adata = adata[:, list(registry.gene_names)]
     x = _observations(adata, registry.layer)
+    if cells is not None:  # a view's obs; rows of the matrix by contiguous spans on disk
+        x, adata = x[np.asarray(cells)], adata[np.asarray(cells)]
     batch, _ = _codes(
         adata, registry.batch_key, "batch_key", allow_missing=False,
         categories=registry.batch_categories if registry.batch_key else None,
