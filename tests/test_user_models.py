@@ -135,6 +135,27 @@ def test_a_saved_user_model_loads_and_evaluates_in_a_new_process(fitted_run, use
     assert metrics["avg_log_likelihood"] == pytest.approx(expected["avg_log_likelihood"], rel=1e-5)
 
 
+def test_a_user_model_fits_as_a_seed_ensemble_and_loads_in_a_new_process(user_dir, tmp_path):
+    """``--replicates`` works for a model the library has never seen, and the saved ensemble
+    loads as one object in a new process (the model imported from its file again)."""
+    out = tmp_path / "ensemble"
+    rc = cli.main(["fit", f"{user_dir / 'user_models.py'}:PoissonFactors",
+                   str(user_dir / "cells.h5ad"), "--out", str(out), "--epochs", "3",
+                   "--replicates", "2", "--no-progress", "--plot-method", "pca",
+                   "--score-cells", "all"])
+    assert rc == 0
+    assert (out / "model" / "ensemble.json").is_file()
+    done = _lvmzoo("evaluate", out, user_dir / "cells.h5ad", "--out", tmp_path / "eval.json",
+                   "--n-samples", "5", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    ensemble = lvmzoo.load_model(out / "model")
+    assert ensemble.n_replicates == 2
+    assert len(metrics["replicate_avg_log_likelihood"]) == 2
+    # The mixture of the replicates is at least their average (Jensen), cell by cell.
+    assert metrics["avg_log_likelihood"] >= metrics["single_fit_avg_log_likelihood"]
+
+
 def test_a_run_whose_model_file_is_gone_says_what_to_make_importable(fitted_run, user_dir,
                                                                      tmp_path):
     moved = tmp_path / "run"
