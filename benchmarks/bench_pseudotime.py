@@ -36,7 +36,12 @@ peak RSS (``VmHWM``) is reported along with its wall time, imports excluded):
   lineages; K = 4 was chosen after K = 2 gave tau 0.37 on seed 0, so it is tuned on
   this data), without a root (oriented afterwards) and with the MPP root at
   ``root_strength=300`` (the branches meet at the root, so the root must sit at
-  ``t ~ 0``: the default strength 10 left the MPP mid-way on seed 0);
+  ``t ~ 0``: the default strength 10 left the MPP mid-way on seed 0); with the root
+  the model starts its time at each cell's distance from the MPP cells along the
+  15-nearest-neighbour graph and its trend fitted to that (the model's own start,
+  ``BranchingPseudotime.starts_from_root``; runs before it started at random);
+* ``final_loss`` in the JSON: the fit's training loss (negative ELBO, nats per cell)
+  averaged over its last 20 epochs, to compare optima of one model;
 * ``dpt``: scanpy's diffusion pseudotime, the recipe of scanpy's own paul15 tutorial
   on these genes: ``normalize_total(1e4)``, ``log1p``, ``pca(20)``,
   ``neighbors(15)``, ``diffmap``, ``dpt`` with the root the MPP cell closest to the
@@ -69,6 +74,9 @@ Usage (needs scanpy: ``pip install scanpy`` or the bench extra's environment)::
     python benchmarks/bench_pseudotime.py                 # ~40 min on 2 busy cores
     python benchmarks/bench_pseudotime.py --quick         # 1 seed, 20 epochs, 20k cells; prints only
     python benchmarks/bench_pseudotime.py --scale-sizes 100000,300000
+    # re-measure some paul15 methods, the others' rows and the scale rows from the last run:
+    python benchmarks/bench_pseudotime.py --methods branching,branching_root,dpt,best_pc \
+        --real-from results/pseudotime.json --scale-from results/pseudotime.json
 """
 
 from __future__ import annotations
@@ -178,6 +186,7 @@ def worker_model(method: str, seed: int, epochs: Optional[int]) -> dict[str, Any
     return {"pseudotime": t.tolist(), "lower": lower.tolist(), "upper": upper.tolist(),
             "flipped": flipped, "seconds": seconds, **extra,
             "compile_seconds": fitted.history.get("compile_seconds"),
+            "final_loss": float(np.mean(fitted.history["loss"][-20:])),
             "epochs": len(fitted.history["epoch"]), "rss_before_mib": rss_before,
             "peak_rss_mib": _peak_rss_mib()}
 
@@ -226,21 +235,24 @@ def worker_best_pc(seed: int) -> dict[str, Any]:
             "taus": taus, "rss_before_mib": rss_before, "peak_rss_mib": _peak_rss_mib()}
 
 
-def worker_scale(path: str, backed: bool, epochs: int, seed: int) -> dict[str, Any]:
+def worker_scale(path: str, backed: bool, epochs: int, seed: int,
+                 model_name: str = "pseudotime") -> dict[str, Any]:
     import anndata as ad
     from scipy import stats
 
     import lvmzoo
     from lvmzoo.data.backed import read_backed
     from lvmzoo.data.registry import setup_anndata
-    from lvmzoo.models import Pseudotime
+    from lvmzoo.models import BranchingPseudotime, Pseudotime
 
+    model = (BranchingPseudotime(n_lineages=2, root_key="early", root_value="yes")
+             if model_name == "branching" else Pseudotime())
     rss_start = _rss_mib()
     adata = read_backed(Path(path)) if backed else ad.read_h5ad(path)
-    data = setup_anndata(adata, kind="counts", transform="log1p_cp10k")
+    data = setup_anndata(adata, kind="counts", transform="log1p_cp10k", **model.registration())
     rss_before = _rss_mib()
     started = time.perf_counter()
-    fitted = lvmzoo.fit(Pseudotime(), data, epochs=epochs, seed=seed, progress=False)
+    fitted = lvmzoo.fit(model, data, epochs=epochs, seed=seed, progress=False)
     fit_seconds = time.perf_counter() - started
     peak_fit = _peak_rss_mib()
     epoch_seconds = [float(s) for s in fitted.history["seconds"]]
@@ -252,7 +264,15 @@ def worker_scale(path: str, backed: bool, epochs: int, seed: int) -> dict[str, A
     mine = lvmzoo.query_anndata(sub, fitted.registry)
     t = fitted.latent(mine)[:, 0]
     tau = abs(stats.kendalltau(t, sub.obs["true_t"].to_numpy())[0])
-    return {"n_cells": int(data.n_cells), "backed": bool(data.is_backed),
+    extra = {}
+    if model_name == "branching":  # lineage of the cells past t = 0.5, up to the names
+        late = sub.obs["true_t"].to_numpy() > 0.5
+        annotated, _ = fitted.annotate(sub, mine)
+        same = np.mean(annotated.obs["lineage"].astype(str).to_numpy()[late]
+                       == sub.obs["true_lineage"].astype(str).to_numpy()[late])
+        extra["lineage_accuracy_20k"] = float(max(same, 1.0 - same))
+    return {"model": model_name, "n_cells": int(data.n_cells), "backed": bool(data.is_backed),
+            **extra,
             "epoch_seconds": epoch_seconds,
             "steady_epoch_seconds": statistics.median(epoch_seconds[1:])
             if len(epoch_seconds) > 1 else epoch_seconds[0],
@@ -272,7 +292,8 @@ def worker_main(args) -> None:
     elif kind == "best_pc":
         out = worker_best_pc(spec["seed"])
     elif kind == "scale":
-        out = worker_scale(spec["path"], spec["backed"], spec["epochs"], spec["seed"])
+        out = worker_scale(spec["path"], spec["backed"], spec["epochs"], spec["seed"],
+                           spec.get("model", "pseudotime"))
     else:
         raise ValueError(kind)
     print("RESULT " + json.dumps(out), flush=True)
@@ -344,7 +365,10 @@ def _stat(values: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------
 
 
-def run_real(seeds, epochs, timeout) -> dict[str, Any]:
+def run_real(seeds, epochs, timeout, methods=METHODS,
+             earlier: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The paul15 rows: ``methods`` measured now, every other method's runs taken from
+    ``earlier`` (an earlier report's ``"real"``), if given."""
     from lvmzoo import datasets
 
     adata = datasets.paul15()
@@ -353,9 +377,10 @@ def run_real(seeds, epochs, timeout) -> dict[str, Any]:
     masks = {name: np.isin(celltype, types) for name, types in LINEAGES.items()}
     rng = np.random.default_rng(0)
     ceiling = score(stage + 1e-6 * rng.random(stage.size), stage, masks)
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    runs: dict[str, list[dict[str, Any]]] = {
+        m: ([] if m in methods or earlier is None else earlier["runs"][m]) for m in METHODS}
     for seed in seeds:
-        for method in METHODS:
+        for method in methods:
             if method in MODEL_METHODS:
                 spec = {"kind": "model", "method": method, "seed": seed, "epochs": epochs}
             else:
@@ -392,18 +417,20 @@ def run_real(seeds, epochs, timeout) -> dict[str, Any]:
                      "stage_counts": {str(s): int((stage == s).sum()) for s in np.unique(stage)},
                      "lineage_cells": {k: int(v.sum()) for k, v in masks.items()}},
             "stages": STAGE, "lineages": LINEAGES, "ceiling": ceiling,
-            "slingshot_stored": slingshot, "summary": summary, "runs": runs}
+            "slingshot_stored": slingshot, "summary": summary, "runs": runs,
+            "measured_now": list(methods)}
 
 
-def make_scale_file(n_cells: int, directory: Path) -> Path:
+def make_scale_file(n_cells: int, directory: Path, model_name: str = "pseudotime") -> Path:
     import anndata as ad
 
     from lvmzoo import datasets
 
-    path = directory / f"trajectory_{n_cells}.h5ad"
+    simulate = (datasets.simulate_branching_trajectory if model_name == "branching"
+                else datasets.simulate_trajectory)
+    path = directory / f"{model_name}_{n_cells}.h5ad"
     chunk = 100_000
-    parts = [datasets.simulate_trajectory(min(chunk, n_cells - start), 60, seed=1 + i,
-                                          gene_seed=0)
+    parts = [simulate(min(chunk, n_cells - start), 60, seed=1 + i, gene_seed=0)
              for i, start in enumerate(range(0, n_cells, chunk))]
     adata = ad.concat(parts, index_unique="-") if len(parts) > 1 else parts[0]
     adata.var = parts[0].var.copy()
@@ -411,19 +438,20 @@ def make_scale_file(n_cells: int, directory: Path) -> Path:
     return path
 
 
-def run_scale(sizes, epochs, timeout, directory: Path) -> list[dict[str, Any]]:
+def run_scale(sizes, epochs, timeout, directory: Path,
+              models=("pseudotime",)) -> list[dict[str, Any]]:
     rows = []
-    for n_cells in sizes:
+    for model_name, n_cells in ((m, n) for m in models for n in sizes):
         started = time.perf_counter()
-        path = make_scale_file(n_cells, directory)
+        path = make_scale_file(n_cells, directory, model_name)
         print(f"scale: {n_cells:,} cells simulated and written in "
               f"{time.perf_counter() - started:.0f} s ({path.stat().st_size / 2**20:.0f} MiB)",
               flush=True)
         for backed in (False, True):
             out = launch({"kind": "scale", "path": str(path), "backed": backed,
-                          "epochs": epochs, "seed": 0}, timeout)
+                          "epochs": epochs, "seed": 0, "model": model_name}, timeout)
             rows.append(out)
-            print(f"scale {n_cells:>9,} {'backed   ' if backed else 'in memory'} "
+            print(f"scale {model_name} {n_cells:>9,} {'backed   ' if backed else 'in memory'} "
                   f"{out['steady_epoch_seconds']:7.1f} s/epoch, peak {out['peak_rss_fit_mib']:6.0f}"
                   f" MiB, tau {out['kendall_tau_20k']:.3f} [load {out['load_average'][0]}]",
                   flush=True)
@@ -457,10 +485,13 @@ LABELS = {
     "switch_root": "lvmzoo SwitchPseudotime, root = MPP",
     "branching": f"lvmzoo BranchingPseudotime K={N_LINEAGES} (unsupervised, oriented by MPP)",
     "branching_root": f"lvmzoo BranchingPseudotime K={N_LINEAGES}, root = MPP "
-                      f"(strength {BRANCHING_ROOT_STRENGTH:.0f})",
+                      f"(strength {BRANCHING_ROOT_STRENGTH:.0f}; starts from the root)",
     "dpt": "scanpy DPT (root: an MPP cell)",
     "best_pc": "best single PC (oracle choice of 10)",
 }
+
+
+SCALE_LABELS = {"pseudotime": "Pseudotime", "branching": "BranchingPseudotime K=2, root"}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -474,15 +505,14 @@ def render_markdown(report: dict[str, Any]) -> str:
              "", "Produced by `python benchmarks/bench_pseudotime.py` "
              f"({report['wall_seconds'] / 60:.0f} min); method and definitions in its docstring.",
              ""]
-    for part, label in (("real_machine", "paul15 rows"), ("scale_machine", "scale rows")):
-        if part in report:  # assembled from earlier runs (--real-from / --scale-from)
-            pm = report[part]
-            took = report.get("real_wall_seconds") if part == "real_machine" else None
-            took = f" ({took / 60:.0f} min)" if took else ""
-            lines.insert(-1, f"The {label} come from an earlier run of this script on the same "
-                             f"machine{took}, started {pm['date']} (load average at start "
-                             f"{pm['load_average_at_start']}, at end "
-                             f"{pm.get('load_average_at_end')}).")
+    for part, label in (("real", "paul15 rows"), ("scale", "scale rows")):
+        for e in report.get(f"{part}_provenance", []):
+            took = f"{e['minutes']:.0f} min, " if e.get("minutes") else ""
+            lines.insert(-1, f"The {label} of {', '.join(e['rows'])}: a run of this script on "
+                             f"the same machine started {e['date']} ({took}load average at "
+                             f"start {e['load_average_at_start']}, at end "
+                             f"{e.get('load_average_at_end')}).")
+        if report.get(f"{part}_provenance"):
             lines.insert(-1, "")
     real = report.get("real")
     if real:
@@ -522,16 +552,24 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "and data included)."]
     scale = report.get("scale")
     if scale:
-        lines += ["", f"## Scale: `Pseudotime()` on simulated trajectories (60 genes, "
+        lines += ["", f"## Scale: on simulated trajectories (60 genes, "
                   f"{report['settings']['scale_epochs']} epochs, batch 128)", "",
-                  "| cells | data | s / epoch | cells / s | compile s | RSS before fit MiB | "
-                  "peak RSS MiB | tau (20k cells) |", "|---|---|---|---|---|---|---|---|"]
+                  "`Pseudotime()` on `simulate_trajectory`; `BranchingPseudotime(n_lineages=2)`"
+                  " with the earliest 5 % of cells as root on `simulate_branching_trajectory`"
+                  " (trunk to t = 0.4, two branches; lineage: share of the 20k cells past "
+                  "t = 0.5 in their own branch).", "",
+                  "| model | cells | data | s / epoch | cells / s | compile s | "
+                  "RSS before fit MiB | peak RSS MiB | tau (20k cells) | lineage (20k) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in scale:
-            lines.append(f"| {r['n_cells']:,} | {'backed' if r['backed'] else 'in memory'} | "
+            lineage = r.get("lineage_accuracy_20k")
+            lines.append(f"| {SCALE_LABELS[r.get('model', 'pseudotime')]} | "
+                         f"{r['n_cells']:,} | {'backed' if r['backed'] else 'in memory'} | "
                          f"{r['steady_epoch_seconds']:.1f} | "
                          f"{r['n_cells'] / r['steady_epoch_seconds']:,.0f} | "
                          f"{r['compile_seconds']:.1f} | {r['rss_before_fit_mib']:,.0f} | "
-                         f"{r['peak_rss_fit_mib']:,.0f} | {r['kendall_tau_20k']:.3f} |")
+                         f"{r['peak_rss_fit_mib']:,.0f} | {r['kendall_tau_20k']:.3f} | "
+                         + (f"{lineage:.3f} |" if lineage is not None else "– |"))
         growth = report.get("scale_growth")
         if growth:
             lines += ["", growth]
@@ -542,11 +580,14 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def scale_growth(scale) -> Optional[str]:
     parts = []
-    for backed in (False, True):
-        rows = sorted((r for r in scale if r["backed"] == backed), key=lambda r: r["n_cells"])
+    for model_name, backed in ((m, b) for m in SCALE_LABELS for b in (False, True)):
+        rows = sorted((r for r in scale if r["backed"] == backed
+                       and r.get("model", "pseudotime") == model_name),
+                      key=lambda r: r["n_cells"])
         if len(rows) >= 2:
             a, b = rows[0], rows[-1]
-            parts.append(f"{'backed' if backed else 'in memory'}: {b['n_cells'] / a['n_cells']:.0f}x"
+            parts.append(f"{SCALE_LABELS[model_name]} {'backed' if backed else 'in memory'}: "
+                         f"{b['n_cells'] / a['n_cells']:.0f}x"
                          f" the cells took {b['steady_epoch_seconds'] / a['steady_epoch_seconds']:.1f}x"
                          f" the time per epoch and {b['peak_rss_fit_mib'] / a['peak_rss_fit_mib']:.1f}x"
                          " the peak RSS")
@@ -561,10 +602,17 @@ def parse_args(argv=None):
                         help="epochs of the model fits (default: the model's default)")
     parser.add_argument("--scale-sizes", default="100000,1000000")
     parser.add_argument("--scale-epochs", type=int, default=3)
+    parser.add_argument("--scale-models", default=None,
+                        help="models of the scale rows (default pseudotime,branching); with "
+                             "--scale-from, measure these and take the others' rows from it")
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--real-from", type=Path, default=None,
-                        help="take the paul15 rows from this earlier pseudotime.json")
+                        help="take the paul15 rows from this earlier pseudotime.json (with "
+                             "--methods: those of the other methods)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated paul15 methods to measure (default all: "
+                             + ",".join(METHODS) + ")")
     parser.add_argument("--scale-from", type=Path, default=None,
                         help="take the scale rows from this earlier pseudotime.json "
                              "instead of measuring them")
@@ -575,6 +623,34 @@ def parse_args(argv=None):
     parser.add_argument("--note", action="append", default=[],
                         help="a line for the markdown's 'Reading' section (repeatable)")
     return parser.parse_args(argv)
+
+
+def _provenance(earlier: dict[str, Any], part: str, all_rows) -> list[dict[str, Any]]:
+    """Which run measured which of an earlier report's ``part`` (``"real"`` / ``"scale"``)
+    rows: its ``<part>_provenance``, or, for reports written before that list, one entry
+    from its machine records (``<part>_machine``: rows it took from a yet earlier run)."""
+    if f"{part}_provenance" in earlier:
+        return earlier[f"{part}_provenance"]
+    machine = earlier["machine"]
+    entry = lambda m, rows, minutes: {  # noqa: E731
+        "date": m["date"], "load_average_at_start": m["load_average_at_start"],
+        "load_average_at_end": m.get("load_average_at_end"), "minutes": minutes,
+        "rows": list(rows)}
+    if f"{part}_machine" not in earlier:
+        return [entry(machine, all_rows, earlier["wall_seconds"] / 60)]
+    older = earlier.get("real_wall_seconds") if part == "real" else None
+    measured = (earlier.get("real") or {}).get("measured_now", []) if part == "real" else []
+    out = [entry(earlier[f"{part}_machine"], [r for r in all_rows if r not in measured],
+                 older / 60 if older else None)]
+    if measured:
+        out.append(entry(machine, measured, earlier["wall_seconds"] / 60))
+    return out
+
+
+def _without(entries: list[dict[str, Any]], rows) -> list[dict[str, Any]]:
+    """``entries`` less ``rows`` (measured again now); entries left with none dropped."""
+    kept = [{**e, "rows": [r for r in e["rows"] if r not in rows]} for e in entries]
+    return [e for e in kept if e["rows"]]
 
 
 def main(argv=None) -> Optional[dict[str, Any]]:
@@ -595,30 +671,54 @@ def main(argv=None) -> Optional[dict[str, Any]]:
         "settings": {"seeds": seeds, "epochs": epochs, "scale_sizes": sizes,
                      "scale_epochs": scale_epochs, "batch_size": 128},
     }
+    methods = METHODS if args.methods is None else tuple(args.methods.split(","))
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
+    scale_models = tuple((args.scale_models or ",".join(SCALE_LABELS)).split(","))
+    if set(scale_models) - set(SCALE_LABELS):
+        raise SystemExit(f"unknown --scale-models; choose from {', '.join(SCALE_LABELS)}")
+    now = {"date": machine["date"], "load_average_at_start": machine["load_average_at_start"]}
+    provenance: dict[str, list[dict[str, Any]]] = {"real": [], "scale": []}
     if args.real_from is not None:
         earlier = json.loads(args.real_from.read_text())
         report["real"] = earlier["real"]
         report["settings"].update({k: earlier["settings"][k] for k in ("seeds", "epochs")})
-        report["real_machine"] = earlier["machine"]
-        report["real_wall_seconds"] = earlier["wall_seconds"]
-    elif not args.skip_real:
-        report["real"] = run_real(seeds, epochs, args.timeout)
+        provenance["real"] = _provenance(earlier, "real", METHODS)
+    if not args.skip_real and (args.real_from is None or args.methods is not None):
+        report["real"] = run_real(seeds, epochs, args.timeout, methods, report.get("real"))
+        provenance["real"] = _without(provenance["real"], methods) + [{**now, "rows": methods}]
     if args.scale_from is not None:
         earlier = json.loads(args.scale_from.read_text())
         report["scale"], report["scale_growth"] = earlier["scale"], earlier["scale_growth"]
         report["settings"].update({k: earlier["settings"][k]
                                    for k in ("scale_sizes", "scale_epochs")})
-        report["scale_machine"] = earlier["machine"]
-    elif not args.skip_scale:
+        provenance["scale"] = _provenance(earlier, "scale", ["pseudotime"])
+    if not args.skip_scale and (args.scale_from is None or args.scale_models is not None):
+        kept = [r for r in report.get("scale", [])
+                if r.get("model", "pseudotime") not in scale_models]
         directory = Path(tempfile.mkdtemp(prefix="bench_pseudotime_"))
         try:
-            report["scale"] = run_scale(sizes, scale_epochs, args.timeout, directory)
+            report["scale"] = kept + run_scale(sizes, scale_epochs, args.timeout, directory,
+                                               scale_models)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         report["scale_growth"] = scale_growth(report["scale"])
+        report["settings"]["scale_epochs"] = scale_epochs
+        report["settings"]["scale_sizes"] = sorted({r["n_cells"] for r in report["scale"]})
+        provenance["scale"] = (_without(provenance["scale"], scale_models)
+                               + [{**now, "rows": [f"{m} {n:,}" for m in scale_models
+                                                   for n in sizes]}])
     report["notes"] = args.note
     report["machine"] = {**machine, "load_average_at_end": load_average()}
     report["wall_seconds"] = time.perf_counter() - started
+    for part, entries in provenance.items():
+        for entry in entries:
+            if entry["date"] == machine["date"]:  # measured in this run
+                entry.update(load_average_at_end=report["machine"]["load_average_at_end"],
+                             minutes=report["wall_seconds"] / 60)
+        if entries:
+            report[f"{part}_provenance"] = entries
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         write_text(output / "pseudotime.json", json.dumps(report, indent=1) + "\n")

@@ -51,6 +51,7 @@ __all__ = [
     "load_paul15",
     "paul15",
     "load_wu2020",
+    "simulate_branching_trajectory",
     "simulate_counts",
     "simulate_trajectory",
 ]
@@ -686,6 +687,100 @@ def simulate_trajectory(n_cells: int = 300, n_genes: int = 60, seed: int = 0, *,
     counts[empty, int(np.argmax(rho.mean(0)))] = 1  # every cell has a count
     obs = pd.DataFrame({"true_t": t.astype(np.float32)},
                        index=[f"cell{i}" for i in range(n_cells)])
+    early = np.argsort(t)[: max(1, int(round(0.05 * n_cells)))]
+    obs["early"] = pd.Categorical(np.where(np.isin(np.arange(n_cells), early), "yes", "no"))
+    var = pd.DataFrame({"pattern": pattern}, index=[f"gene{g}" for g in range(n_genes)])
+    return ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var)
+
+
+def simulate_branching_trajectory(n_cells: int = 600, n_genes: int = 60, seed: int = 0, *,
+                                  n_branches: int = 2, branch_time: float = 0.4,
+                                  flat_fraction: float = 0.2, library_size: float = 2000.0,
+                                  dispersion: float = 0.1,
+                                  gene_seed: int | None = None) -> ad.AnnData:
+    """Negative-binomial counts along a branching trajectory: a trunk, then ``n_branches``
+    branches, with known time and branch.
+
+    Each cell has a true time ``t ~ Uniform(0, 1)`` and a lineage ``k`` drawn
+    uniformly from ``1..n_branches``; before ``branch_time`` every lineage has
+    the same expression (the trunk), after it lineage ``k``'s own genes move.
+    Genes (shares of the non-flat genes): half are trunk genes, ``"rise"``,
+    ``"fall"`` or ``"peak"`` in ``t`` as in :func:`simulate_trajectory`
+    (shared by every lineage, so they keep changing after the branch point);
+    the other half are branch genes, ``"rise_k"`` / ``"fall_k"``, which switch
+    on / off in lineage ``k`` only, starting from 0 at the branch point
+    (continuous in ``t``) along ``s = (t - branch_time) / (1 - branch_time)``:
+    ``size * (sigmoid(k_g (s - o_g)) - sigmoid(-k_g o_g)) / (1 - sigmoid(-k_g o_g))``;
+    ``flat_fraction`` of the genes do not change.  Counts are
+    ``NB(library * softmax(log expression), dispersion)`` with log-normal library
+    sizes around ``library_size``.
+
+    Args:
+      n_cells, n_genes: shape of the data (``n_genes >= 2 * n_branches + 3``).
+      seed: seed of the cells (times, lineages, libraries, counts).
+      n_branches: number of branches (fates) after the trunk, at least 2.
+      branch_time: time of the branch point, in ``(0, 1)``.
+      flat_fraction: share of genes that do not change.
+      library_size: median total count per cell.
+      dispersion: NB ``alpha`` (``var = mean + alpha mean^2``) of every gene.
+      gene_seed: seed of the gene programs (default ``seed``).
+
+    Returns:
+      AnnData with float32 counts in ``X`` (dense), ``obs["true_t"]``,
+      ``obs["true_lineage"]`` (the drawn lineage ``"1"`` .. ``"K"``; observable
+      only after the branch point), ``obs["true_branch"]`` (``"trunk"`` before
+      ``branch_time``, else the lineage), ``obs["early"]`` (``"yes"`` for the
+      5 % of cells with the smallest ``t``) and ``var["pattern"]``.
+    """
+    if n_cells < 1 or n_genes < 2 * n_branches + 3:
+        raise ValueError(f"n_cells must be >= 1 and n_genes >= {2 * n_branches + 3}")
+    if n_branches < 2 or not 0.0 < branch_time < 1.0:
+        raise ValueError("n_branches must be >= 2 and branch_time in (0, 1)")
+    genes = np.random.default_rng(seed if gene_seed is None else gene_seed)
+    cells = np.random.default_rng([seed, 11])
+    n_flat = int(round(flat_fraction * n_genes))
+    n_trunk = (n_genes - n_flat) // 2
+    trunk = np.array(["rise", "fall", "peak"])[np.arange(n_trunk) % 3]
+    branch_kinds = [f"{way}_{k + 1}" for way in ("rise", "fall") for k in range(n_branches)]
+    n_branch = n_genes - n_flat - n_trunk
+    branchy = np.array(branch_kinds)[np.arange(n_branch) % len(branch_kinds)]
+    pattern = np.concatenate([trunk, branchy, np.full(n_flat, "flat")])
+    pattern = pattern[genes.permutation(n_genes)]
+    baseline = genes.normal(0.0, 0.7, n_genes)
+    size = genes.uniform(1.5, 3.0, n_genes)
+    onset = genes.uniform(0.2, 0.8, n_genes)
+    steep = genes.uniform(8.0, 20.0, n_genes)
+    width = genes.uniform(0.1, 0.2, n_genes)
+    t = cells.uniform(0.0, 1.0, n_cells)
+    lineage = cells.integers(1, n_branches + 1, n_cells)
+    tt = t[:, None]
+    rise = 1.0 / (1.0 + np.exp(-steep * (tt - onset)))
+    effect = np.zeros((n_cells, n_genes))
+    effect = np.where(pattern == "rise", size * rise, effect)
+    effect = np.where(pattern == "fall", size * (1.0 - rise), effect)
+    effect = np.where(pattern == "peak", size * np.exp(-0.5 * ((tt - onset) / width) ** 2),
+                      effect)
+    s = np.clip((tt - branch_time) / (1.0 - branch_time), 0.0, None)
+    start = 1.0 / (1.0 + np.exp(steep * onset))
+    switch = (1.0 / (1.0 + np.exp(-steep * (s - onset))) - start) / (1.0 - start)
+    for k in range(1, n_branches + 1):
+        own = lineage[:, None] == k
+        effect = np.where((pattern == f"rise_{k}") & own, size * switch, effect)
+        effect = np.where(pattern == f"fall_{k}", size * np.where(own, 1.0 - switch, 1.0),
+                          effect)
+    log_expression = baseline + effect
+    rho = np.exp(log_expression - log_expression.max(1, keepdims=True))
+    rho /= rho.sum(1, keepdims=True)
+    library = library_size * np.exp(cells.normal(0.0, 0.3, n_cells))
+    counts = _sample_nb(cells, library[:, None] * rho, np.full(n_genes, dispersion))
+    empty = counts.sum(1) == 0
+    counts[empty, int(np.argmax(rho.mean(0)))] = 1  # every cell has a count
+    labels = [str(k) for k in range(1, n_branches + 1)]
+    obs = pd.DataFrame({"true_t": t.astype(np.float32)},
+                       index=[f"cell{i}" for i in range(n_cells)])
+    obs["true_lineage"] = pd.Categorical(lineage.astype(str), categories=labels)
+    obs["true_branch"] = pd.Categorical(np.where(t < branch_time, "trunk", lineage.astype(str)),
+                                   categories=["trunk", *labels])
     early = np.argsort(t)[: max(1, int(round(0.05 * n_cells)))]
     obs["early"] = pd.Categorical(np.where(np.isin(np.arange(n_cells), early), "yes", "no"))
     var = pd.DataFrame({"pattern": pattern}, index=[f"gene{g}" for g in range(n_genes)])

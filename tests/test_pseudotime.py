@@ -269,6 +269,33 @@ def test_branching_model_fits_and_reloads(data, cells, tmp_path):
                                rtol=1e-6)
 
 
+def test_branching_model_recovers_time_and_branch_of_a_simulated_tree():
+    """simulate_branching_trajectory: a trunk to t = 0.4, then two branches whose own genes
+    move.  BranchingPseudotime with the earliest cells as root orders the cells (Kendall
+    tau >= 0.9 on all cells, trunk and both branches) and puts the cells past t = 0.5 in
+    their own branch (>= 90 %, up to the lineages' names).  Measured (400 cells, 150-200
+    epochs): tau 0.90-0.94 and 94-99.5 % over 9 data x fit seeds (0.921 and 99.5 % here);
+    on data seed 1 a random encoder start gave 0.69-0.89 and 66-95 % over 4 fit seeds
+    (the start from the root: lvmzoo.models.pseudotime._TimeModel._root_start)."""
+    cells = datasets.simulate_branching_trajectory(400, N_GENES, seed=0)
+    assert {"true_t", "true_lineage", "true_branch", "early"} <= set(cells.obs.columns)
+    assert (cells.obs["true_branch"] == "trunk").to_numpy().tolist() == \
+        (cells.obs["true_t"] < 0.4).to_numpy().tolist()
+    model = BranchingPseudotime(n_lineages=2, root_key="early", root_value="yes")
+    data = setup_anndata(cells, kind="counts", transform="log1p_cp10k", **model.registration())
+    fitted = lvmzoo.fit(model, data, epochs=150, progress=False, seed=0)
+    annotated, _ = fitted.annotate(cells, data)
+    truth = cells.obs["true_t"].to_numpy()
+    tau = stats.kendalltau(annotated.obs["pseudotime"], truth)[0]
+    late = truth > 0.5
+    same = np.mean(annotated.obs["lineage"].astype(str).to_numpy()[late]
+                   == cells.obs["true_lineage"].astype(str).to_numpy()[late])
+    print(f"\nbranching simulation: Kendall tau {tau:+.3f}, lineage of the cells past t = 0.5 "
+          f"right for {max(same, 1 - same):.3f}")
+    assert tau >= 0.9
+    assert max(same, 1 - same) >= 0.9
+
+
 def test_paul15_bundled():
     adata = datasets.paul15()
     assert adata.shape == (2660, 240)
@@ -279,9 +306,10 @@ def test_paul15_bundled():
     assert np.asarray(x.sum(1)).min() > 0
 
 
-def test_cli_backed_fit_writes_the_trends_and_figure(lognormalised_file, tmp_path):
-    """On disk the CLI's result.h5ad holds only the latent (the mean time); the model's
-    own files are still written, from it and the fitted trends."""
+def test_cli_backed_fit_writes_what_an_in_memory_fit_writes(lognormalised_file, tmp_path):
+    """On disk the CLI's result.h5ad holds the model's per-cell outputs too (the time, its
+    interval, the trends), equal to those of the same saved model annotating the cells in
+    memory; the model's own files are written."""
     out = tmp_path / "run"
     rc = cli.main(["fit", "pseudotime", str(lognormalised_file), "--kind", "continuous",
                    "--transform", "none", "--out", str(out), "--no-progress", "--epochs", "3",
@@ -289,3 +317,12 @@ def test_cli_backed_fit_writes_the_trends_and_figure(lognormalised_file, tmp_pat
     assert rc == 0
     assert (out / "pseudotime.png").stat().st_size > 0
     assert len(pd.read_csv(out / "pseudotime_trends.csv")) == N_GENES * 50
+    result = ad.read_h5ad(out / "result.h5ad")
+    loaded = lvmzoo.load_model(out / "model")
+    cells = ad.read_h5ad(lognormalised_file)
+    in_memory, _ = loaded.annotate(cells, lvmzoo.query_anndata(cells, loaded.registry))
+    for column in ("pseudotime", "pseudotime_lower", "pseudotime_upper"):
+        np.testing.assert_allclose(result.obs[column], in_memory.obs[column], rtol=1e-5,
+                                   atol=1e-6)
+    np.testing.assert_allclose(result.uns["pseudotime_trends"]["mean"],
+                               in_memory.uns["pseudotime_trends"]["mean"], rtol=1e-5)

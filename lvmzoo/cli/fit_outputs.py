@@ -137,13 +137,19 @@ def _label_scores(fitted, data) -> dict[str, Any]:
 
 
 def _annotate_backed(fitted, adata, data):
-    """result.h5ad of an on-disk fit: obs, var and the latent, without the matrix or model extras."""
+    """result.h5ad of an on-disk fit: obs, var and the latent, without the matrix; plus the
+    model's own per-cell outputs (``annotate``) when it reads the cells in chunks
+    (``annotates_on_disk``, e.g. the pseudotime models), as an in-memory fit writes them."""
     import anndata as ad
 
     key = f"X_{fitted.model.name}"
     result = ad.AnnData(obs=adata.obs.copy(), var=adata.var.copy())
-    result.obsm[key] = fitted.latent(data)
-    return result, [f'obsm["{key}"] (obs and var; the matrix stays in DATA)']
+    latent = fitted.latent(data)
+    result.obsm[key] = latent
+    extras = []
+    if fitted.model.annotates_on_disk:
+        extras = fitted.model.annotate(result, fitted.params, latent, data)
+    return result, [f'obsm["{key}"] (obs and var; the matrix stays in DATA)', *extras]
 
 
 def _summary(fitted, data, source, metrics, added, out, seconds, view) -> str:

@@ -97,12 +97,17 @@ class LatentModel(abc.ABC):
         must hold after the data transform.
       default_transform: transform the CLI applies to count input by default.
       default_learning_rate: Adam step size the CLI uses by default.
+      annotates_on_disk: ``True`` when :meth:`annotate` reads the cells in
+        chunks (e.g. through ``lvmzoo.analysis.expression.map_cells``), so a fit
+        from disk (``--backed``) writes its outputs too; by default such a fit
+        writes only the latent, as the outputs may need every cell in memory.
     """
 
     name: ClassVar[str] = "model"
     data_kind: ClassVar[str] = "continuous"
     default_transform: ClassVar[str] = "none"
     default_learning_rate: ClassVar[float] = 1e-3
+    annotates_on_disk: ClassVar[bool] = False
 
     @abc.abstractmethod
     def model(self, batch: Batch) -> None:
