@@ -52,11 +52,22 @@ once and not timed.  Target: peak RSS of ``lvmzoo de --backed`` on 1 M cells
 < 2 GiB.  Outputs ``results/de_scale.{json,md}``; ``--de only`` runs just these
 rows (and leaves ``scale.*`` alone), ``--de skip`` leaves them out.
 
+The whole ``lvmzoo fit scvi`` command (issue 24), last: wall time and peak resident
+memory of ``lvmzoo fit scvi DATA --epochs 1 --validation-fraction 0 --no-progress
+--out RUN`` with its default outputs, in memory and ``--backed``, beside the fit's
+own time (epoch + compilation), at ``--cli-sizes`` (default 10 k, 100 k, 1 M) on the
+same files: ``bench_cli_scale.py``'s measurement, run from here.  Targets: wall ≤ 2 ×
+(fit + compile); peak RSS in memory ≤ 1.5 × the matrix, ``--backed`` ≤ 2 GiB.
+Outputs ``results/cli_scale.{json,md}``; ``--cli only`` runs just these rows (and
+leaves ``scale.*`` alone), ``--cli skip`` leaves them out.
+
 Usage::
 
     python benchmarks/bench_scale.py                          # 10k, 100k, 1M: ~40 min on 2 quiet cores
     python benchmarks/bench_scale.py --sizes 10000 --output-dir /tmp/scale   # a quick check
     python benchmarks/bench_scale.py --de only --keep-data /tmp/scale_data   # DE rows only
+    python benchmarks/bench_scale.py --cli only --de skip --cli-sizes 10000,200000 \
+        --keep-data /tmp/scale_data                                        # CLI rows only
 """
 
 from __future__ import annotations
@@ -112,6 +123,8 @@ class Settings:
     torch_threads: int = os.cpu_count() or 1
     de: str = "include"  # lvmzoo de rows: include, only, skip
     de_rows: tuple[tuple[int, bool], ...] = DE_ROWS
+    cli: str = "include"  # lvmzoo fit (the whole command) rows: include, only, skip
+    cli_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
 
 
 # --------------------------------------------------------------------------
@@ -649,6 +662,13 @@ def parse_args(argv=None):
     parser.add_argument("--de-rows", default=None,
                         help="comma-separated CELLS:memory|backed lvmzoo de rows (default "
                              "100000:memory,100000:backed,1000000:backed)")
+    parser.add_argument("--cli", choices=("include", "only", "skip"), default="include",
+                        help="the whole 'lvmzoo fit scvi' rows (bench_cli_scale.py): last "
+                             "(include), alone (only: scale.* is not rewritten), or not at all "
+                             "(default include)")
+    parser.add_argument("--cli-sizes", default=None,
+                        help="comma-separated numbers of cells of the lvmzoo fit rows, each "
+                             "in memory and --backed (default 10000,100000,1000000)")
     parser.add_argument("--keep-data", type=Path, default=None,
                         help="write (or reuse) the .h5ad files in this directory instead of a "
                              "temporary one")
@@ -689,8 +709,20 @@ def parse_args(argv=None):
                             for n, mode in (item.split(":") for item in args.de_rows.split(",")))
         except (KeyError, ValueError):
             parser.error("--de-rows takes CELLS:memory or CELLS:backed, comma-separated")
+    cli_sizes = (tuple(int(n) for n in args.cli_sizes.split(",")) if args.cli_sizes
+                 else Settings.cli_sizes)
     return Settings(sizes=sizes, epochs=epochs, gene_sweep=sweep, variants=variants,
-                    memory_share=args.memory_share, de=args.de, de_rows=de_rows), args
+                    memory_share=args.memory_share, de=args.de, de_rows=de_rows,
+                    cli=args.cli, cli_sizes=cli_sizes), args
+
+
+def run_cli_rows(settings: Settings, directory: Path, output_dir: Path) -> dict[str, Any]:
+    """The whole ``lvmzoo fit scvi`` rows: bench_cli_scale.py's measurement on these files."""
+    import bench_cli_scale  # imports this module (prepare): not at the top
+
+    return bench_cli_scale.main([
+        "--sizes", ",".join(map(str, settings.cli_sizes)), "--modes", "memory,backed",
+        "--data-dir", str(directory), "--output-dir", str(output_dir)])
 
 
 def _data(n_cells: int, n_genes: int, directory: Path, keep: bool) -> tuple[Path, dict[str, Any]]:
@@ -723,11 +755,11 @@ def main(argv=None) -> Optional[dict[str, Any]]:
     plan = [(n, GENES, e) for n, e in zip(settings.sizes, settings.epochs)]
     plan += [(min(settings.sizes), g, settings.epochs[settings.sizes.index(min(settings.sizes))])
              for g in settings.gene_sweep]
-    if settings.de == "only":
+    if settings.de == "only" or settings.cli == "only":
         plan = []
     runs: list[dict[str, Any]] = []
     data_info = []
-    de_report = None
+    de_report = cli_report = None
     try:
         for n_cells, n_genes, epochs in plan:
             path, info = _data(n_cells, n_genes, directory, args.keep_data is not None)
@@ -753,13 +785,15 @@ def main(argv=None) -> Optional[dict[str, Any]]:
                           f"[load {run['load_average_at_start'][0]}]", flush=True)
                 else:
                     print(f"{n_cells:>9,} {variant:11s} FAILED {run['failed']}", flush=True)
-        if settings.de != "skip":
+        if settings.de != "skip" and settings.cli != "only":
             paths, infos = {}, {}
             for n_cells in sorted({n for n, _ in settings.de_rows} | {DE_FIT_CELLS}):
                 paths[n_cells], infos[n_cells] = _data(n_cells, GENES, directory,
                                                        args.keep_data is not None)
             de_report = run_de_rows(settings, paths, directory, infos,
                                     args.keep_data is not None)
+        if settings.cli != "skip" and settings.de != "only":
+            cli_report = run_cli_rows(settings, directory, args.output_dir)
     finally:
         if args.keep_data is None:
             shutil.rmtree(directory, ignore_errors=True)
@@ -787,7 +821,9 @@ def main(argv=None) -> Optional[dict[str, Any]]:
         print(de_markdown)
         print(f"wrote {args.output_dir}/de_scale.{{json,md}}")
         report["de"] = de_report
-    if settings.de == "only":
+    if cli_report is not None:
+        report["cli"] = cli_report
+    if "only" in (settings.de, settings.cli):
         return report
     write_text(args.output_dir / "scale.json", json.dumps(report, indent=2) + "\n")
     markdown = render_markdown(report)

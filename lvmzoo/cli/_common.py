@@ -146,7 +146,7 @@ def _scores_against_known_labels(adata, key, probabilities, qualifier: str = "")
 
 
 def _read_h5ad(path: str):
-    import anndata as ad
+    from lvmzoo.data.aligned import read_h5ad  # matrices a CPU fit uses without a copy
 
     file = Path(path)
     if not file.exists():
@@ -161,7 +161,7 @@ def _read_h5ad(path: str):
             "anndata.read_csv(...).write_h5ad('data.h5ad')"
         )
     try:
-        return ad.read_h5ad(file)
+        return read_h5ad(file)
     except OSError as err:  # h5py: not an HDF5 file, truncated, unreadable
         raise UsageError(f"cannot read {path} as .h5ad: {err}") from None
 

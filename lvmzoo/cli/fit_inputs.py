@@ -13,8 +13,10 @@ from lvmzoo.cli._common import PROG, UsageError, _load_run
 from lvmzoo.cli.options import given_options, option_flag
 
 # `lvmzoo fit` trains from disk when DATA is larger than this share of RAM: an
-# in-memory fit holds the matrix about four times at its peak (the AnnData,
-# the registered float32 copy, the training cells and the device copy).
+# in-memory fit holds the matrix about three times at its peak with a validation
+# split (the AnnData, the training cells' copy and that copy placed on the device),
+# 1.8 times without one, where the device uses the AnnData's aligned buffers
+# (lvmzoo.data.aligned; benchmarks/results/cli_scale.md).
 BACKED_RAM_SHARE = 0.25
 
 

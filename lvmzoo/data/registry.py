@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from lvmzoo.data.backed import BackedMatrix, backed_matrix, is_on_disk
+from lvmzoo.data.backed import SCAN_BLOCK, BackedMatrix, backed_matrix, is_on_disk
 from lvmzoo.data.transforms import TRANSFORMS, apply_transform
 
 KINDS = ("counts", "continuous", "binary")
@@ -521,11 +521,14 @@ def _check_values(x, kind, warn_unobserved_genes=True):
     Genes that are zero in every cell are normal (any subset of cells has
     some) and only draw a :class:`DataWarning`.  A matrix on disk is scanned
     block by block (never loaded whole); the counts in the messages are over
-    all cells either way.
+    all cells either way.  A matrix in memory is scanned in the same blocks of
+    cells, so the scan's temporaries (e.g. rounded values) stay a few MiB
+    rather than a multiple of the matrix (1.6 GiB more for a 1 GiB matrix).
     """
     if not np.issubdtype(x.dtype, np.number) and x.dtype != bool:
         raise DataError(f"observations have non-numeric dtype {x.dtype}")
-    blocks = x.blocks(raw=True) if isinstance(x, BackedMatrix) else [x]
+    blocks = (x.blocks(raw=True) if isinstance(x, BackedMatrix) else
+              (x[start:start + SCAN_BLOCK] for start in range(0, x.shape[0], SCAN_BLOCK)))
     counts = None
     for block in blocks:
         found = _value_counts(block, kind)

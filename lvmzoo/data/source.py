@@ -26,6 +26,7 @@ same programs.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -228,7 +229,9 @@ class DeviceSource:
         else:
             self.max_row_nnz = None
             arrays = dict(x=np.asarray(data.x, np.float32), **common)
-        self.arrays: dict[str, Any] = self.placement.replicate(arrays)
+        # On the CPU an aligned host matrix (lvmzoo.data.aligned.read_h5ad) becomes the
+        # device's without a copy: the cells are held once, not twice.
+        self.arrays: dict[str, Any] = self.placement.replicate(arrays, alias_host=True)
 
     def gather(self, arrays: dict[str, Any], index: jax.Array) -> Batch:
         """The minibatch of cells ``index`` (shape ``(B,)``); traceable."""
@@ -243,7 +246,7 @@ class DeviceSource:
     def head(self, n: int) -> Batch:
         """The first ``n`` cells as a training Batch on the default device (for ``svi.init``)."""
         if self.placement.mesh is None:
-            return jax.jit(self.gather)(self.arrays, jnp.arange(n))
+            return self._compiled_gather(self.arrays, jnp.arange(n))
         local = DeviceSource(self.data.subset(np.arange(n)), n_cells=self.n_cells)
         return local.gather(local.arrays, jnp.arange(n))
 
@@ -255,7 +258,7 @@ class DeviceSource:
         """
         cells = jnp.sort(jax.random.permutation(key, self.data.n_cells)[:n]).astype(jnp.int32)
         if self.placement.mesh is None:
-            return jax.jit(self.gather)(self.arrays, cells)
+            return self._compiled_gather(self.arrays, cells)
         local = DeviceSource(self.data.subset(np.asarray(cells)), n_cells=self.n_cells)
         return local.gather(local.arrays, jnp.arange(n)).replace(index=jnp.asarray(cells))
 
@@ -275,8 +278,15 @@ class DeviceSource:
     def full_batch(self, index: np.ndarray | None = None) -> Batch:
         """Cells ``index`` (default all) as one evaluation Batch, plate not rescaled."""
         index = jnp.arange(self.data.n_cells) if index is None else jnp.asarray(index)
-        batch = self.gather(self.arrays, index)
+        # One compiled gather per chunk size; run as it is, the gather dispatches (and
+        # first compiles) each of its operations one by one.
+        gather = self.gather if self.placement.mesh is not None else self._compiled_gather
+        batch = gather(self.arrays, index)
         return batch.replace(n_cells=batch.size, training=False)
+
+    @functools.cached_property
+    def _compiled_gather(self):
+        return jax.jit(self.gather)
 
 
 def _densify_rows(arrays, index, window, n_genes):

@@ -390,12 +390,27 @@ def initial_state(svi, model, source, batch_size, key, initial_params=None):
         # New containers: Flax updates its state dicts in place, never the caller's.
         initial_params = jax.tree.map(jnp.asarray, initial_params)
         start = {**(start or {}), **initial_params}
-    state = svi.init(key, batch, init_params=start)
+    state = _svi_init(svi, key, batch, start)
     if initial_params and state.mutable_state:
         # svi.init ran the networks once in training mode, which moved batch-norm statistics.
         given = {k: v for k, v in initial_params.items() if k in state.mutable_state}
         state = state._replace(mutable_state={**state.mutable_state, **given})
     return state
+
+
+def _svi_init(svi, key, batch, start):
+    """``svi.init(key, batch, init_params=start)``, compiled as one program where it can be.
+
+    Run as it is, ``svi.init`` executes the model and the guide operation by operation,
+    compiling each operation on first use (scVI: ~40 small programs, several seconds
+    before the first epoch).  Guides that set themselves up on their first call
+    (autoguides, the named families) keep state from it, so those run as before.
+    """
+    from numpyro.infer.autoguide import AutoGuide
+
+    if isinstance(svi.guide, (NamedGuide, AutoGuide)):
+        return svi.init(key, batch, init_params=start)
+    return jax.jit(lambda k, b, p: svi.init(k, b, init_params=p))(key, batch, start)
 
 
 class InitParamsError(ValueError):
@@ -718,15 +733,25 @@ def _refuse_per_cell_guide_params(guide, batch) -> None:
     by name and fit new cells' rows; an encoder needs no rows at all.
     """
     from numpyro import handlers
+    from numpyro.infer.autoguide import AutoGuide
 
-    with handlers.block():
-        trace = handlers.trace(handlers.seed(guide, jax.random.PRNGKey(0))).get_trace(batch)
-    # Rows for every cell: a param array inside the plate whose first axis is the plate's
-    # size (network weights declared inside the plate, e.g. by flax_module, are not).
-    per_cell = sorted(name for name, site in trace.items() if site["type"] == "param"
+    def per_cell_sites(batch):
+        with handlers.block():
+            trace = handlers.trace(handlers.seed(guide, jax.random.PRNGKey(0))).get_trace(batch)
+        # Rows for every cell: a param array inside the plate whose first axis is the plate's
+        # size (network weights declared inside the plate, e.g. by flax_module, are not).
+        return sorted(name for name, site in trace.items() if site["type"] == "param"
                       and any(f.name == "cells" for f in site["cond_indep_stack"])
                       and getattr(site["value"], "ndim", 0) >= 1
                       and site["value"].shape[0] == batch.n_cells)
+
+    if isinstance(guide, AutoGuide):  # sets itself up on its first call: not under a trace
+        per_cell = per_cell_sites(batch)
+    else:
+        # Shapes are all the check needs: trace the guide rather than run it, which would
+        # dispatch (and first compile) each of its operations one by one.
+        per_cell = []
+        jax.eval_shape(lambda b: per_cell.extend(per_cell_sites(b)), batch)
     if per_cell:
         raise ValueError(
             f"the guide declares per-cell parameters inside the cells plate ({', '.join(per_cell)}): "
