@@ -666,18 +666,10 @@ def simulate_trajectory(n_cells: int = 300, n_genes: int = 60, seed: int = 0, *,
     kinds = np.array(["rise", "fall", "peak"])[np.arange(n_genes - n_flat) % 3]
     pattern = np.concatenate([kinds, np.full(n_flat, "flat")])
     pattern = pattern[genes.permutation(n_genes)]
-    baseline = genes.normal(0.0, 0.7, n_genes)
-    size = genes.uniform(1.5, 3.0, n_genes)
-    onset = genes.uniform(0.2, 0.8, n_genes)
-    steep = genes.uniform(8.0, 20.0, n_genes)
-    width = genes.uniform(0.1, 0.2, n_genes)
+    baseline, size, onset, steep, width = _trend_shapes(genes, n_genes)
     t = cells.uniform(0.0, 1.0, n_cells)
     tt = t[:, None]
-    effect = np.zeros((n_cells, n_genes))
-    rise = 1.0 / (1.0 + np.exp(-steep * (tt - onset)))
-    effect = np.where(pattern == "rise", size * rise, effect)
-    effect = np.where(pattern == "fall", size * (1.0 - rise), effect)
-    effect = np.where(pattern == "peak", size * np.exp(-0.5 * ((tt - onset) / width) ** 2), effect)
+    effect = _trend_effects(pattern, tt, size, onset, steep, width)
     log_expression = baseline + effect
     rho = np.exp(log_expression - log_expression.max(1, keepdims=True))
     rho /= rho.sum(1, keepdims=True)
@@ -691,6 +683,24 @@ def simulate_trajectory(n_cells: int = 300, n_genes: int = 60, seed: int = 0, *,
     obs["early"] = pd.Categorical(np.where(np.isin(np.arange(n_cells), early), "yes", "no"))
     var = pd.DataFrame({"pattern": pattern}, index=[f"gene{g}" for g in range(n_genes)])
     return ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var)
+
+
+
+def _trend_shapes(genes: np.random.Generator, n_genes: int):
+    """Each gene's ``(baseline, size, onset, steepness, width)`` of its trend over time."""
+    return (genes.normal(0.0, 0.7, n_genes), genes.uniform(1.5, 3.0, n_genes),
+            genes.uniform(0.2, 0.8, n_genes), genes.uniform(8.0, 20.0, n_genes),
+            genes.uniform(0.1, 0.2, n_genes))
+
+
+def _trend_effects(pattern, tt, size, onset, steep, width) -> np.ndarray:
+    """``(cells, genes)`` log-expression change at times ``tt`` ``(cells, 1)``: a sigmoid
+    rise or fall, or a Gaussian peak, by ``pattern``; 0 for any other pattern."""
+    rise = 1.0 / (1.0 + np.exp(-steep * (tt - onset)))
+    effect = np.zeros((tt.shape[0], len(pattern)))
+    effect = np.where(pattern == "rise", size * rise, effect)
+    effect = np.where(pattern == "fall", size * (1.0 - rise), effect)
+    return np.where(pattern == "peak", size * np.exp(-0.5 * ((tt - onset) / width) ** 2), effect)
 
 
 def simulate_branching_trajectory(n_cells: int = 600, n_genes: int = 60, seed: int = 0, *,
@@ -746,20 +756,11 @@ def simulate_branching_trajectory(n_cells: int = 600, n_genes: int = 60, seed: i
     branchy = np.array(branch_kinds)[np.arange(n_branch) % len(branch_kinds)]
     pattern = np.concatenate([trunk, branchy, np.full(n_flat, "flat")])
     pattern = pattern[genes.permutation(n_genes)]
-    baseline = genes.normal(0.0, 0.7, n_genes)
-    size = genes.uniform(1.5, 3.0, n_genes)
-    onset = genes.uniform(0.2, 0.8, n_genes)
-    steep = genes.uniform(8.0, 20.0, n_genes)
-    width = genes.uniform(0.1, 0.2, n_genes)
+    baseline, size, onset, steep, width = _trend_shapes(genes, n_genes)
     t = cells.uniform(0.0, 1.0, n_cells)
     lineage = cells.integers(1, n_branches + 1, n_cells)
     tt = t[:, None]
-    rise = 1.0 / (1.0 + np.exp(-steep * (tt - onset)))
-    effect = np.zeros((n_cells, n_genes))
-    effect = np.where(pattern == "rise", size * rise, effect)
-    effect = np.where(pattern == "fall", size * (1.0 - rise), effect)
-    effect = np.where(pattern == "peak", size * np.exp(-0.5 * ((tt - onset) / width) ** 2),
-                      effect)
+    effect = _trend_effects(pattern, tt, size, onset, steep, width)
     s = np.clip((tt - branch_time) / (1.0 - branch_time), 0.0, None)
     start = 1.0 / (1.0 + np.exp(steep * onset))
     switch = (1.0 / (1.0 + np.exp(-steep * (s - onset))) - start) / (1.0 - start)
