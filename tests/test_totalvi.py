@@ -246,8 +246,10 @@ def test_cli_fit_and_de_on_bundled_data(tmp_path, capsys):
     path = tmp_path / "citeseq.h5ad"
     load_pbmc_citeseq().write_h5ad(path)
     run = tmp_path / "run"
+    # --score-cells 40: train and validation (40 cells) are scored on one compiled shape;
+    # the scoring path itself is tests/test_fit_outputs.py's.
     assert cli.main(["fit", "totalvi", str(path), "--batch-key", "batch", "--out", str(run),
-                     "--epochs", "5", "--no-progress", "--seed", "0"]) == 0
+                     "--epochs", "5", "--no-progress", "--seed", "0", "--score-cells", "40"]) == 0
     result = ad.read_h5ad(run / "result.h5ad")
     assert result.obsm["X_totalvi"].shape == (400, 10)
     foreground = result.obsm["totalvi_protein_foreground_probability"]
