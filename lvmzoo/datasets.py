@@ -670,13 +670,7 @@ def simulate_trajectory(n_cells: int = 300, n_genes: int = 60, seed: int = 0, *,
     t = cells.uniform(0.0, 1.0, n_cells)
     tt = t[:, None]
     effect = _trend_effects(pattern, tt, size, onset, steep, width)
-    log_expression = baseline + effect
-    rho = np.exp(log_expression - log_expression.max(1, keepdims=True))
-    rho /= rho.sum(1, keepdims=True)
-    library = library_size * np.exp(cells.normal(0.0, 0.3, n_cells))
-    counts = _sample_nb(cells, library[:, None] * rho, np.full(n_genes, dispersion))
-    empty = counts.sum(1) == 0
-    counts[empty, int(np.argmax(rho.mean(0)))] = 1  # every cell has a count
+    counts = _trend_counts(cells, baseline + effect, library_size, dispersion)
     obs = pd.DataFrame({"true_t": t.astype(np.float32)},
                        index=[f"cell{i}" for i in range(n_cells)])
     early = np.argsort(t)[: max(1, int(round(0.05 * n_cells)))]
@@ -691,6 +685,18 @@ def _trend_shapes(genes: np.random.Generator, n_genes: int):
     return (genes.normal(0.0, 0.7, n_genes), genes.uniform(1.5, 3.0, n_genes),
             genes.uniform(0.2, 0.8, n_genes), genes.uniform(8.0, 20.0, n_genes),
             genes.uniform(0.1, 0.2, n_genes))
+
+
+def _trend_counts(cells: np.random.Generator, log_expression, library_size, dispersion):
+    """NB counts of cells with ``log_expression`` (cells × genes, up to a constant per cell)
+    and log-normal library sizes around ``library_size``; every cell gets at least one count."""
+    rho = np.exp(log_expression - log_expression.max(1, keepdims=True))
+    rho /= rho.sum(1, keepdims=True)
+    library = library_size * np.exp(cells.normal(0.0, 0.3, len(rho)))
+    counts = _sample_nb(cells, library[:, None] * rho, np.full(rho.shape[1], dispersion))
+    empty = counts.sum(1) == 0
+    counts[empty, int(np.argmax(rho.mean(0)))] = 1
+    return counts
 
 
 def _trend_effects(pattern, tt, size, onset, steep, width) -> np.ndarray:
@@ -769,13 +775,7 @@ def simulate_branching_trajectory(n_cells: int = 600, n_genes: int = 60, seed: i
         effect = np.where((pattern == f"rise_{k}") & own, size * switch, effect)
         effect = np.where(pattern == f"fall_{k}", size * np.where(own, 1.0 - switch, 1.0),
                           effect)
-    log_expression = baseline + effect
-    rho = np.exp(log_expression - log_expression.max(1, keepdims=True))
-    rho /= rho.sum(1, keepdims=True)
-    library = library_size * np.exp(cells.normal(0.0, 0.3, n_cells))
-    counts = _sample_nb(cells, library[:, None] * rho, np.full(n_genes, dispersion))
-    empty = counts.sum(1) == 0
-    counts[empty, int(np.argmax(rho.mean(0)))] = 1  # every cell has a count
+    counts = _trend_counts(cells, baseline + effect, library_size, dispersion)
     labels = [str(k) for k in range(1, n_branches + 1)]
     obs = pd.DataFrame({"true_t": t.astype(np.float32)},
                        index=[f"cell{i}" for i in range(n_cells)])
