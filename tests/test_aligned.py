@@ -57,3 +57,27 @@ def test_a_cpu_device_source_uses_the_aligned_matrix_without_a_copy(written):
     # The cells gathered from it are the matrix's.
     np.testing.assert_array_equal(np.asarray(source.full_batch(np.arange(10)).x),
                                   data.x[:10].toarray())
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_fits_training_cells_are_read_through_their_rows_not_copied(written, dense):
+    """fit's validation split: the training source indexes the matrix placed whole."""
+    adata = read_h5ad(written)
+    if dense:  # in an aligned buffer, as read_h5ad reads a dense X
+        x = aligned_empty(adata.shape, np.float32)
+        x[:] = adata.X.toarray()
+        adata.X = x
+    data = lvmzoo.setup_anndata(adata, batch_key="batch")
+    rows, held = np.array([3, 5, 8, 13, 21, 34, 55]), np.array([0, 1, 2, 40])
+    source = DeviceSource(data, rows=rows)
+    for view, cells in ((source, rows), (source.view(held), held)):
+        assert view.n_rows == view.n_cells == len(cells)
+        expected = DeviceSource(data.subset(cells)).full_batch()
+        got = view.full_batch()
+        for field in ("x", "batch", "labels", "index"):
+            np.testing.assert_array_equal(np.asarray(getattr(got, field)),
+                                          np.asarray(getattr(expected, field)))
+        if jax.default_backend() == "cpu":  # the matrix itself, not a copy of its rows
+            key = "x" if dense else "values"
+            host = data.x if dense else data.x.data
+            assert view.arrays[key].unsafe_buffer_pointer() == host.ctypes.data

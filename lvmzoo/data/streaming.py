@@ -404,14 +404,19 @@ class EvaluationBatches:
                               d.registry, stop - start, training=False)
 
 
-def make_source(data: CellData, placement: Placement, shuffle) -> Any:
-    """The source a fit trains from: streamed for on-disk cells, else device-resident."""
+def make_source(data: CellData, placement: Placement, shuffle,
+                rows: np.ndarray | None = None) -> Any:
+    """The source a fit trains from: streamed for on-disk cells, else device-resident.
+
+    ``rows`` (default all) selects the cells: a view of the file's rows for
+    cells on disk, an index into the matrix placed whole for cells in memory.
+    """
     if isinstance(data.x, BackedMatrix):
         if not isinstance(shuffle, BlockShuffle):
             raise DataError("cells on disk are read in contiguous blocks; train them with "
                             "shuffle=BlockShuffle(...) (the default for on-disk data)")
-        return StreamingSource(data, shuffle, placement)
-    return DeviceSource(data, placement=placement)
+        return StreamingSource(data if rows is None else data.subset(rows), shuffle, placement)
+    return DeviceSource(data, placement=placement, rows=rows)
 
 
 __all__ = ["BlockShuffle", "EvaluationBatches", "StreamingSource", "make_source", "prefetch"]

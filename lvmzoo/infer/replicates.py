@@ -134,7 +134,7 @@ def fit_replicated(
     train_idx, val_idx = _split(data.n_cells, validation_fraction, seeds[0])
     if isinstance(guide, NamedGuide):
         guide.training_cells = np.asarray(data.obs_names)[train_idx]  # rows of per-cell params
-    train = DeviceSource(data.subset(train_idx) if len(val_idx) else data)
+    train = DeviceSource(data, rows=train_idx if len(val_idx) else None)  # cells not copied
     batch_size = min(batch_size, train.n_cells)
     steps_per_epoch = n_steps_per_epoch(train.n_cells, batch_size)
     if epochs is None:

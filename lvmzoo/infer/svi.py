@@ -185,8 +185,8 @@ def fit(
     placement = Placement.create(devices)
     if shuffle is None and data.is_backed:
         shuffle = BlockShuffle()
-    # Without a validation split the training cells are all cells: no copy of them.
-    train = make_source(data.subset(train_idx) if len(val_idx) else data, placement, shuffle)
+    # The training cells are read through their rows: the cells are not copied.
+    train = make_source(data, placement, shuffle, rows=train_idx if len(val_idx) else None)
     batch_size = placement.global_batch_size(min(batch_size, train.n_cells))
     steps_per_epoch = n_steps_per_epoch(train.n_cells, batch_size)
     if epochs is None:
@@ -212,7 +212,8 @@ def fit(
     # Held-out cells have no per-cell guide params (lvmzoo.infer.guides.refit_local
     # fits them after training), so such guides report no validation loss.
     per_cell = getattr(guide, "per_cell", False)
-    validate = None if per_cell else _validation_program(svi, model, data, val_idx, key_validation)
+    validate = None if per_cell else _validation_program(svi, model, data, val_idx,
+                                                         key_validation, train, placement)
     if per_cell and len(val_idx):
         if stopping is not None:
             warnings.warn(
@@ -701,20 +702,39 @@ def _split(n_cells, validation_fraction, seed):
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _validation_program(svi, model, data, val_idx, key, chunk=4096):
-    """Per-cell validation loss (-ELBO), compiled once per chunk shape."""
+def _validation_program(svi, model, data, val_idx, key, train, placement, chunk=4096):
+    """Per-cell validation loss (-ELBO), compiled once per chunk shape.
+
+    Cells in memory on one device are gathered, a chunk at a time, from the
+    matrix the training cells are read from (no copy of them is kept); cells
+    on disk are read again each time.
+    """
     if len(val_idx) == 0:
         return None
-    batches = EvaluationBatches(data.subset(val_idx), chunk)
-    if not data.is_backed:
-        batches = list(batches)  # kept on the device; cells on disk are read again each time
     elbo = model.elbo()
-    loss = jax.jit(
-        lambda state, batch: elbo.loss(key, _all_params(svi, state), svi.model, svi.guide, batch)
-    )
+    params = lambda state: _all_params(svi, state)
+    if isinstance(train, DeviceSource) and placement.mesh is None:
+        cells = train.view(val_idx)
+
+        @jax.jit
+        def chunk_loss(state, arrays, positions):
+            batch = cells.gather(arrays, positions).replace(n_cells=positions.shape[0],
+                                                            training=False)
+            return elbo.loss(key, params(state), svi.model, svi.guide, batch)
+
+        starts = range(0, len(val_idx), chunk)
+        chunks = [jnp.arange(s, min(s + chunk, len(val_idx)), dtype=jnp.int32) for s in starts]
+        losses = lambda state: (chunk_loss(state, cells.arrays, c) for c in chunks)
+    else:
+        batches = EvaluationBatches(data.subset(val_idx), chunk)
+        if not data.is_backed:
+            batches = list(batches)  # kept on the device(s)
+        loss = jax.jit(lambda state, batch: elbo.loss(key, params(state), svi.model, svi.guide,
+                                                      batch))
+        losses = lambda state: (loss(state, b) for b in batches)
 
     def validate(state):
-        return sum(float(loss(state, b)) for b in batches) / len(val_idx)
+        return sum(float(value) for value in losses(state)) / len(val_idx)
 
     return validate
 
