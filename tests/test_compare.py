@@ -19,8 +19,10 @@ def small_ppca_data():
 
 @pytest.mark.slow  # ~70 s on 2 cores: four fits and a NUTS run
 def test_compare_table_scores_methods_against_the_exact_reference(small_ppca_data):
+    # Half the cells held out: NUTS and the joint fits see 60 cells (86 -> 60 s with a cold
+    # compilation cache; gap_to_exact -0.012 to 0.021 and R-hat 1.04-1.19 on data seeds 0-4).
     settings = CompareSettings(epochs=60, batch_size=32, n_samples=50, num_warmup=200,
-                               num_samples=200, num_chains=2)
+                               num_samples=200, num_chains=2, validation_fraction=0.5)
     table = compare([PPCA(n_latent=2)], ["amortized", "mean_field", "laplace", "nuts"],
                     small_ppca_data, settings)
     assert list(table["method"]) == ["amortized", "mean_field", "laplace", "nuts"]
