@@ -48,6 +48,18 @@ def _elbo(model, guide, params, batch, key):
     return -model.elbo().loss(key, params, model.model, guide, batch)
 
 
+def _even_chunk(n_cells: int, limit: int) -> int:
+    """A chunk size of at most ``limit`` that divides ``n_cells`` into equal chunks, if one
+    of at least ``limit / 2`` does: a last, shorter chunk is a second program to compile
+    (2,000 cells at 2,000 genes: 16 x 125 rather than 11 x 167 + 163)."""
+    if n_cells <= limit:
+        return limit
+    for size in range(limit, (limit + 1) // 2 - 1, -1):
+        if n_cells % size == 0:
+            return size
+    return limit
+
+
 @dataclasses.dataclass
 class FittedModel:
     """A fitted zoo model.
@@ -176,8 +188,8 @@ class FittedModel:
 
     def _cell_scores(self, data, n_samples, key, exact):
         sampled, elbo = [], 0.0
-        size = EVAL_CHUNK if exact is not None else max(1, min(
-            EVAL_CHUNK, SAMPLED_CHUNK_ELEMENTS // max(1, n_samples * data.n_genes)))
+        size = EVAL_CHUNK if exact is not None else _even_chunk(data.n_cells, max(1, min(
+            EVAL_CHUNK, SAMPLED_CHUNK_ELEMENTS // max(1, n_samples * data.n_genes))))
         for i, (batch, params, guide) in enumerate(self._evaluation(data, size=size)):
             k = jax.random.fold_in(key, i)
             if exact is None:
