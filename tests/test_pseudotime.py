@@ -326,3 +326,16 @@ def test_cli_backed_fit_writes_what_an_in_memory_fit_writes(lognormalised_file, 
                                    atol=1e-6)
     np.testing.assert_allclose(result.uns["pseudotime_trends"]["mean"],
                                in_memory.uns["pseudotime_trends"]["mean"], rtol=1e-5)
+
+
+def test_many_basis_functions_or_a_long_lengthscale_keep_the_gradient_finite():
+    """exp(-s^2 l^2 / 2) underflowed float32 for s l above ~13.5 and sqrt(0) made the gradient
+    NaN: n_basis=24 diverged at its first step, as would l > ~0.4 at n_basis=16."""
+    import jax
+
+    t = jnp.linspace(0.0, 1.0, 7)
+    for n_basis, lengthscale in ((24, 0.3), (16, 0.6), (40, 0.3)):
+        model = Pseudotime(n_basis=n_basis)
+        basis = model._basis(t, lengthscale)
+        grad = jax.grad(lambda ell: model._basis(t, ell).sum())(lengthscale)
+        assert np.isfinite(np.asarray(basis)).all() and np.isfinite(float(grad)), n_basis

@@ -154,6 +154,8 @@ from lvmzoo.nn import GaussianEncoder
 LIKELIHOODS = {"gaussian": ("continuous", "log1p_cp10k"), "nb": ("counts", "none")}
 GRID_POINTS = 50
 DOMAIN_HALF_WIDTH = 0.75  # L: 1.5 times the half-width of [0, 1], as Riutort-Mayol et al. advise
+# Basis terms whose spectral density's exponent is below -this are 0 (``Pseudotime._basis``).
+SPECTRAL_EXPONENT_FLOOR = 80.0
 MIN_CELLS = 3
 Z95 = 1.959964
 # Reference quantiles of the time scale: levels p_k = (k - 1/2) / K of the aggregate posterior
@@ -705,8 +707,15 @@ class Pseudotime(_TimeModel):
         L = DOMAIN_HALF_WIDTH
         sqrt_eig = jnp.arange(1, self.n_basis + 1) * jnp.pi / (2 * L)
         phi = jnp.sin(sqrt_eig * ((t[..., None] - 0.5) + L)) / jnp.sqrt(L)
-        spd = jnp.sqrt(2 * jnp.pi) * lengthscale * jnp.exp(-0.5 * (sqrt_eig * lengthscale) ** 2)
-        return phi * jnp.sqrt(spd)
+        # Where exp(-s^2 ell^2 / 2) underflows float32 (s ell above about 13-14: M > 21 at
+        # the start lengthscale 0.3, or ell above about 0.4 at M = 16), sqrt(0)'s infinite
+        # derivative times the exponential's zero one made the gradient NaN and the fit
+        # diverge (n_basis=24: at its first step); such terms (sqrt(S) below e^-40) are set
+        # to 0 with a zero gradient.  Elsewhere the values are those of sqrt(S(s_m; ell)).
+        exponent = -0.5 * (sqrt_eig * lengthscale) ** 2
+        kept = exponent > -SPECTRAL_EXPONENT_FLOOR
+        spd = jnp.sqrt(2 * jnp.pi) * lengthscale * jnp.exp(jnp.where(kept, exponent, 0.0))
+        return phi * jnp.where(kept, jnp.sqrt(spd), 0.0)
 
     def _trend_sites(self, n_genes: int) -> dict[str, jax.Array]:
         sites = {
