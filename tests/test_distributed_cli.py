@@ -47,6 +47,12 @@ def _env(**extra):
     env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES") and not k.startswith(("SLURM_",
                                                                                   "OMPI_"))}
+    # XLA flags other than a forced device count kept (conftest's optimisation level: the
+    # one-process fit compared with runs in this test process).
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if "xla_force_host_platform_device_count" not in f]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     return {**env, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **extra}
 
 

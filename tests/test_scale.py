@@ -211,7 +211,9 @@ def test_streamed_divergence_keeps_the_same_parameters_as_in_memory(counts_file,
 @pytest.mark.slow
 def test_four_forced_host_devices_match_one_device(reference, counts_file, tmp_path):
     out = tmp_path / "four.npz"
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    # The parent's flags kept (conftest's optimisation level): the reference was compiled so.
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = {"XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
     info = _finish(_run_worker([counts_file, out, "--devices", "4"], env))
     assert info["devices"] == 4
     for name in ("memory", "backed"):
