@@ -11,31 +11,16 @@ types, a strong batch effect).  batch0 and batch1 are the *reference*, where
 by tests/test_scanvi.py (label transfer) and tests/test_query.py (mapping).
 """
 
-import os
 from pathlib import Path
 
-# The suite compiles thousands of small programs and runs few large ones, so its time is
-# mostly XLA compiling; at the CPU backend's optimisation level 0 compilation is faster and
-# the programs compute the same quantities (the level is LLVM's code generation, not the
-# algebra: XLA's graph passes run either way) up to rounding (a 3-epoch scVI fit's losses
-# agreed to 2e-6 relative, PPCA's bit for bit). Measured with a cold compilation cache, one
-# core each, tests/test_check_model.py + tests/test_scanvi.py: 683 s at the default level,
-# 573 s at 0 (check_model's built-in cases 54-58 -> 30-37 s; the one compute-bound test,
-# Kang's 5,795 cells, 68 -> 175 s). Set before jax starts its backend (lvmzoo is imported
-# below); subprocesses (the CLI, notebooks) inherit it; an XLA_FLAGS that already sets the
-# level is left as it is. Users' programs keep XLA's default level.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
 
-import anndata as ad  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-
-import lvmzoo  # noqa: E402
-from lvmzoo import datasets  # noqa: E402
+import lvmzoo
+from lvmzoo import datasets
 
 # How the two xdist workers share the suite (``--dist loadgroup`` in pyproject.toml): each
 # module is one unit, run by one worker so its module fixtures are built once, except the
