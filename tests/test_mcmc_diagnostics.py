@@ -62,11 +62,7 @@ def test_nuts_posterior_covariance_matches_maximum_likelihood():
     error = np.abs(table["mean"].to_numpy() - target)
     tolerance = table["sd"].to_numpy() + 4 * table["mcse_mean"].to_numpy()
     assert np.all(error <= tolerance), (error / tolerance).max()
-    # Vehtari et al.'s 1.01 is a per-quantity threshold; the largest of these 21 quantities'
-    # R-hats fluctuates around it for a converged sampler at 4 x 400 draws (1.0106 when XLA's
-    # rounding changed, 1.01+ on seed 3), so the maximum is held to 1.02 and the median to
-    # 1.01; chains that have not mixed give R-hats far above either.
-    assert table["r_hat"].max() < 1.02 and table["r_hat"].median() < 1.01
+    assert table["r_hat"].max() < 1.01
     assert table["ess_bulk"].min() > 400
     checks = diagnostics.mcmc_checks(diagnostics.to_inference_data(result), var_names=["sigma"])
     assert checks["divergences"] == 0
