@@ -79,6 +79,32 @@ def atomic_write_file(path: PathLike, write: Callable[[Path], Any]) -> Path:
     return Path(path)
 
 
+def write_h5ad(path: PathLike, adata) -> Path:
+    """Write ``adata`` to ``path`` atomically, as ``adata.write_h5ad`` does.
+
+    For an AnnData whose ``X`` is on disk (``backed="r"``), ``X`` is copied from
+    its file by HDF5 itself, chunk by chunk, so the matrix is never loaded
+    (anndata's own writer reads it in pieces of hundreds of MiB); everything
+    else (obs, var, obsm, layers, uns, ...) is written by anndata.
+    """
+    if not getattr(adata, "isbacked", False) or adata.raw is not None:
+        return atomic_write_file(path, adata.write_h5ad)
+
+    import anndata as ad
+    import h5py
+
+    def write(tmp: Path) -> None:
+        rest = ad.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns,
+                          obsm=dict(adata.obsm), varm=dict(adata.varm),
+                          obsp=dict(adata.obsp), varp=dict(adata.varp),
+                          layers=dict(adata.layers))
+        rest.write_h5ad(tmp)
+        with h5py.File(adata.filename, "r") as source, h5py.File(tmp, "a") as target:
+            source.copy(source["X"], target, name="X")
+
+    return atomic_write_file(path, write)
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: readers see the old file or the new one."""
     return atomic_write_file(path, lambda tmp: tmp.write_bytes(data))

@@ -11,14 +11,15 @@ from pathlib import Path
 
 from lvmzoo.cli._common import (EXIT_DIVERGED, EXIT_INTERRUPTED, PROG, UsageError, _first_line,
                                 _input_data, _output_dir, _read_backed, _read_h5ad, _write_h5ad,
-                                _write_json)
+                                _write_json, release_freed_memory)
 from lvmzoo.cli.fit_outputs import (PER_GENE_VALUES, PLOT_CELLS, SCORE_CELLS, PostFitSteps,
                                     _annotate_backed, _fit_metrics, _save_latent_plot, _summary,
                                     per_gene_outputs)
 from lvmzoo.cli._distributed import add_distributed_options, start_distributed
 from lvmzoo.cli.fit_inputs import (BACKED_RAM_SHARE, _check_fit_ranges, _check_model_accepts,
-                                   _check_same_cells_layout, _devices, _excluded, _score_cells,
-                                   _train_from_disk, _use_warm_start_registry, _warm_start)
+                                   _check_same_cells_layout, _devices, _excluded,
+                                   _read_compactly, _score_cells, _train_from_disk,
+                                   _use_warm_start_registry, _warm_start)
 from lvmzoo.models.base import LatentModel
 from lvmzoo.cli.options import (add_model_options, hyperparameters, model_class)
 
@@ -178,10 +179,13 @@ def run(args) -> int:
         args.labels_key = args.labels_key or labels_key
         args.batch_key = args.batch_key or (None if warm_start else batch_key)
         backed = False
+        compact = False
     else:
         source = args.data
         backed = _train_from_disk(args)
-        adata = _read_backed(args.data) if backed else _read_h5ad(args.data)
+        compact = not backed and _read_compactly(args, transform)
+        # Compactly: X stays in the file until setup_anndata has checked it (in blocks).
+        adata = _read_backed(args.data) if backed or compact else _read_h5ad(args.data)
     if args.replicates is not None and (backed or args.devices):
         raise UsageError("--replicates trains its fits with the cells in memory on one "
                          "device; leave out --backed and --devices (or fit one model)")
@@ -194,6 +198,8 @@ def run(args) -> int:
     data = setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
                          labels_key=args.labels_key, kind=kind, transform=transform,
                          unlabeled_category=args.unlabeled_category, **model.registration())
+    if compact:
+        data = data.to_memory(compact=True)
     _check_model_accepts(model, data)
     if warm_start:
         _check_same_cells_layout(data.registry, warm_start.registry, args.from_run)
@@ -207,6 +213,7 @@ def run(args) -> int:
         "exclude": excluded, "n_excluded": sum(g["n_cells"] for g in excluded),
     }
 
+    release_freed_memory()  # what reading and checking DATA freed: under the fit's peak
     started = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -232,6 +239,7 @@ def run(args) -> int:
     fit_seconds = time.perf_counter() - started
     if not writes_out:  # --distributed: process 0 writes the outputs
         return 0
+    release_freed_memory(drop_compiled=True)  # the fit's programs and temporaries
 
     steps = PostFitSteps()
     with steps("save_model", "saving the model"):
@@ -256,6 +264,7 @@ def run(args) -> int:
     with steps("score", "scoring the likelihood"):
         metrics = _fit_metrics(fitted, data, args.score_cells)
     metrics["post_fit_seconds"] = steps.seconds
+    metrics["matrix_in_memory"] = _matrix_in_memory(data)
     _write_json(out / "metrics.json", metrics)
     print(_summary(fitted, data, source, metrics, added, out, fit_seconds, view))
     if model_files:
@@ -269,6 +278,24 @@ def run(args) -> int:
         spelled = ",".join(f"{k}={v}" for k, v in group["cells"].items())
         print(f"left out {group['n_cells']:,} cells with {spelled} (--exclude)")
     return 0
+
+
+def _matrix_in_memory(data):
+    """How the fit held the cells × genes matrix (``None`` when it stayed on disk)."""
+    import numpy as np
+
+    from lvmzoo.data.compact import CompactCSR
+
+    x = data.x
+    if data.is_backed:
+        return None
+    if isinstance(x, CompactCSR):
+        return {"format": f"CompactCSR ({x.values.dtype} values, {x.columns.dtype} columns)",
+                "mib": x.nbytes / 2**20}
+    if data.is_sparse:
+        return {"format": f"CSR ({x.data.dtype} values, {x.indices.dtype} columns)",
+                "mib": (x.data.nbytes + x.indices.nbytes + x.indptr.nbytes) / 2**20}
+    return {"format": f"dense ({np.asarray(x).dtype})", "mib": np.asarray(x).nbytes / 2**20}
 
 
 def _save_fit(out: Path, fitted, settings) -> None:

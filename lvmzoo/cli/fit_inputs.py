@@ -13,10 +13,10 @@ from lvmzoo.cli._common import PROG, UsageError, _load_run
 from lvmzoo.cli.options import given_options, option_flag
 
 # `lvmzoo fit` trains from disk when DATA is larger than this share of RAM: an
-# in-memory fit holds the matrix about three times at its peak with a validation
-# split (the AnnData, the training cells' copy and that copy placed on the device),
-# 1.8 times without one, where the device uses the AnnData's aligned buffers
-# (lvmzoo.data.aligned; benchmarks/results/cli_scale.md).
+# in-memory fit of an .h5ad file of counts holds the matrix in 4 bytes per count
+# (about half its size as a float32 CSR; _read_compactly), others hold it once as
+# anndata reads it (lvmzoo.data.aligned; benchmarks/results/cli_scale.md); the
+# share leaves room for the per-gene outputs and for what else runs.
 BACKED_RAM_SHARE = 0.25
 
 
@@ -143,6 +143,31 @@ def _devices(text: Optional[str]):
         raise UsageError(f"--devices {n} but this machine has {available} "
                          f"{jax.devices()[0].platform} device(s)")
     return n
+
+
+def _read_compactly(args, transform: str) -> bool:
+    """Whether DATA's matrix goes into memory as a CompactCSR read from the file.
+
+    For an ``.h5ad`` file whose ``X`` is CSR, registered as it is (no ``--layer``,
+    transform ``none``, no ``--exclude``): the counts are read block by block
+    into 4 bytes per stored count (:mod:`lvmzoo.data.compact`) instead of the 8
+    of the float32 matrix, which is left in the file (result.h5ad copies it from
+    there).  Anything else is read by anndata as before.
+    """
+    import h5py
+
+    path = Path(args.data)
+    if (args.layer is not None or args.exclude or transform != "none" or not path.is_file()
+            or path.suffix.lower() != ".h5ad"):
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            x = f.get("X")
+            return (f.attrs.get("encoding-type") == "anndata" and "raw" not in f
+                    and isinstance(x, h5py.Group) and isinstance(f.get("obs"), h5py.Group)
+                    and x.attrs.get("encoding-type") == "csr_matrix")
+    except OSError:  # not HDF5: anndata's reader reports it
+        return False
 
 
 def _train_from_disk(args) -> bool:

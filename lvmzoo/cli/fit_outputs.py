@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from lvmzoo.cli._common import release_freed_memory
+
 # metrics.json scores at most this many random cells per split by default: importance
 # sampling costs ~100 forward passes per cell (10,000 cells took longer than a 1-epoch fit
 # of 10,000 cells), and 2,000 cells give the average to a standard error of ~2 % of the
@@ -46,6 +48,7 @@ class PostFitSteps:
             print(f"lvmzoo: {doing} ...", end="", file=sys.stderr, flush=True)
         started = time.perf_counter()
         yield
+        release_freed_memory()  # so the next step's peak does not sit on this one's
         self.seconds[key] = round(time.perf_counter() - started, 3)
         if not self.quiet:
             print(f" {self.seconds[key]:.1f} s", file=sys.stderr, flush=True)
@@ -62,6 +65,7 @@ def _save_latent_plot(path: Path, annotated, name: str, data, args) -> str:
     """``latent.png``: one panel per batch key, labels key and model clusters; returns the view."""
     import numpy as np
 
+    from lvmzoo.data.backed import is_on_disk
     from lvmzoo.plotting import cells_figure, embed_2d, save_figure
 
     latent = annotated.obsm[f"X_{name}"]
@@ -73,9 +77,14 @@ def _save_latent_plot(path: Path, annotated, name: str, data, args) -> str:
     color = [k for k in (args.batch_key, args.labels_key) if k]
     color += [k for k in obs.columns if k.startswith(f"{name}_") and k not in color]
     x = annotated.layers.get(args.layer) if args.layer else annotated.X  # None when on disk
+    if x is not None and is_on_disk(x):  # read compactly: the same counts are in memory
+        x = data.x if data.is_sparse and data.registry.transform == "none" else None
     if not color and data.registry.kind == "counts" and x is not None:
         # Nothing categorical to show: the first thing that structures a latent of counts.
-        obs["log10 total counts"] = np.log10(np.asarray(x[cells].sum(axis=1)).ravel())
+        # In blocks: the sampled cells' rows are summed, never held at once.
+        totals = [np.asarray(x[cells[i:i + 4096]].sum(axis=1)).ravel()
+                  for i in range(0, len(cells), 4096)]
+        obs["log10 total counts"] = np.log10(np.concatenate(totals))
         color = ["log10 total counts"]
     method = "pca" if args.plot_method == "auto" else args.plot_method
     if method == "umap":

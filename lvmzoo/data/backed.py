@@ -150,6 +150,21 @@ class BackedMatrix:
             return sp.csr_matrix(self.shape, dtype=np.float32)
         return sp.vstack(blocks, format="csr")
 
+    def to_compact(self):
+        """Every cell of the selection in memory, as narrow as is exact.
+
+        A :class:`~lvmzoo.data.compact.CompactCSR` (counts in uint16, columns in
+        uint16: 4 bytes per stored count instead of 8), read block by block so the
+        float32 matrix is never held; a dense store, or a transform other than
+        ``"none"``, gives :meth:`to_memory`'s float32 CSR.
+        """
+        from lvmzoo.data.compact import compact_from_blocks
+
+        if not self._sparse or self.transform != "none":
+            return self.to_memory()
+        row_starts = np.concatenate([[0], np.cumsum(self.row_nnz())])
+        return compact_from_blocks(self.blocks(raw=True), row_starts, self.shape[1])
+
     def _row_pointers(self) -> np.ndarray:
         if self._indptr is None:
             self._indptr = np.asarray(self.store.group["indptr"][...], np.int64)

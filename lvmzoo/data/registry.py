@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from lvmzoo.data.backed import SCAN_BLOCK, BackedMatrix, backed_matrix, is_on_disk
+from lvmzoo.data.compact import CompactCSR
 from lvmzoo.data.transforms import TRANSFORMS, apply_transform
 
 KINDS = ("counts", "continuous", "binary")
@@ -149,7 +150,9 @@ class CellData:
     Attributes:
       x: ``(n_cells, n_genes)`` float32 ndarray or CSR matrix, transformed; or
         a :class:`~lvmzoo.data.backed.BackedMatrix` when the AnnData's matrix
-        is on disk (read in blocks, transformed as it is read).
+        is on disk (read in blocks, transformed as it is read); or a
+        :class:`~lvmzoo.data.compact.CompactCSR` (counts in 4 bytes per
+        stored entry; ``to_memory(compact=True)``).
       batch: ``(n_cells,)`` int32 batch codes.
       labels: ``(n_cells,)`` int32 label codes, ``-1`` for unlabelled.
       covariates: ``(n_cells, n_covariates)`` float32.
@@ -192,16 +195,25 @@ class CellData:
 
     @property
     def is_sparse(self) -> bool:
-        return sp.issparse(self.x)
+        """Whether ``x`` is held as CSR (SciPy's, or a :class:`~lvmzoo.data.compact.CompactCSR`)."""
+        return sp.issparse(self.x) or isinstance(self.x, CompactCSR)
 
     @property
     def is_backed(self) -> bool:
         """Whether ``x`` stays on disk (a backed ``.h5ad`` or a Zarr store)."""
         return isinstance(self.x, BackedMatrix)
 
-    def to_memory(self) -> "CellData":
-        """The same cells with ``x`` read into memory (float32 CSR); itself if already there."""
-        return dataclasses.replace(self, x=self.x.to_memory()) if self.is_backed else self
+    def to_memory(self, compact: bool = False) -> "CellData":
+        """The same cells with ``x`` read into memory; itself if already there.
+
+        ``x`` becomes a float32 CSR matrix, or with ``compact=True`` a
+        :class:`~lvmzoo.data.compact.CompactCSR` where that is exact (counts in 4
+        bytes per stored entry instead of 8; fits read it as the float32 matrix).
+        """
+        if not self.is_backed:
+            return self
+        return dataclasses.replace(self, x=self.x.to_compact() if compact
+                                   else self.x.to_memory())
 
     def subset(self, index: np.ndarray) -> "CellData":
         """The cells at ``index`` (integer positions), as a new CellData."""

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lvmzoo.data.compact import CompactCSR
 from lvmzoo.data.placement import Placement
 from lvmzoo.data.registry import CellData, DataError
 
@@ -225,10 +226,16 @@ class DeviceSource:
         common = dict(batch=data.batch, labels=data.labels, covariates=data.covariates,
                       categorical_covariates=np.asarray(data.categorical_covariates, np.int32),
                       obsm=np.asarray(data.obsm, np.float32))
-        if data.is_sparse:
+        if isinstance(data.x, CompactCSR):  # narrow stores, cast per minibatch in the gather
+            compact = data.x
+            self.max_row_nnz = max(int(np.diff(compact.row_starts).max()), 1)
+            arrays: dict[str, Any] = dict(
+                values=compact.values, columns=compact.columns,
+                row_starts=np.asarray(compact.row_starts, np.int32), **common)
+        elif data.is_sparse:
             csr = data.x
             self.max_row_nnz = max(int(np.diff(csr.indptr).max()), 1)
-            arrays: dict[str, Any] = dict(
+            arrays = dict(
                 values=np.asarray(csr.data, np.float32),
                 columns=np.asarray(csr.indices, np.int32),
                 row_starts=np.asarray(csr.indptr, np.int32),
@@ -322,8 +329,9 @@ def _densify_rows(arrays, index, window, n_genes):
     positions = starts[:, None] + jnp.arange(window)[None, :]
     inside = positions < ends[:, None]
     positions = jnp.where(inside, positions, 0)
-    values = jnp.where(inside, arrays["values"][positions], 0.0)
-    return scatter_rows(values, arrays["columns"][positions], n_genes)
+    # A CompactCSR's uint16 counts and columns become float32 / int32 here, per minibatch.
+    values = jnp.where(inside, arrays["values"][positions].astype(jnp.float32), 0.0)
+    return scatter_rows(values, arrays["columns"][positions].astype(jnp.int32), n_genes)
 
 
 def scatter_rows(values: jax.Array, columns: jax.Array, n_genes: int) -> jax.Array:
