@@ -41,8 +41,17 @@ def test_run_nuts_explains_point_estimated_globals():
         run_nuts(PPCA(n_latent=K), simulate(20), num_warmup=1, num_samples=1, num_chains=1)
 
 
-@pytest.mark.slow  # ~50 s on the loaded 2-core machine: 4 chains x 1000 NUTS steps in 419 dimensions
-def test_nuts_posterior_covariance_matches_maximum_likelihood():
+@pytest.fixture(scope="module")
+def posterior_nuts():
+    """PPCA with random globals, 200 cells: 4 chains x (400 warm-up + 400 draws) of NUTS in 419
+    dimensions (~20 s with a cold compilation cache on one core), shared by the two tests below."""
+    data = simulate(200)
+    return data, run_nuts(PPCA(n_latent=K, global_prior_scale=2.0), data, num_warmup=400,
+                          num_samples=400, num_chains=4, seed=1)
+
+
+@pytest.mark.slow  # ~50 s on the loaded 2-core machine: 4 chains x 800 NUTS steps in 419 dimensions
+def test_nuts_posterior_covariance_matches_maximum_likelihood(posterior_nuts):
     """``C = W W^T + sigma^2 I`` is identifiable (``W`` only up to rotation).
 
     Tolerance per entry: ``|E[C | x] - C_ML| <= 1 posterior sd + 4 MCSE``.  By
@@ -50,9 +59,7 @@ def test_nuts_posterior_covariance_matches_maximum_likelihood():
     terms (prior, skew) that are far below one sd at n = 200; ``4 MCSE``
     bounds the Monte Carlo error of the estimated posterior mean.
     """
-    data = simulate(200)
-    result = run_nuts(PPCA(n_latent=K, global_prior_scale=2.0), data, num_warmup=400,
-                      num_samples=400, num_chains=4, seed=1)
+    data, result = posterior_nuts
     W, sigma = result.samples["W"], result.samples["sigma"]
     C = np.einsum("cdgk,cdhk->cdgh", W, W) + sigma[..., None, None] ** 2 * np.eye(6)
     upper = np.triu_indices(6)
@@ -68,29 +75,23 @@ def test_nuts_posterior_covariance_matches_maximum_likelihood():
     assert checks["divergences"] == 0
 
 
-@pytest.fixture(scope="module")
-def small_nuts():
-    data = simulate(40, seed=2)
-    return data, run_nuts(PPCA(n_latent=K, global_prior_scale=2.0), data, num_warmup=100,
-                          num_samples=100, num_chains=2, seed=0)
-
-
-def test_nuts_inference_data_has_named_dims_checks_and_loo(small_nuts):
-    data, result = small_nuts
+@pytest.mark.slow  # the covariance test's NUTS run (a run of its own: ~10 s more, cold cache)
+def test_nuts_inference_data_has_named_dims_checks_and_loo(posterior_nuts):
+    data, result = posterior_nuts
     idata = diagnostics.to_inference_data(result)
     post = idata.posterior
     assert post["z"].dims == ("chain", "draw", "cells", "latent")
     assert post["W"].dims == ("chain", "draw", "genes", "latent")
     assert post["mu"].dims == ("chain", "draw", "genes")
     assert post["sigma"].dims == ("chain", "draw")
-    assert post.sizes["chain"] == 2 and post.sizes["draw"] == 100
+    assert post.sizes["chain"] == 4 and post.sizes["draw"] == 400
     np.testing.assert_array_equal(post["cells"].values, data.obs_names)
     np.testing.assert_array_equal(post["genes"].values, data.registry.gene_names)
     assert "diverging" in idata.sample_stats
     # Exact marginal log p(x_i | W, mu, sigma) per cell and draw: PSIS-LOO over cells.
     assert idata.log_likelihood["x"].dims == ("chain", "draw", "cells")
     loo = diagnostics.loo(idata)
-    assert np.isfinite(loo.elpd_loo) and loo.pareto_k.shape == (40,)
+    assert np.isfinite(loo.elpd_loo) and loo.pareto_k.shape == (200,)
     checks = diagnostics.mcmc_checks(idata, var_names=["sigma", "mu"])
     assert set(checks) == {"max_r_hat", "min_ess_bulk", "min_ess_tail", "max_mcse_mean",
                            "divergences"}
