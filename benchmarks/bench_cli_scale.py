@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -93,6 +95,12 @@ def run_cli(path: Path, out: Path, backed: bool, env: dict[str, str],
     history = json.loads((out / "history.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     fit = float(sum(history["seconds"])) + history["compile_seconds"]
+    # The fit as the command's summary reports it ("... s in all": also the start values
+    # and the data's placement, which history's epochs + compilation leave out).
+    in_all = metrics.get("fit_seconds_in_all")
+    if in_all is None:
+        found = re.search(r"([0-9.]+) s in all", result["stdout"])
+        in_all = float(found.group(1)) if found else math.nan
     return {
         "backed": backed,
         "wall_seconds": result["seconds"],
@@ -101,6 +109,8 @@ def run_cli(path: Path, out: Path, backed: bool, env: dict[str, str],
         "compile_seconds": history["compile_seconds"],
         "fit_plus_compile_seconds": fit,
         "wall_over_fit": result["seconds"] / fit,
+        "fit_in_all_seconds": in_all,
+        "wall_over_fit_in_all": result["seconds"] / in_all,
         "post_fit_seconds": metrics.get("post_fit_seconds"),
         "matrix_in_memory": metrics.get("matrix_in_memory"),
         "train_scored_cells": metrics["train"]["n_cells"],
@@ -112,7 +122,9 @@ def run_cli(path: Path, out: Path, backed: bool, env: dict[str, str],
 
 
 def _held(row: dict[str, Any]) -> str:
-    held = row.get("matrix_in_memory")
+    if "matrix_in_memory" not in row:  # recorded before metrics.json said it
+        return "–"
+    held = row["matrix_in_memory"]
     return "on disk" if held is None else f"{held['mib']:,.0f} ({held['format']})"
 
 
@@ -125,26 +137,31 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report.get('validation_fraction', 0.0):g} --no-progress --out RUN`, "
         "default outputs (saved model, latent of every cell, result.h5ad, latent.png, "
         "metrics.json), fresh process, simulated counts × 2,000 genes (`bench_scale.py`'s "
-        "files). Wall: start to exit. Fit: epoch + compilation (history.json). Peak RSS: "
+        "files). Wall: start to exit. Fit: epoch + compilation (history.json); fit in all: "
+        "the whole fit as the command's summary says it (\"… s in all\": with the start "
+        "values and placing the data; the issue's \"the fit takes 41 s\"). Peak RSS: "
         "the process's ru_maxrss. Data in memory: the CSR matrix as anndata reads it (float32 "
         "values, int32 columns: nnz × 8 bytes). Held: the matrix as the command held it "
         "(metrics.json's matrix_in_memory; a CompactCSR of counts takes nnz × 4 bytes).",
         "",
-        "| cells | mode | wall s | fit + compile s | wall / fit | post-fit s (latent, "
-        "result, plot, score) | peak RSS MiB | data MiB | RSS / data | held MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| cells | mode | wall s | fit + compile s | wall / fit | fit in all s | wall / fit in "
+        "all | post-fit s (latent, result, plot, score) | peak RSS MiB | data MiB | RSS / data "
+        "| held MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         if "skipped" in row:
             lines.append(f"| {row['n_cells']:,} | {row['mode']} | skipped: {row['skipped']} "
-                         "| | | | | | | |")
+                         "| | | | | | | | | |")
             continue
         post = row["post_fit_seconds"] or {}
         steps = " / ".join(f"{post.get(k, float('nan')):.1f}"
                            for k in ("annotate", "write_result", "plot", "score"))
         lines.append(
             f"| {row['n_cells']:,} | {row['mode']} | {row['wall_seconds']:.1f} "
-            f"| {row['fit_plus_compile_seconds']:.1f} | {row['wall_over_fit']:.2f} | {steps} "
+            f"| {row['fit_plus_compile_seconds']:.1f} | {row['wall_over_fit']:.2f} "
+            f"| {row.get('fit_in_all_seconds', math.nan):.1f} "
+            f"| {row.get('wall_over_fit_in_all', math.nan):.2f} | {steps} "
             f"| {row['peak_rss_mib']:,.0f} | {row['data_mib']:,.0f} "
             f"| {row['peak_rss_mib'] / row['data_mib']:.2f} | {_held(row)} |")
     lines += ["", "Targets (issue 24): wall / fit ≤ 2; in memory, peak RSS ≤ 1.5 × data; "
@@ -154,6 +171,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         checks = [f"wall/fit {row['wall_over_fit']:.2f} "
                   f"{'≤' if row['wall_over_fit'] <= WALL_RATIO_TARGET else '>'} 2"]
+        in_all = row.get("wall_over_fit_in_all", math.nan)
+        if math.isfinite(in_all):
+            checks.append(f"wall/fit in all {in_all:.2f} "
+                          f"{'≤' if in_all <= WALL_RATIO_TARGET else '>'} 2")
         if row["mode"] == "in memory":
             ratio = row["peak_rss_mib"] / row["data_mib"]
             checks.append(f"RSS/data {ratio:.2f} "
