@@ -73,7 +73,12 @@ def test_fit_result_h5ad_adds_only_the_latent(fit_run):
 def test_fit_metrics_json(fit_run):
     out = fit_run[0]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"train", "validation", "post_fit_seconds"}
+    assert set(metrics) == {"train", "validation", "post_fit_seconds", "fit_seconds_in_all",
+                            "matrix_in_memory"}
+    assert metrics["fit_seconds_in_all"] > 0
+    # ppca's log-normalised values are not counts: held as anndata's float32 CSR.
+    assert metrics["matrix_in_memory"]["format"].startswith("CSR (float32 values")
+    assert metrics["matrix_in_memory"]["mib"] > 0
     assert set(metrics["post_fit_seconds"]) == {"save_model", "annotate", "write_result", "plot",
                                                 "score"}
     keys = {"n_cells", "avg_log_likelihood", "method", "n_samples", "elbo", "standard_error",

@@ -132,3 +132,33 @@ def test_large_in_memory_data_is_evaluated_from_host_slices_with_the_same_result
     assert streaming.EvaluationBatches(cells, 1024)._source is None
     np.testing.assert_array_equal(fitted.latent(cells), expected_latent)
     assert fitted.evaluate(cells) == expected
+
+
+def test_a_model_without_a_closed_form_is_known_from_one_chunk_and_latents_use_equal_chunks(
+        scvi_cells, monkeypatch):
+    """``log_likelihood`` of scVI (no closed form) reads one chunk of cells, not all of them;
+    ``latent`` cuts 3,000 cells into equal chunks (3 x 1,000: one program, not two)."""
+    from lvmzoo.infer import results
+
+    out = _fit(scvi_cells, "chunks")
+    # The CLI held the file's counts compactly (lvmzoo.data.compact), 4 bytes per count.
+    held = json.loads((out / "metrics.json").read_text())["matrix_in_memory"]
+    assert held["format"] == "CompactCSR (uint16 values, uint16 columns)"
+    fitted = lvmzoo.load_model(out / "model")
+    cells = lvmzoo.query_anndata(ad.concat([ad.read_h5ad(scvi_cells / "cells.h5ad")] * 10,
+                                           index_unique="-"), fitted.registry)
+    expected = fitted.latent(cells.subset(np.arange(1500)))
+    sizes = []
+    evaluation = results.FittedModel._evaluation
+
+    def counted(self, data, cells=True, size=results.EVAL_CHUNK):
+        for chunk in evaluation(self, data, cells=cells, size=size):
+            sizes.append(chunk[0].size)
+            yield chunk
+
+    monkeypatch.setattr(results.FittedModel, "_evaluation", counted)
+    assert fitted.log_likelihood(cells) is None and sizes == [results.EVAL_CHUNK]
+    sizes.clear()
+    latent = fitted.latent(cells)
+    assert sizes == [1000, 1000, 1000] and latent.shape == (3000, fitted.model.n_latent)
+    np.testing.assert_allclose(latent[:1500], expected, rtol=1e-5, atol=1e-6)
