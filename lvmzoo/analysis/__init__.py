@@ -23,7 +23,7 @@ from lvmzoo.analysis.proteins import (
     protein_view,
 )
 from lvmzoo.analysis.query import map_query
-from lvmzoo.analysis.trajectory import changing_genes, orient
+from lvmzoo.analysis.trajectory import arc_length, changing_genes, orient
 from lvmzoo.analysis.perturbation import (
     compare_perturbation,
     evaluate_perturbation,
@@ -33,7 +33,7 @@ from lvmzoo.analysis.perturbation import (
 )
 
 __all__ = [
-    "batch_codes", "cell_scores", "changing_genes", "compare_perturbation",
+    "arc_length", "batch_codes", "cell_scores", "changing_genes", "compare_perturbation",
     "differential_expression", "orient",
     "evaluate_perturbation", "exclude_cells", "latent_representation", "predict_perturbation",
     "prediction_profiles",

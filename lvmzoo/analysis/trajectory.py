@@ -14,6 +14,11 @@ optimistic (anti-conservative) for genes that drove the ordering.
 
 :func:`geodesic_time` orders cells by their distance from given root cells along a
 k-nearest-neighbour graph (the start the pseudotime models take when they have a root).
+
+:func:`arc_length` re-reads a fitted pseudotime as the distance travelled along the
+fitted curves (Slingshot's pseudotime): the one time a branching model shares across
+its lineages is not comparable between them (any monotone re-timing of one lineage
+explains its cells as well), the distance along each lineage's curve is.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["benjamini_hochberg", "changing_genes", "expression_values", "geodesic_time",
-           "orient"]
+__all__ = ["arc_length", "benjamini_hochberg", "changing_genes", "expression_values",
+           "geodesic_time", "orient"]
 
 
 def changing_genes(fitted, data, *, n_basis: int = 4, seed: int = 0) -> pd.DataFrame:
@@ -120,6 +125,52 @@ def orient(pseudotime, early) -> tuple[np.ndarray, bool]:
                          "cells set")
     flipped = bool(t[early].mean() > t[~early].mean())
     return (1.0 - t if flipped else t), flipped
+
+
+def arc_length(fitted, annotated, *, n_grid: int = 201) -> pd.DataFrame:
+    """Each cell's distance travelled along its fitted curve, from the start of time.
+
+    For each curve (one for :class:`~lvmzoo.models.Pseudotime` and
+    :class:`~lvmzoo.models.SwitchPseudotime`, one per lineage for
+    :class:`~lvmzoo.models.BranchingPseudotime`), the cumulative Euclidean length of
+    its trend (``model.trends``: every gene's log expression, on ``n_grid`` points
+    of the reported time) up to the cell's ``obs["pseudotime"]``, and to its
+    interval's ends; a branching model's cells average over their
+    ``obsm["lineage_probability"]``.  Divided by the longest curve's length, so
+    ``1`` is the end of the longest lineage.
+
+    On one path this is a monotone re-reading of the time (same order); across
+    lineages it makes the times comparable.  On paul15 (rooted K=4, 3 seeds) it
+    ordered the cells by their stage at Kendall tau 0.474-0.485 against the
+    time's 0.465-0.473 (benchmarks/results/pseudotime.md).
+
+    Args:
+      fitted: the fitted pseudotime model.
+      annotated: its ``annotate`` output (an AnnData with ``obs["pseudotime"]``,
+        ``"pseudotime_lower"``, ``"pseudotime_upper"`` and, for lineages,
+        ``obsm["lineage_probability"]``).
+
+    Returns:
+      DataFrame indexed by cell with columns ``arc_length``, ``arc_length_lower``,
+      ``arc_length_upper``.
+    """
+    if "pseudotime" not in annotated.obs:
+        raise ValueError("annotated has no obs['pseudotime']: pass what fitted.annotate "
+                         "returned for a pseudotime model")
+    grid = np.linspace(0.0, 1.0, n_grid)
+    mean = np.asarray(fitted.model.trends(fitted.params, grid)["mean"], np.float64)
+    curves = mean[None] if mean.ndim == 2 else mean  # (K, G, T)
+    steps = np.linalg.norm(np.diff(curves, axis=2), axis=1)  # (K, T - 1)
+    lengths = np.concatenate([np.zeros((len(curves), 1)), np.cumsum(steps, axis=1)], axis=1)
+    lengths /= max(float(lengths[:, -1].max()), np.finfo(float).tiny)
+    weights = (np.asarray(annotated.obsm["lineage_probability"], np.float64)
+               if len(curves) > 1 else np.ones((annotated.n_obs, 1)))
+    out = {}
+    for column in ("pseudotime", "pseudotime_lower", "pseudotime_upper"):
+        t = annotated.obs[column].to_numpy(np.float64)
+        along = np.stack([np.interp(t, grid, lengths[k]) for k in range(len(curves))], axis=1)
+        out[column.replace("pseudotime", "arc_length")] = (weights * along).sum(axis=1)
+    return pd.DataFrame(out, index=annotated.obs_names)
 
 
 def geodesic_time(values, root, *, n_components: int = 20,
