@@ -121,3 +121,31 @@ def test_writing_an_anndata_whose_matrix_is_on_disk_copies_the_matrix_from_its_f
     assert result.obs.equals(adata.obs) and result.var.equals(adata.var)
     np.testing.assert_array_equal(result.obsm["X_model"], backed.obsm["X_model"])
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically, nothing left behind
+
+
+def _unaligned(array):
+    """A copy of ``array`` whose buffer is not 64-byte aligned (as anndata's reads often are)."""
+    spare = np.empty(len(array) + 16, array.dtype)
+    offset = next(i for i in range(1, 16) if (spare.ctypes.data + i * array.itemsize) % 64)
+    out = spare[offset:offset + len(array)]
+    out[:] = array
+    return out
+
+
+def test_a_csr_matrix_copied_onto_the_device_goes_there_in_narrow_types():
+    """An in-memory float32 CSR whose buffers the device cannot use in place (not aligned, as
+    anndata.read_h5ad's are) is copied anyway: as uint16 counts and columns, the same cells."""
+    from lvmzoo.data.aligned import is_aligned
+
+    x = _counts()
+    x = sp.csr_matrix((_unaligned(x.data), _unaligned(x.indices), x.indptr), shape=x.shape)
+    assert not is_aligned(x.data)
+    data = lvmzoo.setup_anndata(ad.AnnData(X=x))
+    source = DeviceSource(data)
+    assert source.arrays["values"].dtype == jnp.uint16
+    assert source.arrays["columns"].dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(source.full_batch().x), x.toarray())
+    x.data[5] = 0.5  # not a count: the values stay float32, exact
+    source = DeviceSource(lvmzoo.setup_anndata(ad.AnnData(X=x), kind="continuous"))
+    assert source.arrays["values"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(source.full_batch().x), x.toarray())

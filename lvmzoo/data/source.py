@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lvmzoo.data.compact import CompactCSR
+from lvmzoo.data.aligned import is_aligned
+from lvmzoo.data.compact import CompactCSR, narrow_arrays
 from lvmzoo.data.placement import Placement
 from lvmzoo.data.registry import CellData, DataError
 
@@ -235,12 +236,12 @@ class DeviceSource:
         elif data.is_sparse:
             csr = data.x
             self.max_row_nnz = max(int(np.diff(csr.indptr).max()), 1)
-            arrays = dict(
-                values=np.asarray(csr.data, np.float32),
-                columns=np.asarray(csr.indices, np.int32),
-                row_starts=np.asarray(csr.indptr, np.int32),
-                **common,
-            )
+            if self._used_in_place(csr):
+                values, columns = csr.data, csr.indices
+            else:  # copied onto the device anyway: 4 bytes per count there, not 8
+                values, columns = narrow_arrays(csr.data, csr.indices, csr.shape[1])
+            arrays = dict(values=values, columns=columns,
+                          row_starts=np.asarray(csr.indptr, np.int32), **common)
         else:
             self.max_row_nnz = None
             arrays = dict(x=np.asarray(data.x, np.float32), **common)
@@ -249,6 +250,14 @@ class DeviceSource:
         # On the CPU an aligned host matrix (lvmzoo.data.aligned.read_h5ad) becomes the
         # device's without a copy: the cells are held once, not twice.
         self.arrays: dict[str, Any] = self.placement.replicate(arrays, alias_host=True)
+
+    def _used_in_place(self, csr) -> bool:
+        """Whether the device will use the CSR buffers as they are: float32 values and int32
+        columns, 64-byte aligned, on one CPU device (lvmzoo.data.aligned); narrowing them
+        would then add a copy rather than halve one."""
+        return (self.placement.mesh is None and jax.default_backend() == "cpu"
+                and csr.data.dtype == np.float32 and csr.indices.dtype == np.int32
+                and is_aligned(csr.data) and is_aligned(csr.indices))
 
     def view(self, rows: np.ndarray, n_cells: int | None = None) -> "DeviceSource":
         """A source of the cells ``rows`` of this one's data that shares its device arrays."""
