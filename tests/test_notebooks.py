@@ -12,6 +12,8 @@ Convention for notebooks (follow it when adding ``notebooks/NN_*.ipynb``):
   name must be assigned in the ``parameters`` cell, so a renamed setting
   cannot silently stop being overridden.
 * A notebook shows at least one figure, and executes without error.
+* The kernel compiles with ``XLA_FLAGS=--xla_backend_optimization_level=0``
+  (:data:`XLA_FAST_COMPILE`): at small settings compiling is nearly all the time.
 
 The notebook runs on a temporary kernelspec that points at this interpreter
 (``sys.executable``), with the repository on ``PYTHONPATH`` and a temporary
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 KERNEL_NAME = "lvmzoo-test-python"
 CELL_TIMEOUT_S = 600
+XLA_FAST_COMPILE = "--xla_backend_optimization_level=0"  # see the kernel fixture
 
 # notebook file name -> {setting: value}; values are written with repr().
 SMALL_SETTINGS: dict[str, dict[str, object]] = {
@@ -106,6 +109,13 @@ def kernel(tmp_path_factory, monkeypatch) -> str:
     monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join([str(jupyter_dir), os.environ.get("JUPYTER_PATH", "")]))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # At small settings a notebook's time is almost all XLA compilation (cold cache, one core:
+    # ~880 s for all notebooks against ~190 s warm).  LLVM without its optimisation passes
+    # compiles about twice as fast; the programs run a little slower, which tiny data does not
+    # notice.  Only the kernel and what it starts (the `lvmzoo` command lines) see the flag.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        monkeypatch.setenv("XLA_FLAGS", f"{flags} {XLA_FAST_COMPILE}".strip())
     return KERNEL_NAME
 
 
