@@ -122,9 +122,8 @@ def compact_from_blocks(blocks: Iterable[sp.csr_matrix], row_starts: np.ndarray,
     """
     row_starts = np.asarray(row_starts, np.int64) - int(row_starts[0])
     nnz = int(row_starts[-1])
-    column_type = NARROW_COLUMNS if n_genes <= np.iinfo(NARROW_COLUMNS).max + 1 else np.int32
     values = aligned_empty(nnz, NARROW_VALUES)
-    columns = aligned_empty(nnz, column_type)
+    columns = aligned_empty(nnz, _column_type(n_genes))
     filled = 0
     for block in blocks:
         stop = filled + block.nnz
@@ -150,15 +149,19 @@ def narrow_arrays(values: np.ndarray, columns: np.ndarray, n_genes: int,
     aligned), so that the device holds 4 bytes per stored count instead of 8.  Converted
     in blocks of ``block`` entries: the temporaries stay small.
     """
-    column_type = NARROW_COLUMNS if n_genes <= np.iinfo(NARROW_COLUMNS).max + 1 else np.int32
     narrow_values = all(_fits(values[i:i + block], NARROW_VALUES)
                         for i in range(0, len(values), block))
     out_values = aligned_empty(len(values), NARROW_VALUES if narrow_values else np.float32)
-    out_columns = aligned_empty(len(columns), column_type)
+    out_columns = aligned_empty(len(columns), _column_type(n_genes))
     for i in range(0, len(values), block):
         out_values[i:i + block] = values[i:i + block]
         out_columns[i:i + block] = columns[i:i + block]
     return out_values, out_columns
+
+
+def _column_type(n_genes: int) -> np.dtype:
+    """uint16 gene columns up to 65,536 genes, else int32."""
+    return NARROW_COLUMNS if n_genes <= np.iinfo(NARROW_COLUMNS).max + 1 else np.dtype(np.int32)
 
 
 def _fits(data: np.ndarray, dtype: np.dtype) -> bool:
