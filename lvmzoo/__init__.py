@@ -3,6 +3,7 @@
 from lvmzoo import cache
 
 cache.enable_compilation_cache()  # before anything compiles; see lvmzoo.cache
+cache.use_fast_cpu_compilation()
 
 from lvmzoo import data, models  # noqa: E402
 from lvmzoo.data import CellData, DataError, DataWarning, query_anndata, setup_anndata

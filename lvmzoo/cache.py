@@ -21,10 +21,25 @@ used for a different program; delete the directory to reclaim its space.
 lvmzoo's programs take data, parameters and random keys as arguments (never
 as constants closed over), so the same model and data shapes give the same
 key in every process.
+
+Compiling faster on CPU (:func:`use_fast_cpu_compilation`).  XLA's CPU backend
+runs LLVM at optimisation level 3 by default; level 2 runs as fast and compiles in
+a third to two thirds of the time (scVI, 2,000 genes, one core, empty cache:
+the importance-sampled likelihood 4.3-5.3 -> 1.5-1.9 s to compile, 0.43-0.55 ->
+0.43-0.47 s per 125 cells, the same scores bit for bit; a fit's epoch program
+6.0 -> 4.3 s to compile, the same epoch times and the same parameters bit for
+bit after 4 epochs; tests/test_compare.py and test_scvi.py 254 -> 196 s).
+Neither level uses fast-math; a reduction may still round its last bit
+differently (the mean of 125 float32 scores moved by 2e-4 of 1,739).  So lvmzoo adds ``--xla_backend_optimization_level=2``
+to ``XLA_FLAGS`` when it is imported, unless the flags already name a level or
+an accelerator plugin is installed (not measured there).  It takes effect when
+JAX compiles its first program after that; set the level in ``XLA_FLAGS``
+yourself (``3`` is XLA's default) to choose another.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Optional
@@ -69,6 +84,30 @@ def enable_compilation_cache(directory=None) -> Optional[Path]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+#: What :func:`use_fast_cpu_compilation` adds to ``XLA_FLAGS``.
+FAST_CPU_COMPILATION_FLAG = "--xla_backend_optimization_level=2"
+# Packages that bring JAX an accelerator backend (the level is only measured on CPU).
+_ACCELERATOR_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+
+
+def use_fast_cpu_compilation() -> bool:
+    """Add :data:`FAST_CPU_COMPILATION_FLAG` to ``XLA_FLAGS`` (see the module docstring).
+
+    Left alone when the flags already set a level, when ``JAX_PLATFORMS`` names
+    anything but the CPU, or when an accelerator plugin is installed.  Returns
+    whether the flag was added.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" in flags:
+        return False
+    platforms = {p.strip() for p in os.environ.get("JAX_PLATFORMS", "").lower().split(",")} - {""}
+    if platforms != {"cpu"} and (platforms or any(
+            importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)):
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {FAST_CPU_COMPILATION_FLAG}".strip()
+    return True
 
 
 def disable_compilation_cache() -> None:

@@ -112,6 +112,28 @@ def test_cache_can_be_turned_off(tmp_path, monkeypatch):
     assert lvmzoo.cache.default_cache_dir() == tmp_path / "elsewhere"
 
 
+def test_fast_cpu_compilation_flag_is_added_unless_the_user_chose(monkeypatch):
+    flag = lvmzoo.cache.FAST_CPU_COMPILATION_FLAG
+    monkeypatch.setattr(lvmzoo.cache.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+    assert lvmzoo.cache.use_fast_cpu_compilation()
+    assert os.environ["XLA_FLAGS"] == f"--xla_cpu_foo=1 {flag}"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")  # the user's level
+    assert not lvmzoo.cache.use_fast_cpu_compilation()
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=3"
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")  # measured on CPU only
+    assert not lvmzoo.cache.use_fast_cpu_compilation() and "XLA_FLAGS" not in os.environ
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert lvmzoo.cache.use_fast_cpu_compilation() and os.environ["XLA_FLAGS"] == flag
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(lvmzoo.cache.importlib.util, "find_spec",
+                        lambda name: object() if name == "jax_plugins" else None)
+    assert not lvmzoo.cache.use_fast_cpu_compilation()  # an accelerator plugin is installed
+
+
 def test_latent_figure_has_one_panel_per_column_and_says_its_view():
     rng = np.random.default_rng(0)
     latent = rng.normal(size=(90, 5))

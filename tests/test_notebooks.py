@@ -113,7 +113,11 @@ def kernel(tmp_path_factory, monkeypatch) -> str:
     # ~880 s for all notebooks against ~190 s warm).  LLVM without its optimisation passes
     # compiles about twice as fast; the programs run a little slower, which tiny data does not
     # notice.  Only the kernel and what it starts (the `lvmzoo` command lines) see the flag.
-    flags = os.environ.get("XLA_FLAGS", "")
+    # lvmzoo's own default (level 2, added when this process imported it) gives way to it.
+    from lvmzoo.cache import FAST_CPU_COMPILATION_FLAG
+
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if f != FAST_CPU_COMPILATION_FLAG)
     if "xla_backend_optimization_level" not in flags:
         monkeypatch.setenv("XLA_FLAGS", f"{flags} {XLA_FAST_COMPILE}".strip())
     return KERNEL_NAME
