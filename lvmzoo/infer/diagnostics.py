@@ -43,13 +43,12 @@ import arviz as az
 import jax
 import numpy as np
 import xarray as xr
-from numpyro import handlers
 from numpyro.infer import Predictive, psis_diagnostic
 
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import Batch, DeviceSource
 from lvmzoo.infer.evaluate import log_weights
-from lvmzoo.infer.guides import NamedGuide, classify_sites, ensure_built
+from lvmzoo.infer.guides import NamedGuide, classify_sites, ensure_built, shape_trace
 from lvmzoo.infer.mcmc import NutsResult
 from lvmzoo.infer.results import FittedModel
 
@@ -215,8 +214,7 @@ def _marginal_log_likelihood(model, samples: dict, fixed: dict, batch: Batch):
 
 
 def _model_trace(model, batch: Batch):
-    with handlers.block():
-        return handlers.trace(handlers.seed(model.model, jax.random.PRNGKey(0))).get_trace(batch)
+    return shape_trace(model.model, batch)  # sites' plates and shapes: no values needed
 
 
 def _plates_of(model, batch, site_name):

@@ -23,7 +23,7 @@ from numpyro.infer import MCMC, NUTS
 
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import Batch, DeviceSource
-from lvmzoo.infer.guides import classify_sites
+from lvmzoo.infer.guides import classify_sites, shape_trace
 from lvmzoo.models.base import LatentModel
 
 
@@ -106,8 +106,7 @@ def run_nuts(
 
 
 def _check_sampleable(model: LatentModel, batch: Batch, fixed: dict) -> None:
-    with handlers.block():
-        trace = handlers.trace(handlers.seed(model.model, jax.random.PRNGKey(0))).get_trace(batch)
+    trace = shape_trace(model.model, batch)  # names and kinds of sites: no values needed
     sampled = sorted(n for n, s in trace.items() if s["type"] == "sample"
                      and not s["is_observed"] and n in fixed)
     if sampled:

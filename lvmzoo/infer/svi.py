@@ -35,7 +35,7 @@ from lvmzoo.data.placement import Devices, Placement
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import DeviceSource, epoch_steps, n_steps_per_epoch
 from lvmzoo.data.streaming import BlockShuffle, EvaluationBatches, make_source
-from lvmzoo.infer.guides import NamedGuide, default_learning_rate, make_guide
+from lvmzoo.infer.guides import NamedGuide, default_learning_rate, make_guide, shape_trace
 from lvmzoo.infer.results import FittedModel
 from lvmzoo.models.base import LatentModel
 
@@ -400,18 +400,29 @@ def initial_state(svi, model, source, batch_size, key, initial_params=None):
 
 
 def _svi_init(svi, key, batch, start):
-    """``svi.init(key, batch, init_params=start)``, compiled as one program where it can be.
+    """``svi.init(key, batch, init_params=start)``, compiled as one program.
 
     Run as it is, ``svi.init`` executes the model and the guide operation by operation,
     compiling each operation on first use (scVI: ~40 small programs, several seconds
     before the first epoch).  Guides that set themselves up on their first call
-    (autoguides, the named families) keep state from it, so those run as before.
+    (autoguides, the named families) keep state from it, so they are set up first,
+    outside the program (:func:`_set_up_guide`).
     """
+    _set_up_guide(svi, batch, key)
+    return jax.jit(lambda k, b, p: svi.init(k, b, init_params=p))(key, batch, start)
+
+
+def _set_up_guide(svi, batch, key) -> None:
+    """Make a guide that sets itself up on its first call (an autoguide, a named family) do
+    so now, outside any trace, with the key ``svi.init(key, ...)`` gives the guide: its
+    start is then the one ``svi.init`` alone would draw."""
+    from numpyro import handlers
     from numpyro.infer.autoguide import AutoGuide
 
     if isinstance(svi.guide, (NamedGuide, AutoGuide)):
-        return svi.init(key, batch, init_params=start)
-    return jax.jit(lambda k, b, p: svi.init(k, b, init_params=p))(key, batch, start)
+        guide_key = jax.random.split(key, 3)[2]
+        with handlers.block():
+            handlers.trace(handlers.seed(svi.guide, guide_key)).get_trace(batch)
 
 
 class InitParamsError(ValueError):
@@ -428,15 +439,8 @@ def start_method(svi, batch) -> str:
 
 def initial_shapes(svi, batch, key) -> dict[str, Any]:
     """The params and Flax state ``svi.init(key, batch)`` gives, by shape (nothing is computed)."""
-    from numpyro import handlers
-
-    if isinstance(svi.guide, NamedGuide):
-        # Autoguides set up their sites, and draw their start, on their first call: make it
-        # here, not inside eval_shape (which would leave tracers in them), with the key
-        # svi.init gives the guide, so the start is the one svi.init alone would draw.
-        guide_key = jax.random.split(key, 3)[2]
-        with handlers.block():
-            handlers.trace(handlers.seed(svi.guide, guide_key)).get_trace(batch)
+    # Not inside eval_shape, which would leave tracers in a guide set up there.
+    _set_up_guide(svi, batch, key)
     return jax.eval_shape(lambda k: _all_params(svi, svi.init(k, batch)), key)
 
 
@@ -526,17 +530,7 @@ def _closest_name(name, names) -> str:
 
 def _abstract_trace(fn, batch, key):
     """The NumPyro trace of ``fn(batch)`` by shape only (:func:`jax.eval_shape`)."""
-    from numpyro import handlers
-
-    box = {}
-
-    def run(k):
-        with handlers.block():
-            box["trace"] = handlers.trace(handlers.seed(fn, k)).get_trace(batch)
-        return 0
-
-    jax.eval_shape(run, key)
-    return box["trace"]
+    return shape_trace(fn, batch, key)
 
 
 def _latent_site_shapes(model, batch, key) -> dict[str, tuple[tuple, bool]]:
