@@ -5,6 +5,8 @@ Small fits only: a simulated 300 cells × 100 genes (NB counts, 2 batches, 4
 cell types) with narrow networks, and the bundled 200-cell wu2020 fixture.
 """
 
+from contextlib import nullcontext
+
 import anndata as ad
 import jax
 import jax.numpy as jnp
@@ -93,6 +95,53 @@ def test_importance_sampled_likelihood_tightens_with_samples(simulated, fitted_n
     log_likelihoods = [s["avg_log_likelihood"] for s in scores]
     assert log_likelihoods[0] < log_likelihoods[1] < log_likelihoods[2]
     assert log_likelihoods[2] >= scores[2]["elbo"]
+
+
+def test_elbo_read_off_the_importance_draws_is_the_models_elbo(simulated, fitted_nb):
+    # scVI's sites are all per cell, unscaled at evaluation: evaluate() averages the 100
+    # importance weights for the ELBO instead of compiling the model's Trace_ELBO program.
+    # That program's one-draw estimates must agree with it within their standard error.
+    from lvmzoo.infer.results import _elbo, _elbo_from_the_draws
+
+    data = simulated.subset(np.arange(120))
+    (batch, params, guide), = list(fitted_nb._evaluation(data, size=120))
+    assert _elbo_from_the_draws(fitted_nb.model, guide, params, batch)
+    scores = fitted_nb.evaluate(data, n_samples=100)
+    assert scores["elbo"] <= scores["avg_log_likelihood"]  # Jensen, on the same draws
+    one_draw = np.array([float(_elbo(fitted_nb.model, guide, params, batch,
+                                     jax.random.PRNGKey(seed))) / 120 for seed in range(40)])
+    error = one_draw.std(ddof=1) / np.sqrt(len(one_draw))
+    assert abs(scores["elbo"] - one_draw.mean()) < 4 * error + 0.05, (scores, one_draw.mean(), error)
+
+
+def test_elbo_needs_its_own_program_when_sites_are_not_per_cell():
+    import numpyro
+    import numpyro.distributions as dist
+
+    from lvmzoo.infer.evaluate import weights_average_to_the_elbo
+
+    x = jnp.ones((6, 3))
+
+    def per_cell(x, global_latent=False, scaled=False):
+        mean = numpyro.sample("mean", dist.Normal(0.0, 1.0)) if global_latent else 0.0
+        with numpyro.plate("cells", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(mean, 1.0))
+            with handlers.scale(scale=0.5) if scaled else nullcontext():
+                numpyro.sample("x", dist.Normal(z[:, None], 1.0).to_event(1), obs=x)
+
+    def guide(x, global_latent=False, scaled=False):
+        if global_latent:
+            numpyro.sample("mean", dist.Normal(0.0, 1.0))
+        with numpyro.plate("cells", x.shape[0]):
+            numpyro.sample("z", dist.Normal(x.mean(-1), 1.0))
+
+    def check(**options):
+        model = lambda b: per_cell(b, **options)  # noqa: E731
+        return weights_average_to_the_elbo(model, lambda b: guide(b, **options), {}, x)
+
+    assert check()
+    assert not check(global_latent=True)  # outside the cells plate: only Trace_ELBO counts it
+    assert not check(scaled=True)  # the weights leave scales out
 
 
 def test_expression_is_a_distribution_over_genes(simulated, fitted_nb):

@@ -76,6 +76,49 @@ def log_weights(
     return _per_cell_log_prob(model_trace, guide_trace) - _per_cell_log_prob(guide_trace)
 
 
+def weights_average_to_the_elbo(
+    model: Callable, guide: Callable, params: dict, batch: Batch
+) -> bool:
+    """Whether the average of :func:`log_weights` over draws estimates the ELBO itself.
+
+    Decided from the structure of the traces, which are built (traced once under
+    :func:`jax.eval_shape`) but not computed.
+
+    :func:`log_weights` counts each cell's sites without their ``scale``, leaves
+    out latent sites the guide does not sample, and leaves out sites outside the
+    ``"cells"`` plate; ``Trace_ELBO`` counts all of them.  With none of those in
+    the traces (every sample site inside the cells plate, unscaled, not
+    enumerated, and every latent of the model drawn by the guide), the two are
+    the same sum: ``sum_c E_q[log p(x_c, z_c) - log q(z_c | x_c)]``.
+    """
+    answer = []
+
+    def inspect(params, batch):
+        answer.append(_sites_are_per_cell(*_traces(model, guide, params, batch,
+                                                   jax.random.PRNGKey(0))))
+        return jnp.zeros(())
+
+    jax.eval_shape(inspect, params, batch)
+    return answer[0]
+
+
+def _sites_are_per_cell(model_trace, guide_trace) -> bool:
+    def plain_cell_site(site) -> bool:
+        return (site.get("scale") is None
+                and not site.get("infer", {}).get("enumerate")
+                and any(frame.name == "cells" for frame in site["cond_indep_stack"]))
+
+    for site in guide_trace.values():
+        if site["type"] == "sample" and (site["is_observed"] or not plain_cell_site(site)):
+            return False
+    for name, site in model_trace.items():
+        if site["type"] != "sample":
+            continue
+        if not plain_cell_site(site) or (not site["is_observed"] and name not in guide_trace):
+            return False
+    return True
+
+
 def importance_sampled_scores(
     model: Callable,
     guide: Callable,

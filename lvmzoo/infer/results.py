@@ -12,7 +12,8 @@ import numpy as np
 
 from lvmzoo.data.registry import CellData, DataRegistry
 from lvmzoo.data.streaming import EvaluationBatches
-from lvmzoo.infer.evaluate import importance_sampled_scores, joint_log_weights
+from lvmzoo.infer.evaluate import (importance_sampled_scores, joint_log_weights,
+                                   weights_average_to_the_elbo)
 from lvmzoo.models.base import LatentModel
 
 EVAL_CHUNK = 1024
@@ -34,8 +35,24 @@ def _exact_log_likelihood(model, params, batch):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "guide", "n_samples"))
-def _sampled_log_likelihood(model, guide, params, batch, key, n_samples):
-    return importance_sampled_scores(model.model, guide, params, batch, key, n_samples)[0]
+def _sampled_scores(model, guide, params, batch, key, n_samples):
+    """Per-cell IWAE log-likelihoods and the ELBO the same draws estimate (its sum over cells)."""
+    log_likelihood, elbo = importance_sampled_scores(model.model, guide, params, batch, key,
+                                                     n_samples)
+    return log_likelihood, elbo.sum()
+
+
+def _elbo_from_the_draws(model, guide, params, batch) -> bool:
+    """Whether the importance-sampling draws give ``model``'s ELBO as well (then its own
+    program is not compiled and run): the model optimises a plain ``Trace_ELBO`` and the
+    traces are per-cell sites only (:func:`~lvmzoo.infer.evaluate.weights_average_to_the_elbo`)."""
+    import numpyro.infer
+
+    from lvmzoo.infer.elbo import Trace_ELBO
+
+    if type(model.elbo()) not in (Trace_ELBO, numpyro.infer.Trace_ELBO):
+        return False
+    return weights_average_to_the_elbo(model.model, guide, params, batch)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "guide", "n_samples"))
@@ -148,6 +165,12 @@ class FittedModel:
         ``"log_joint_at_map"``, ``log p(x, z_MAP)``, which is not a bound on
         ``log p(x)``.
 
+        ``elbo`` is the model's own ELBO estimator (:meth:`LatentModel.elbo`) on
+        one draw, averaged over cells; for a plain ``Trace_ELBO`` whose sites are
+        all per cell (scVI and most deep models) it is read off the importance
+        sampling's draws instead, the same quantity averaged over ``n_samples``
+        draws, without a program of its own (half the compilation of scoring).
+
         ``standard_error=True`` adds ``"log_likelihood_sd"``, the standard
         deviation of the per-cell log-likelihoods (``None`` for a joint guide),
         from which a caller that scored a sample of cells gets the standard
@@ -192,14 +215,20 @@ class FittedModel:
         return self._cell_scores(data, n_samples, jax.random.PRNGKey(seed), exact)
 
     def _cell_scores(self, data, n_samples, key, exact):
-        sampled, elbo = [], 0.0
+        sampled, elbo, from_draws = [], 0.0, None
         size = EVAL_CHUNK if exact is not None else _even_chunk(data.n_cells, max(1, min(
             EVAL_CHUNK, SAMPLED_CHUNK_ELEMENTS // max(1, n_samples * data.n_genes))))
         for i, (batch, params, guide) in enumerate(self._evaluation(data, size=size)):
             k = jax.random.fold_in(key, i)
             if exact is None:
-                sampled.append(np.asarray(_sampled_log_likelihood(
-                    self.model, guide, params, batch, k, n_samples)))
+                log_likelihood, draws_elbo = _sampled_scores(self.model, guide, params, batch,
+                                                             k, n_samples)
+                sampled.append(np.asarray(log_likelihood))
+                if from_draws is None:
+                    from_draws = _elbo_from_the_draws(self.model, guide, params, batch)
+                if from_draws:  # the ELBO averaged over n_samples draws, not one
+                    elbo += float(draws_elbo)
+                    continue
             elbo += float(_elbo(self.model, guide, params, batch, k))
         log_likelihood = exact if exact is not None else np.concatenate(sampled)
         how = "exact" if exact is not None else self._sampled_method()
