@@ -137,6 +137,8 @@ class FittedModel:
 
     def log_likelihood(self, data: CellData) -> Optional[np.ndarray]:
         """Exact per-cell ``log p(x)`` ``(n_cells,)``, or ``None`` without a closed form."""
+        if type(self.model).log_likelihood is LatentModel.log_likelihood:
+            return None  # not overridden: no closed form, known without reading a cell
         chunks = []
         for b, p, _ in self._evaluation(data, cells=False):
             chunk = _exact_log_likelihood(self.model, p, b)
