@@ -39,6 +39,35 @@ def test_a_sampled_score_is_within_its_standard_error_of_the_all_cells_score(ppc
         assert gap <= 2 * part["standard_error"] + 1e-6
 
 
+def test_regression_estimate_and_cell_sizes():
+    import scipy.sparse as sp
+
+    from lvmzoo.data.compact import CompactCSR
+
+    rng = np.random.default_rng(0)
+    sizes = rng.gamma(2.0, 50.0, size=(5000, 3))
+    values = 3.0 - 0.5 * sizes[:, 0] + 2.0 * sizes[:, 2]  # exactly linear in the sizes
+    sample = rng.choice(5000, 200, replace=False)
+    estimate, sd = fit_outputs.regression_estimate(values[sample], sizes[sample], sizes.mean(0))
+    assert estimate == pytest.approx(values.mean(), abs=1e-8) and sd < 1e-8
+    noisy = values + rng.normal(0.0, 4.0, 5000)
+    estimate, sd = fit_outputs.regression_estimate(noisy[sample], sizes[sample], sizes.mean(0))
+    assert sd == pytest.approx(4.0, rel=0.15) and abs(estimate - noisy.mean()) < 3 * sd / np.sqrt(200)
+    # No size varies: the plain average and standard deviation.
+    assert fit_outputs.regression_estimate(noisy[:50], np.ones((50, 3)), np.ones(3)) == (
+        pytest.approx(noisy[:50].mean()), pytest.approx(noisy[:50].std(ddof=1)))
+
+    dense = rng.poisson(0.7, size=(40, 9)).astype(np.float32)
+    dense[[3, 39]] = 0  # empty rows, the last among them
+    expected = np.column_stack([dense.sum(1), np.log1p(dense.sum(1)), (dense != 0).sum(1)])
+    csr = sp.csr_matrix(dense)
+    compact = CompactCSR(csr.data.astype(np.uint16), csr.indices.astype(np.uint16), csr.indptr,
+                         csr.shape)
+    for x in (dense, csr, compact):
+        data = type("Cells", (), {"x": x, "is_backed": False})()
+        np.testing.assert_allclose(fit_outputs.cell_sizes(data), expected)
+
+
 def test_the_sampled_standard_error_matches_the_spread_over_samples(ppca_fit):
     """Over 20 seeds, the spread of sampled averages is about the reported standard error."""
     fitted, data = ppca_fit

@@ -110,7 +110,9 @@ def add_parser(commands, models) -> None:
                           "20 s more in a new process), or auto = pca (default: %(default)s)")
     fit.add_argument("--score-cells", metavar="N|all", type=_score_cells, default=SCORE_CELLS,
                      help="random cells per split (train, validation) whose log-likelihood "
-                          "metrics.json reports, with its standard error; 'all' scores every "
+                          "metrics.json reports, with its standard error (in memory: the "
+                          "regression estimate on each cell's total, log total and nonzero "
+                          "count); 'all' scores every "
                           "cell, which costs about an epoch per 100k cells for the deep models "
                           "(default: %(default)s)")
     fit.add_argument("--per-gene-outputs", choices=("auto", "all", "none"), default="auto",

@@ -234,6 +234,7 @@ class FittedEnsemble:
         if standard_error:
             scores["log_likelihood_sd"] = (float(np.std(mixture, ddof=1))
                                            if data.n_cells > 1 else 0.0)
+            scores["cell_log_likelihoods"] = mixture
         return scores
 
     def member_probabilities(self, data: CellData) -> np.ndarray:

@@ -176,7 +176,8 @@ class FittedModel:
         ``standard_error=True`` adds ``"log_likelihood_sd"``, the standard
         deviation of the per-cell log-likelihoods (``None`` for a joint guide),
         from which a caller that scored a sample of cells gets the standard
-        error of its average.
+        error of its average, and ``"cell_log_likelihoods"``, the per-cell
+        values themselves (not for a joint guide).
         """
         if method not in ("auto", "importance_sampling"):
             raise ValueError(f"method must be 'auto' or 'importance_sampling', got {method!r}")
@@ -196,6 +197,7 @@ class FittedModel:
         if standard_error:
             scores["log_likelihood_sd"] = (float(np.std(log_likelihood, ddof=1))
                                            if data.n_cells > 1 else 0.0)
+            scores["cell_log_likelihoods"] = np.asarray(log_likelihood)
         return scores
 
     def cell_log_likelihoods(self, data: CellData, n_samples: int = 100, seed: int = 0,
