@@ -43,11 +43,11 @@ Columns (per-cell quantities in nats per cell):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pandas as pd
@@ -244,10 +244,28 @@ def _identifiable(result, random_globals):
 def _per_draw_log_likelihood(result, batch) -> np.ndarray:
     """The model's exact ``log p(x_i | globals_s)``, ``(chains, draws, cells)``."""
     shape = next(iter(result.samples.values())).shape[:2]
-    draws = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in result.samples.items()}
-    per_draw = jax.lax.map(lambda d: result.model.log_likelihood({**result.fixed, **d}, batch),
-                           draws, batch_size=64)
+    per_draw = _log_likelihood_of_draws(result.model, result.fixed, _draws(result), batch)
     return np.asarray(per_draw).reshape(shape + (-1,))
+
+
+def _draws(result) -> dict:
+    """The posterior draws with chains and draws in one axis, ``(chains * draws, ...)``."""
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in result.samples.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _log_likelihood_of_draws(model, fixed, draws, batch):
+    """``(n_draws, cells)`` exact log-likelihoods, one compiled program (run as it is, the
+    map's operations outside its loop would each compile a program of their own)."""
+    return jax.lax.map(lambda d: model.log_likelihood({**fixed, **d}, batch), draws,
+                       batch_size=64)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _log_predictive_of_draws(model, fixed, draws, batch):
+    """``(cells,)`` ``log mean_s p(x_i | θ_s)`` over the draws, one compiled program."""
+    per_draw = _log_likelihood_of_draws(model, fixed, draws, batch)
+    return logsumexp(per_draw, axis=0) - np.log(per_draw.shape[0])
 
 
 def _renamed_checks(checks):
@@ -259,9 +277,9 @@ def _posterior_predictive_log_likelihood(model, result, held: CellData) -> float
     """``mean_i log mean_s p(x_i | θ_s)`` over posterior draws, exact marginal over z."""
     from lvmzoo.data.source import DeviceSource
 
-    per_draw = _per_draw_log_likelihood(result, DeviceSource(held).full_batch())
-    per_draw = per_draw.reshape((-1, per_draw.shape[-1]))  # (n_draws, n_cells)
-    return float(np.mean(logsumexp(per_draw, axis=0) - np.log(per_draw.shape[0])))
+    per_cell = _log_predictive_of_draws(result.model, result.fixed, _draws(result),
+                                        DeviceSource(held).full_batch())
+    return float(np.mean(per_cell))
 
 
 def comparison_figure(table: pd.DataFrame):
