@@ -35,6 +35,8 @@ from lvmzoo.cli._common import release_freed_memory
 # from 1,000 cells has a standard error of ~1 nat per cell where the plain average of 2,000
 # had ~5.7 (scVI, 200,000 cells).
 SCORE_CELLS = 1_000
+# Rows per block when cell_sizes sums a sparse matrix's rows (bounded temporaries).
+SIZES_BLOCK = 16_384
 # latent.png draws at most this many random cells.
 PLOT_CELLS = 20_000
 # Cells × genes outputs are written by default up to this many values (200 MB of float32).
@@ -171,11 +173,18 @@ def cell_sizes(data):
     if isinstance(x, CompactCSR) or (sp.issparse(x) and x.format == "csr"):
         starts, values = ((x.row_starts, x.values) if isinstance(x, CompactCSR)
                           else (x.indptr, x.data))
+        starts = np.asarray(starts, np.int64)
         nonzero = np.diff(starts).astype(np.float64)
         totals = np.zeros(len(nonzero))
-        filled = nonzero > 0  # reduceat's segments: each non-empty row's run of values
-        if filled.any():
-            totals[filled] = np.add.reduceat(values, starts[:-1][filled], dtype=np.float64)
+        # In blocks of rows: reduceat casts the values it sums, and a whole matrix's
+        # worth of float64 would be twice the matrix again.
+        for first in range(0, len(nonzero), SIZES_BLOCK):
+            last = min(first + SIZES_BLOCK, len(nonzero))
+            filled = np.flatnonzero(nonzero[first:last] > 0) + first  # reduceat's segments
+            if len(filled):
+                block = values[starts[first]:starts[last]]
+                totals[filled] = np.add.reduceat(block, starts[filled] - starts[first],
+                                                 dtype=np.float64)
     elif isinstance(x, np.ndarray):
         totals = np.concatenate([x[i:i + 4096].sum(1, dtype=np.float64)
                                  for i in range(0, len(x), 4096)])
