@@ -193,6 +193,33 @@ def test_kept_parameters_equal_those_of_a_shorter_clean_fit(continuous):
         np.testing.assert_array_equal(np.asarray(info.value.result.params[name]), np.asarray(value))
 
 
+def test_epochs_in_one_program_fit_as_the_epoch_by_epoch_loop(continuous):
+    from lvmzoo.infer.svi import epochs_in_one_program
+
+    # The shapes of the fits above (batch_size=50): their programs are compiled already.
+    fit = lambda: lvmzoo.fit(PPCA(n_latent=2), continuous, epochs=3, batch_size=50,
+                             progress=False)
+    loop = fit()
+    with epochs_in_one_program():
+        fused = fit()
+    assert fused.history["epoch"] == loop.history["epoch"]
+    np.testing.assert_allclose(fused.history["loss"], loop.history["loss"], rtol=1e-6)
+    for name, value in loop.params.items():
+        np.testing.assert_allclose(np.asarray(fused.params[name]), np.asarray(value),
+                                   rtol=1e-5, atol=1e-6)
+    # A non-finite loss: the fit runs again epoch by epoch and keeps the same parameters.
+    with pytest.raises(lvmzoo.FitDivergedError) as in_loop:
+        lvmzoo.fit(PPCA(n_latent=2), continuous, optimizer=_poison_after(10), epochs=3,
+                   batch_size=50, progress=False)
+    with epochs_in_one_program(), pytest.raises(lvmzoo.FitDivergedError) as in_one:
+        lvmzoo.fit(PPCA(n_latent=2), continuous, optimizer=_poison_after(10), epochs=3,
+                   batch_size=50, progress=False)
+    assert str(in_one.value) == str(in_loop.value)
+    for name, value in in_loop.value.result.params.items():
+        np.testing.assert_array_equal(np.asarray(in_one.value.result.params[name]),
+                                      np.asarray(value))
+
+
 def test_validation_split_and_early_stopping(continuous):
     result = lvmzoo.fit(PPCA(n_latent=2), continuous, optimizer=optax.sgd(0.0), epochs=20,
                         batch_size=50, validation_fraction=0.2, early_stopping_patience=2,

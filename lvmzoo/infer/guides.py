@@ -98,12 +98,6 @@ def default_learning_rate(guide: Union[str, Callable], model: LatentModel) -> fl
     name = guide_name(guide) if isinstance(guide, str) else getattr(guide, "name", None)
     cap = MAX_DEFAULT_LEARNING_RATE.get(name, float("inf"))
     return min(model.default_learning_rate, cap)
-_JOINT_CLASSES = {
-    "low_rank": autoguide.AutoLowRankMultivariateNormal,
-    "full_rank": autoguide.AutoMultivariateNormal,
-    "flow": autoguide.AutoIAFNormal,
-    "laplace": autoguide.AutoLaplaceApproximation,
-}
 LATENT_SITE = "z"  # the zoo's per-cell representation, reported when model.latent cannot be
 
 
@@ -224,6 +218,13 @@ class NamedGuide:
     def __call__(self, batch: Batch):
         if self._parts is None:
             self._build(batch)
+        self._refuse_minibatch(batch)
+        result = {}
+        for part in self._parts:
+            result.update(part(batch) or {})
+        return result
+
+    def _refuse_minibatch(self, batch: Batch) -> None:
         if self.joint_over_cells and batch.size < batch.n_cells:
             raise ValueError(
                 f"guide {self.name!r} is one joint distribution over every cell's latents and "
@@ -231,10 +232,6 @@ class NamedGuide:
                 f"{batch.size} of {batch.n_cells} cells): fit with batch_size >= the number of "
                 f"training cells, or make_guide({self.name!r}, model, local='mean_field') to "
                 "keep it for the global latents and use AutoNormal for the per-cell ones")
-        result = {}
-        for part in self._parts:
-            result.update(part(batch) or {})
-        return result
 
     def holds_per_cell_params(self, batch: Batch) -> bool:
         """:attr:`per_cell`, building the guide on ``batch`` first if needed."""
@@ -342,19 +339,28 @@ class NamedGuide:
             return self, params
         laplace = self._parts[0]
         if self._evaluation_guide is None:
-            self._evaluation_guide = autoguide.AutoMultivariateNormal(
-                laplace.model, prefix=laplace.prefix)
+            self._evaluation_guide = _AutoMultivariateNormal(laplace.model, prefix=laplace.prefix)
             ensure_built(self._evaluation_guide, batch)
-        loc_name = f"{laplace.prefix}_loc"
-
-        def negative_log_joint(loc):  # the Delta guide makes the ELBO exactly this
-            return Trace_ELBO().loss(jax.random.PRNGKey(0), {**params, loc_name: loc},
-                                     laplace.model, laplace, batch)
-
-        precision = jax.hessian(negative_log_joint)(params[loc_name])
-        covariance = jnp.linalg.inv(0.5 * (precision + precision.T))
-        scale_tril = jnp.linalg.cholesky(0.5 * (covariance + covariance.T))
+        scale_tril = _laplace_scale_tril(laplace, params, batch)
         return self._evaluation_guide, {**params, f"{laplace.prefix}_scale_tril": scale_tril}
+
+
+@functools.partial(jax.jit, static_argnames=("laplace",))
+def _laplace_scale_tril(laplace, params: dict, batch: Batch) -> jax.Array:
+    """Cholesky factor of the inverse Hessian of ``-log p`` at the MAP point of ``laplace``.
+
+    One compiled program: run as it is, the Hessian executes (and on a cold cache
+    compiles) each operation of the model's forward and backward passes one by one.
+    """
+    loc_name = f"{laplace.prefix}_loc"
+
+    def negative_log_joint(loc):  # the Delta guide makes the ELBO exactly this
+        return Trace_ELBO().loss(jax.random.PRNGKey(0), {**params, loc_name: loc},
+                                 laplace.model, laplace, batch)
+
+    precision = jax.hessian(negative_log_joint)(params[loc_name])
+    covariance = jnp.linalg.inv(0.5 * (precision + precision.T))
+    return jnp.linalg.cholesky(0.5 * (covariance + covariance.T))
 
 
 # --------------------------------------------------------------------------
@@ -437,8 +443,14 @@ class _SetUpInOneProgram:
             _restore(self, before)
             with _GivenKey(key):
                 super(_SetUpInOneProgram, self)._setup_prototype(*args, **kwargs)
-            again, again_structure = jax.tree.flatten(_attributes(self))
-            if again_structure != structure:
+            again = jax.tree.leaves(_attributes(self))
+            # Same leaves in the same places, compared by count, shape and dtype: tree
+            # structures themselves differ between the runs wherever a pytree node keeps
+            # an object made during setup (a joint guide's UnpackTransform keeps a new
+            # functools.partial, which compares by identity).
+            if len(again) != len(leaves) or any(
+                    jnp.shape(again[i]) != leaves[i].shape or jnp.result_type(again[i])
+                    != leaves[i].dtype for i in traced):
                 raise RuntimeError("autoguide setup is not deterministic in its structure")
             return [again[i] for i in traced]
 
@@ -473,6 +485,33 @@ class _AutoNormal(_SetUpInOneProgram, _CellPlates, autoguide.AutoNormal):
 
 class _AutoDelta(_SetUpInOneProgram, _CellPlates, autoguide.AutoDelta):
     pass
+
+
+# The joint families set themselves up in one program too (they never subsample the
+# cells plate, so they keep NumPyro's plates).
+class _AutoLowRankMultivariateNormal(_SetUpInOneProgram,
+                                     autoguide.AutoLowRankMultivariateNormal):
+    pass
+
+
+class _AutoMultivariateNormal(_SetUpInOneProgram, autoguide.AutoMultivariateNormal):
+    pass
+
+
+class _AutoIAFNormal(_SetUpInOneProgram, autoguide.AutoIAFNormal):
+    pass
+
+
+class _AutoLaplaceApproximation(_SetUpInOneProgram, autoguide.AutoLaplaceApproximation):
+    pass
+
+
+_JOINT_CLASSES = {
+    "low_rank": _AutoLowRankMultivariateNormal,
+    "full_rank": _AutoMultivariateNormal,
+    "flow": _AutoIAFNormal,
+    "laplace": _AutoLaplaceApproximation,
+}
 
 
 # Joint families whose location is one parameter, ``<prefix>_loc``, over the flattened
@@ -545,8 +584,48 @@ def guide_sites(guide: Callable, batch: Batch) -> set[str]:
 
 
 def ensure_built(guide: Callable, batch: Batch) -> None:
-    """Run ``guide`` once outside any jit, so lazily built autoguides hold no tracers."""
-    _trace(guide, batch)
+    """Set ``guide`` up outside any jit, so lazily built autoguides hold no tracers
+    (:func:`set_up_guide` with the key of a first call seeded with ``PRNGKey(0)``)."""
+    set_up_guide(guide, batch, jax.random.PRNGKey(0))
+
+
+def set_up_guide(guide: Callable, batch: Batch, key: jax.Array) -> None:
+    """Set ``guide`` up as its first call under ``handlers.seed(guide, key)`` would.
+
+    Outside any jit, so lazily built autoguides hold no tracers.  Where the one
+    autoguide to set up is the guide's first part (or the guide itself) and one of
+    the zoo's own (:class:`_SetUpInOneProgram`), only its setup runs, with the key
+    the call would have given it first: the whole call would also execute the
+    guide's body operation by operation (compiling each on first use) for nothing.
+    Otherwise (e.g. an autoguide after a part that draws keys) the whole call runs.
+    A guide known to be set up is left as it is.
+    """
+    if isinstance(guide, NamedGuide):
+        if guide._parts is None:
+            guide._build(batch)
+        guide._refuse_minibatch(batch)  # as its call would, before NumPyro's setup fails
+    if _is_built(guide):
+        return
+    parts = guide._parts if isinstance(guide, NamedGuide) else [guide]
+    first, rest = parts[0], parts[1:]
+    # Only the zoo's own autoguides: others may set up more in their body (AutoGuideList's parts).
+    if isinstance(first, _SetUpInOneProgram) and all(
+            _is_built(part) or not isinstance(part, autoguide.AutoGuide) for part in rest):
+        with handlers.block():  # nothing escapes to handlers of an enclosing SVI step
+            handlers.seed(first._setup_prototype, key)(batch)
+        return
+    with handlers.block():
+        handlers.trace(handlers.seed(guide, key)).get_trace(batch)
+
+
+def _is_built(guide: Callable) -> bool:
+    """Whether ``guide`` is known to have nothing left to set up: an autoguide that set
+    itself up, or a :class:`NamedGuide` whose autoguide parts all did (other parts are
+    the model's own guide functions, which build nothing)."""
+    if isinstance(guide, NamedGuide):
+        return guide._parts is not None and all(
+            _is_built(part) for part in guide._parts if isinstance(part, autoguide.AutoGuide))
+    return isinstance(guide, autoguide.AutoGuide) and guide.prototype_trace is not None
 
 
 def per_cell_params(guide: Callable, batch: Batch) -> dict[str, int]:
@@ -687,7 +766,8 @@ def refit_local(fitted, data: CellData, *, epochs: Optional[int] = None,
       The refitted :class:`~lvmzoo.infer.results.FittedModel` (of the frozen
       model); its params hold the new per-cell parameters, rows in ``data`` order.
     """
-    from lvmzoo.infer.svi import fit  # svi imports results, which imports this module lazily
+    # svi imports results, which imports this module lazily
+    from lvmzoo.infer.svi import epochs_in_one_program, fit
 
     guide = fitted.guide
     if not isinstance(guide, NamedGuide):
@@ -712,8 +792,9 @@ def refit_local(fitted, data: CellData, *, epochs: Optional[int] = None,
     # than circled at the noise level of single-draw gradients.
     n_steps = epochs * n_steps_per_epoch(data.n_cells, batch_size)
     optimizer = optax.adam(optax.exponential_decay(learning_rate, max(n_steps, 1), 0.05))
-    return fit(frozen, data, guide=make_guide(name, frozen, **options), epochs=epochs,
-               batch_size=batch_size, optimizer=optimizer, seed=seed, progress=progress)
+    with epochs_in_one_program():  # a joint refit's 2,000 one-step epochs: one call, not 2,000
+        return fit(frozen, data, guide=make_guide(name, frozen, **options), epochs=epochs,
+                   batch_size=batch_size, optimizer=optimizer, seed=seed, progress=progress)
 
 
 def _frozen_values(fitted, batch: Batch) -> dict:

@@ -18,6 +18,8 @@ returned inside :class:`FitDivergedError`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import time
@@ -35,13 +37,36 @@ from lvmzoo.data.placement import Devices, Placement
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import DeviceSource, epoch_steps, n_steps_per_epoch
 from lvmzoo.data.streaming import BlockShuffle, EvaluationBatches, make_source
-from lvmzoo.infer.guides import NamedGuide, default_learning_rate, make_guide, shape_trace
+from lvmzoo.infer.guides import (NamedGuide, default_learning_rate, make_guide, set_up_guide,
+                                 shape_trace)
 from lvmzoo.infer.results import FittedModel
 from lvmzoo.models.base import LatentModel
 
 
 # Relative improvement of the validation loss that counts (see ``fit``).
 EARLY_STOPPING_TOLERANCE = 1e-4
+
+_EPOCHS_IN_ONE_PROGRAM = contextvars.ContextVar("lvmzoo_epochs_in_one_program", default=False)
+
+
+@contextlib.contextmanager
+def epochs_in_one_program():
+    """Inside it, a fit with nothing to look at between epochs runs them all in one program.
+
+    That is a fit without a validation split or progress bar, cells in memory on one
+    device: one call instead of one per epoch, each with its host-side work (cell
+    order, loss, history), which for short epochs costs more than the epoch itself
+    (:func:`lvmzoo.infer.guides.refit_local` of a joint guide: 2,000 one-step epochs).
+    The cell orders are the same; the parameters agree up to float rounding
+    (bit for bit for most guides).  Not for fits in general: Ctrl-C then keeps
+    nothing of the fit, and a non-finite loss costs the fit again, epoch by epoch,
+    to find the last finite parameters.
+    """
+    token = _EPOCHS_IN_ONE_PROGRAM.set(True)
+    try:
+        yield
+    finally:
+        _EPOCHS_IN_ONE_PROGRAM.reset(token)
 
 
 class FitDivergedError(RuntimeError):
@@ -205,10 +230,12 @@ def fit(
 
     started = time.perf_counter()
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    epoch_programs = {
-        n_steps: placement.jit(run_epoch).lower(
-            state, spec, train.arrays, scalar, scalar).compile()
-        for n_steps, spec in train.chunk_specs(steps_per_epoch, batch_size).items()}
+
+    def compile_epoch_programs():
+        return {n_steps: placement.jit(run_epoch).lower(
+                    state, spec, train.arrays, scalar, scalar).compile()
+                for n_steps, spec in train.chunk_specs(steps_per_epoch, batch_size).items()}
+
     # Held-out cells have no per-cell guide params (lvmzoo.infer.guides.refit_local
     # fits them after training), so such guides report no validation loss.
     per_cell = getattr(guide, "per_cell", False)
@@ -222,6 +249,14 @@ def fit(
                 "off (every epoch runs); their scores come from FittedModel.evaluate, which "
                 "fits their local parameters after training", UserWarning, stacklevel=2)
         stopping = None
+    whole_fit = None
+    if (_EPOCHS_IN_ONE_PROGRAM.get() and epochs > 1 and validate is None and not progress
+            and shuffle is None and isinstance(train, DeviceSource) and placement.mesh is None):
+        whole_fit = jax.jit(whole_fit_function(svi, train, steps_per_epoch, batch_size)).lower(
+            state, train.arrays, key_shuffle, jax.ShapeDtypeStruct((epochs,), jnp.int32),
+            scalar).compile()
+    else:
+        epoch_programs = compile_epoch_programs()
     if validate:
         validate(placement.local(state))  # compile it now, so epoch times exclude compilation
     compile_seconds = time.perf_counter() - started
@@ -242,6 +277,27 @@ def fit(
                  "best_epoch": stopping.best_epoch if stopping else None,
                  **placement.describe()},
         train_index=train_idx, validation_index=val_idx, seed=seed, **kw)
+    if whole_fit is not None:
+        t0 = time.perf_counter()
+        try:
+            end_state, losses = whole_fit(state, train.arrays, key_shuffle,
+                                          jnp.arange(epochs, dtype=jnp.int32), jnp.float32(epochs))
+            losses = np.asarray(losses)  # (epochs, steps_per_epoch)
+        except KeyboardInterrupt:
+            warnings.warn("fit interrupted; keeping the initial parameters")
+            return result(state, "interrupted", interrupted=True)
+        if np.isfinite(losses).all():
+            seconds = (time.perf_counter() - t0) / epochs
+            for epoch, epoch_losses in enumerate(losses):
+                # As the epoch-by-epoch loop averages them (the same reduction, bit for bit).
+                mean = epoch_losses[0] if steps_per_epoch == 1 else jnp.mean(epoch_losses)
+                history["epoch"].append(epoch)
+                history["loss"].append(float(mean) / train.n_cells)
+                history["validation_loss"].append(float("nan"))
+                history["seconds"].append(seconds)
+            return result(end_state, "epoch_limit")
+        # A non-finite loss: the fit again, epoch by epoch, finds the last finite state.
+        epoch_programs = compile_epoch_programs()
     bar = tqdm(range(epochs), desc=f"fit {model.name}", unit="epoch",
                disable=not progress or not placement.is_lead_process)
     reason = "epoch_limit"
@@ -416,13 +472,10 @@ def _set_up_guide(svi, batch, key) -> None:
     """Make a guide that sets itself up on its first call (an autoguide, a named family) do
     so now, outside any trace, with the key ``svi.init(key, ...)`` gives the guide: its
     start is then the one ``svi.init`` alone would draw."""
-    from numpyro import handlers
     from numpyro.infer.autoguide import AutoGuide
 
     if isinstance(svi.guide, (NamedGuide, AutoGuide)):
-        guide_key = jax.random.split(key, 3)[2]
-        with handlers.block():
-            handlers.trace(handlers.seed(svi.guide, guide_key)).get_trace(batch)
+        set_up_guide(svi.guide, batch, jax.random.split(key, 3)[2])
 
 
 class InitParamsError(ValueError):
@@ -636,6 +689,28 @@ def epoch_function(svi, source, guard: bool = True):
         return jax.lax.scan(step, init, (steps, order))
 
     return run_guarded_epoch if guard else run_epoch
+
+
+def whole_fit_function(svi, source, steps_per_epoch: int, batch_size: int):
+    """Every epoch of a fit in one program, cells in memory on one device:
+    ``run(state, arrays, key_shuffle, epochs, n_epochs) -> (state, (n_epochs, n_steps) losses)``.
+
+    ``epochs`` is ``arange(n_epochs)`` (int32) and ``n_epochs`` the same number as a
+    ``()`` float32: both are inputs, as in the epoch-by-epoch loop, so nothing that
+    depends on them is folded into constants at compile time.  Each epoch draws its
+    cell order with :func:`epoch_order` (integer operations, the same order as the
+    loop's) and runs :func:`epoch_function`'s epoch on it.
+    """
+    run_epoch = epoch_function(svi, source, guard=False)
+
+    def run(state, arrays, key_shuffle, epochs, n_epochs):
+        def one_epoch(state, epoch):
+            order = epoch_order(key_shuffle, epoch, source.n_cells, steps_per_epoch, batch_size)
+            return run_epoch(state, order, arrays, epoch.astype(jnp.float32), n_epochs)
+
+        return jax.lax.scan(one_epoch, state, epochs)
+
+    return run
 
 
 def _last_finite_state(svi, source, this_epoch, last_epoch, failed_step, placement=None):
