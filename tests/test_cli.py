@@ -82,11 +82,14 @@ def test_fit_metrics_json(fit_run):
     assert set(metrics["post_fit_seconds"]) == {"save_model", "annotate", "write_result", "plot",
                                                 "score"}
     keys = {"n_cells", "avg_log_likelihood", "method", "n_samples", "elbo", "standard_error",
-            "n_cells_in_split"}
+            "n_cells_in_split", "estimator", "sample_avg_log_likelihood"}
     assert set(metrics["train"]) == set(metrics["validation"]) == keys
-    # --validation-fraction 0.1 by default; a random 2,000 of the 8,999 training cells scored
+    # --validation-fraction 0.1 by default; a random 1,000 of the 8,999 training cells scored,
+    # their average corrected by regression on the cells' sizes (the cells are in memory)
     assert metrics["train"]["n_cells_in_split"] == 8999
-    assert metrics["train"]["n_cells"] == 2000 and metrics["train"]["standard_error"] > 0
+    assert metrics["train"]["n_cells"] == 1000 and metrics["train"]["standard_error"] > 0
+    assert metrics["train"]["estimator"].startswith("regression")
+    assert metrics["validation"]["estimator"] == "all cells"
     assert metrics["validation"]["standard_error"] == 0.0  # all 1,000 scored
     assert metrics["validation"]["n_cells"] == 1000
     assert metrics["train"]["method"] == "exact"

@@ -132,16 +132,15 @@ def _fit_metrics(fitted, data, score_cells: Optional[int] = SCORE_CELLS) -> dict
         sd = scores.pop("log_likelihood_sd")
         cells = scores.pop("cell_log_likelihoods", None)
         n = len(sample)
+        scores["estimator"] = "all cells" if n == n_split else "sample mean"
+        scores["sample_avg_log_likelihood"] = scores["avg_log_likelihood"]
         if n < n_split and cells is not None:
             sizes = cell_sizes(data) if sizes is None else sizes
             if sizes is not None:
-                sample_mean = scores["avg_log_likelihood"]
                 scores["avg_log_likelihood"], sd = regression_estimate(
-                    cells, sizes[sample],
-                    sizes[split].mean(0))
+                    cells, sizes[sample], sizes[split].mean(0))
                 scores["estimator"] = ("regression on each cell's total, log total and "
                                        "nonzero values")
-                scores["sample_avg_log_likelihood"] = sample_mean
         # Sampling without replacement from the split: the finite-population correction.
         scores["standard_error"] = (None if sd is None else
                                     sd / math.sqrt(n) * math.sqrt(max(n_split - n, 0) / n_split))
