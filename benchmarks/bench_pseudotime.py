@@ -688,8 +688,12 @@ def _provenance(earlier: dict[str, Any], part: str, all_rows) -> list[dict[str, 
 
 
 def _without(entries: list[dict[str, Any]], rows) -> list[dict[str, Any]]:
-    """``entries`` less ``rows`` (measured again now); entries left with none dropped."""
-    kept = [{**e, "rows": [r for r in e["rows"] if r not in rows]} for e in entries]
+    """``entries`` less ``rows`` (measured again now); entries left with none dropped.
+
+    ``rows`` name methods (paul15 rows) or scale models; a scale entry's rows read
+    ``"<model> <cells>"``, so they match by their first word."""
+    kept = [{**e, "rows": [r for r in e["rows"] if r not in rows and r.split(" ")[0] not in rows]}
+            for e in entries]
     return [e for e in kept if e["rows"]]
 
 
