@@ -71,6 +71,8 @@ def test_pseudotime_recovers_the_true_order(fitted, data, cells):
     assert arc.to_numpy().min() >= 0.0 and arc.to_numpy().max() <= 1.0 + 1e-9
     assert np.all((arc["arc_length_lower"] <= arc["arc_length"] + 1e-12)
                   & (arc["arc_length"] <= arc["arc_length_upper"] + 1e-12))
+    # annotate writes the same columns
+    np.testing.assert_allclose(annotated.obs[list(arc.columns)].to_numpy(), arc.to_numpy())
 
 
 def test_pseudotime_intervals_cover_the_true_time(fitted, data, cells):
@@ -176,7 +178,8 @@ def test_cli_fits_pseudotime_with_defaults(lognormalised_file, tmp_path, capsys)
                    "--transform", "none", "--out", str(out), "--no-progress"])
     assert rc == 0
     result = ad.read_h5ad(out / "result.h5ad")
-    for column in ("pseudotime", "pseudotime_lower", "pseudotime_upper"):
+    for column in ("pseudotime", "pseudotime_lower", "pseudotime_upper", "arc_length",
+                   "arc_length_lower", "arc_length_upper"):
         assert column in result.obs
     assert "pseudotime_trends" in result.uns
     assert (out / "pseudotime.png").stat().st_size > 0
@@ -298,7 +301,9 @@ def test_branching_model_recovers_time_and_branch_of_a_simulated_tree():
     same = np.mean(annotated.obs["lineage"].astype(str).to_numpy()[late]
                    == cells.obs["true_lineage"].astype(str).to_numpy()[late])
     # Read as the distance along each lineage's curve: the order holds across the branches.
-    tau_arc = stats.kendalltau(arc_length(fitted, annotated)["arc_length"], truth)[0]
+    arc = arc_length(fitted, annotated)
+    np.testing.assert_allclose(annotated.obs[list(arc.columns)].to_numpy(), arc.to_numpy())
+    tau_arc = stats.kendalltau(annotated.obs["arc_length"], truth)[0]
     print(f"\nbranching simulation: Kendall tau {tau:+.3f} (arc length {tau_arc:+.3f}), lineage "
           f"of the cells past t = 0.5 right for {max(same, 1 - same):.3f}")
     assert tau >= 0.9 and tau_arc >= 0.9

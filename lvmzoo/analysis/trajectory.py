@@ -127,17 +127,17 @@ def orient(pseudotime, early) -> tuple[np.ndarray, bool]:
     return (1.0 - t if flipped else t), flipped
 
 
-def arc_length(fitted, annotated, *, n_grid: int = 201) -> pd.DataFrame:
+def arc_length(fitted, annotated) -> pd.DataFrame:
     """Each cell's distance travelled along its fitted curve, from the start of time.
 
-    For each curve (one for :class:`~lvmzoo.models.Pseudotime` and
-    :class:`~lvmzoo.models.SwitchPseudotime`, one per lineage for
-    :class:`~lvmzoo.models.BranchingPseudotime`), the cumulative Euclidean length of
-    its trend (``model.trends``: every gene's log expression, on ``n_grid`` points
-    of the reported time) up to the cell's ``obs["pseudotime"]``, and to its
-    interval's ends; a branching model's cells average over their
-    ``obsm["lineage_probability"]``.  Divided by the longest curve's length, so
-    ``1`` is the end of the longest lineage.
+    ``fitted.annotate`` writes it as ``obs["arc_length"]`` (and ``_lower`` /
+    ``_upper``); this computes it for an ``annotated`` AnnData that holds only
+    ``obs["pseudotime"]`` and its interval (and, for lineages,
+    ``obsm["lineage_probability"]``), e.g. one annotated before that existed.  See
+    :meth:`lvmzoo.models.pseudotime._TimeModel.arc_length`: the cumulative Euclidean
+    length of each curve's trend (every gene's log expression on 201 points of the
+    reported time) up to the cell's time and its interval's ends, divided by the longest
+    curve's length; a branching model's cells average over their lineage probabilities.
 
     On one path this is a monotone re-reading of the time (same order); across
     lineages it makes the times comparable.  On paul15 (rooted K=4, 3 seeds) it
@@ -146,9 +146,7 @@ def arc_length(fitted, annotated, *, n_grid: int = 201) -> pd.DataFrame:
 
     Args:
       fitted: the fitted pseudotime model.
-      annotated: its ``annotate`` output (an AnnData with ``obs["pseudotime"]``,
-        ``"pseudotime_lower"``, ``"pseudotime_upper"`` and, for lineages,
-        ``obsm["lineage_probability"]``).
+      annotated: its ``annotate`` output.
 
     Returns:
       DataFrame indexed by cell with columns ``arc_length``, ``arc_length_lower``,
@@ -157,20 +155,12 @@ def arc_length(fitted, annotated, *, n_grid: int = 201) -> pd.DataFrame:
     if "pseudotime" not in annotated.obs:
         raise ValueError("annotated has no obs['pseudotime']: pass what fitted.annotate "
                          "returned for a pseudotime model")
-    grid = np.linspace(0.0, 1.0, n_grid)
-    mean = np.asarray(fitted.model.trends(fitted.params, grid)["mean"], np.float64)
-    curves = mean[None] if mean.ndim == 2 else mean  # (K, G, T)
-    steps = np.linalg.norm(np.diff(curves, axis=2), axis=1)  # (K, T - 1)
-    lengths = np.concatenate([np.zeros((len(curves), 1)), np.cumsum(steps, axis=1)], axis=1)
-    lengths /= max(float(lengths[:, -1].max()), np.finfo(float).tiny)
-    weights = (np.asarray(annotated.obsm["lineage_probability"], np.float64)
-               if len(curves) > 1 else np.ones((annotated.n_obs, 1)))
-    out = {}
-    for column in ("pseudotime", "pseudotime_lower", "pseudotime_upper"):
-        t = annotated.obs[column].to_numpy(np.float64)
-        along = np.stack([np.interp(t, grid, lengths[k]) for k in range(len(curves))], axis=1)
-        out[column.replace("pseudotime", "arc_length")] = (weights * along).sum(axis=1)
-    return pd.DataFrame(out, index=annotated.obs_names)
+    times = np.stack([annotated.obs[c].to_numpy(np.float64)
+                      for c in ("pseudotime", "pseudotime_lower", "pseudotime_upper")], 1)
+    weights = annotated.obsm.get("lineage_probability")
+    along = fitted.model.arc_length(fitted.params, times, weights)
+    return pd.DataFrame(along, index=annotated.obs_names,
+                        columns=["arc_length", "arc_length_lower", "arc_length_upper"])
 
 
 def geodesic_time(values, root, *, n_components: int = 20,
