@@ -14,6 +14,10 @@ filtering):
 * :func:`load_paul15` (also ``paul15()``): 2,660 mouse
   myeloid progenitors × 240 genes from Paul et al. (2015), 7 cell types and the
   Slingshot pseudotime of 2 lineages, via tradeSeq – the trajectory data set.
+* :func:`load_amphioxus` (also ``amphioxus()``): 2,699 amphioxus embryo cells × 1,000
+  genes from 9 developmental stages (blastula to larva), 300 per stage, via the
+  ``swnn`` sdist – a time course whose order (the stage of capture) is known
+  independently of the expression.
 
 All are already filtered so that every cell has at least one count and every
 gene is observed in at least one cell, as the data layer requires.
@@ -50,6 +54,8 @@ __all__ = [
     "load_pbmc_citeseq",
     "load_paul15",
     "paul15",
+    "load_amphioxus",
+    "amphioxus",
     "load_wu2020",
     "simulate_branching_trajectory",
     "simulate_counts",
@@ -183,6 +189,40 @@ def load_paul15() -> ad.AnnData:
 #: Short name of :func:`load_paul15`.
 paul15 = load_paul15
 
+#: The amphioxus stages in developmental order (``obs["stage"]`` of :func:`load_amphioxus`).
+AMPHIOXUS_STAGES = ("B", "G3", "G4", "G5", "G6", "N0", "N1", "N3", "L0")
+
+
+def load_amphioxus() -> ad.AnnData:
+    """Load amphioxus embryos from blastula to larva: a time course of 9 stages.
+
+    Ma, Liu et al. (2021 preprint), single-cell gene expression of amphioxus
+    (*Branchiostoma floridae*) development, as the ``swnn`` 0.1.0 package
+    (stagewiseNN, MIT licence) ships it in its sdist: a random 300 cells from
+    each of 9 stages (seed 0; one cell without counts on the kept genes
+    dropped) × the 1,000 most variable of its 24,410 genes (scanpy's
+    ``"seurat"`` flavour on the sampled cells, no stage information used), raw
+    UMI counts.  The stage of each cell is when the embryo was collected, so
+    it orders the cells independently of their expression: the data set on
+    which ``benchmarks/bench_pseudotime.py`` checks pseudotime against a
+    known time.  ``lvmzoo/data/files/PROVENANCE.md`` gives the recipe.
+
+    Returns:
+      A new AnnData of shape ``(2699, 1000)`` on every call.  ``X`` is a
+      ``scipy.sparse.csr_matrix`` of integer-valued float32 counts (genes are
+      amphioxus gene IDs, ``bf_...``); ``obs`` holds ``stage`` (ordered
+      categorical, :data:`AMPHIOXUS_STAGES`: blastula B, gastrula G3-G6, neurula
+      N0-N3, larva L0), ``stage_id`` (the authors' E6-E14), ``stage_index``
+      (0-8), ``primer`` (polyT or random, the library's primer: a batch),
+      ``lineage`` (the authors' germ-layer annotation) and
+      ``total_counts_all_genes`` (the cell's counts over all 24,410 genes).
+    """
+    return _read_bundled("amphioxus_stages.h5ad")
+
+
+#: Short name of :func:`load_amphioxus`.
+amphioxus = load_amphioxus
+
 
 class DatasetInfo(NamedTuple):
     """A bundled data set: how to load it and what it is."""
@@ -217,6 +257,11 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
             load_paul15,
             "Paul et al. 2015 mouse myeloid progenitors, 2,660 × 240 raw UMI counts, 7 cell "
             "types from progenitors to 5 fates, Slingshot pseudotime of 2 lineages (via tradeSeq)",
+        ),
+        "amphioxus": DatasetInfo(
+            load_amphioxus,
+            "Ma et al. 2021 amphioxus embryos, 2,699 × 1,000 raw UMI counts, 9 stages from "
+            "blastula to larva (the capture stage orders the cells), 2 primers (via swnn)",
         ),
     }
 )

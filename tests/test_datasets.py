@@ -128,7 +128,8 @@ def test_package_ships_provenance_and_licences():
 
 
 def test_registry_and_load_by_name():
-    assert set(DATASETS) == {"mouse_10k", "wu2020", "kang_ifnb", "pbmc_citeseq", "paul15"}
+    assert set(DATASETS) == {"mouse_10k", "wu2020", "kang_ifnb", "pbmc_citeseq", "paul15",
+                             "amphioxus"}
     assert DEFAULT_DATASET == "mouse_10k"
     for name, (loader, description) in DATASETS.items():
         assert callable(loader) and isinstance(description, str) and description
@@ -136,6 +137,17 @@ def test_registry_and_load_by_name():
     assert load("wu2020").shape == (200, 2599)
     assert load("kang_ifnb").shape == (6000, 2039)
     assert load("paul15").shape == (2660, 240)
+    amphioxus = load("amphioxus")
+    assert amphioxus.shape == (2699, 1000)
+    assert list(amphioxus.obs["stage"].cat.categories) == list(datasets.AMPHIOXUS_STAGES)
+    assert amphioxus.obs["stage"].cat.ordered
+    counts = amphioxus.obs["stage"].value_counts()
+    assert counts.min() == 299 and counts.max() == 300
+    np.testing.assert_array_equal(amphioxus.obs["stage_index"].to_numpy(),
+                                  amphioxus.obs["stage"].cat.codes.to_numpy())
+    assert np.all(amphioxus.X.data == np.round(amphioxus.X.data))
+    assert np.all(np.asarray(amphioxus.X.sum(1)).ravel() > 0)
+    assert np.all(np.asarray(amphioxus.X.sum(0)).ravel() > 0)
 
 
 def test_load_unknown_name_lists_known_datasets():
