@@ -18,6 +18,9 @@ filtering):
   genes from 9 developmental stages (blastula to larva), 300 per stage, via the
   ``swnn`` sdist – a time course whose order (the stage of capture) is known
   independently of the expression.
+* :func:`load_hsmm` (also ``hsmm()``): 271 human skeletal muscle myoblasts × 1,000
+  genes, log(FPKM + 1), captured 0, 24, 48 and 72 hours into differentiation
+  (Trapnell et al. 2014), with Monocle's published pseudotime.
 
 All are already filtered so that every cell has at least one count and every
 gene is observed in at least one cell, as the data layer requires.
@@ -56,6 +59,8 @@ __all__ = [
     "paul15",
     "load_amphioxus",
     "amphioxus",
+    "load_hsmm",
+    "hsmm",
     "load_wu2020",
     "simulate_branching_trajectory",
     "simulate_counts",
@@ -224,6 +229,36 @@ def load_amphioxus() -> ad.AnnData:
 amphioxus = load_amphioxus
 
 
+def load_hsmm() -> ad.AnnData:
+    """Load differentiating human skeletal muscle myoblasts (HSMM): a 4-point time course.
+
+    Trapnell et al. (2014), *The dynamics and regulators of cell fate decisions are
+    revealed by pseudotemporal ordering of single cells*, Nature Biotechnology 32:381
+    (GEO GSE52529): myoblasts switched from growth to differentiation medium and
+    captured 0, 24, 48 and 72 hours later (Fluidigm C1, full-length RNA-seq), with
+    the pseudotime of Monocle (the paper's method), as Bioconductor's
+    ``HSMMSingleCell`` 1.18.0 ships them (Artistic-2.0; taken from the Debian package
+    ``r-bioc-hsmmsinglecell`` 1.18.0-1).  Values are ``log(FPKM + 1)`` (FPKM: not
+    counts), so fit with ``kind="continuous", transform="none"``.  The 1,000 genes
+    with the largest variance of ``log(FPKM + 1)`` among those with FPKM >= 1 in at
+    least 10 cells (no time information used).  ``lvmzoo/data/files/PROVENANCE.md``
+    gives the recipe.  Caveats of the data: the medium changes with the first time
+    step (the two are confounded), and some cells are contaminating fibroblasts.
+
+    Returns:
+      A new AnnData of shape ``(271, 1000)``, ``X`` dense float32; ``obs``:
+      ``hours`` (0 / 24 / 48 / 72: 69 / 74 / 79 / 49 cells), ``time_point`` (ordered
+      categorical ``"0 h"`` ... ``"72 h"``), ``medium`` (GM / DM),
+      ``mapped_fragments``, ``monocle_pseudotime`` and ``monocle_state`` (the
+      published Monocle ordering and its states); ``var["gene_short_name"]``.
+    """
+    return _read_bundled("hsmm_myoblasts.h5ad")
+
+
+#: Short name of :func:`load_hsmm`.
+hsmm = load_hsmm
+
+
 class DatasetInfo(NamedTuple):
     """A bundled data set: how to load it and what it is."""
 
@@ -262,6 +297,11 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
             load_amphioxus,
             "Ma et al. 2021 amphioxus embryos, 2,699 × 1,000 raw UMI counts, 9 stages from "
             "blastula to larva (the capture stage orders the cells), 2 primers (via swnn)",
+        ),
+        "hsmm": DatasetInfo(
+            load_hsmm,
+            "Trapnell et al. 2014 human myoblasts, 271 × 1,000 log(FPKM + 1), captured 0-72 h "
+            "into differentiation, with Monocle's pseudotime (Bioconductor HSMMSingleCell)",
         ),
     }
 )

@@ -129,7 +129,7 @@ def test_package_ships_provenance_and_licences():
 
 def test_registry_and_load_by_name():
     assert set(DATASETS) == {"mouse_10k", "wu2020", "kang_ifnb", "pbmc_citeseq", "paul15",
-                             "amphioxus"}
+                             "amphioxus", "hsmm"}
     assert DEFAULT_DATASET == "mouse_10k"
     for name, (loader, description) in DATASETS.items():
         assert callable(loader) and isinstance(description, str) and description
@@ -148,6 +148,12 @@ def test_registry_and_load_by_name():
     assert np.all(amphioxus.X.data == np.round(amphioxus.X.data))
     assert np.all(np.asarray(amphioxus.X.sum(1)).ravel() > 0)
     assert np.all(np.asarray(amphioxus.X.sum(0)).ravel() > 0)
+    hsmm = load("hsmm")
+    assert hsmm.shape == (271, 1000)
+    assert hsmm.obs["hours"].value_counts().sort_index().to_dict() == {0: 69, 24: 74, 48: 79,
+                                                                       72: 49}
+    assert np.isfinite(hsmm.X).all() and hsmm.X.min() >= 0  # log(FPKM + 1)
+    assert hsmm.obs["monocle_pseudotime"].notna().all()
 
 
 def test_load_unknown_name_lists_known_datasets():
