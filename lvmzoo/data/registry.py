@@ -557,7 +557,9 @@ def _check_values(x, kind, warn_unobserved_genes=True):
     if counts["fractional"]:
         raise DataError(
             f"count data has {counts['fractional']} non-integer values; pass raw counts "
-            "(e.g. layer='counts'), or use a Gaussian model with transform 'none'"
+            "(e.g. layer='counts'), or, for log-normalised or other continuous values, "
+            "kind='continuous' with transform='none' (CLI: --kind continuous --transform none) "
+            "and a model with a Gaussian likelihood"
         )
     if counts["above_one"]:
         raise DataError("binary data must be 0/1; binarise it first (e.g. x > 0)")
