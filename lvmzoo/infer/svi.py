@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -67,6 +68,25 @@ def epochs_in_one_program():
         yield
     finally:
         _EPOCHS_IN_ONE_PROGRAM.reset(token)
+
+
+_FIT_COMPILER_OPTIONS = contextvars.ContextVar("lvmzoo_fit_compiler_options", default=None)
+
+
+@contextlib.contextmanager
+def fits_compiled_with(options: Optional[dict]):
+    """Inside it, :func:`fit` compiles its programs (the epochs, validation) with XLA
+    compiler ``options`` (e.g. ``{"xla_backend_optimization_level": 0}``).
+
+    For fits where compiling is nearly all the time (a few epochs on a few dozen
+    cells, as :func:`lvmzoo.testing.check_model` runs): LLVM without its
+    optimisations compiles in about half the time and runs a little slower.
+    """
+    token = _FIT_COMPILER_OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _FIT_COMPILER_OPTIONS.reset(token)
 
 
 class FitDivergedError(RuntimeError):
@@ -230,10 +250,12 @@ def fit(
 
     started = time.perf_counter()
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    given = _FIT_COMPILER_OPTIONS.get()
+    options = {"compiler_options": given} if given else {}  # see fits_compiled_with
 
     def compile_epoch_programs():
         return {n_steps: placement.jit(run_epoch).lower(
-                    state, spec, train.arrays, scalar, scalar).compile()
+                    state, spec, train.arrays, scalar, scalar).compile(**options)
                 for n_steps, spec in train.chunk_specs(steps_per_epoch, batch_size).items()}
 
     # Held-out cells have no per-cell guide params (lvmzoo.infer.guides.refit_local
@@ -254,7 +276,7 @@ def fit(
             and shuffle is None and isinstance(train, DeviceSource) and placement.mesh is None):
         whole_fit = jax.jit(whole_fit_function(svi, train, steps_per_epoch, batch_size)).lower(
             state, train.arrays, key_shuffle, jax.ShapeDtypeStruct((epochs,), jnp.int32),
-            scalar).compile()
+            scalar).compile(**options)
     else:
         epoch_programs = compile_epoch_programs()
     if validate:
@@ -795,7 +817,7 @@ def _validation_program(svi, model, data, val_idx, key, train, placement, chunk=
     if isinstance(train, DeviceSource) and placement.mesh is None:
         cells = train.view(val_idx)
 
-        @jax.jit
+        @functools.partial(jax.jit, compiler_options=_FIT_COMPILER_OPTIONS.get())
         def chunk_loss(state, arrays, positions):
             batch = cells.gather(arrays, positions).replace(n_cells=positions.shape[0],
                                                             training=False)
@@ -809,7 +831,8 @@ def _validation_program(svi, model, data, val_idx, key, train, placement, chunk=
         if not data.is_backed:
             batches = list(batches)  # kept on the device(s)
         loss = jax.jit(lambda state, batch: elbo.loss(key, params(state), svi.model, svi.guide,
-                                                      batch))
+                                                      batch),
+                       compiler_options=_FIT_COMPILER_OPTIONS.get())
         losses = lambda state: (loss(state, b) for b in batches)
 
     def validate(state):
