@@ -75,6 +75,41 @@ def test_pseudotime_recovers_the_true_order(fitted, data, cells):
     np.testing.assert_allclose(annotated.obs[list(arc.columns)].to_numpy(), arc.to_numpy())
 
 
+def test_a_seed_ensemble_averages_times_of_one_direction(data, cells, tmp_path):
+    """``lvmzoo fit pseudotime --replicates R``: without a root each fit's direction is
+    arbitrary, so a member whose latent aligns onto member 0's by a reflection is read
+    backwards before the members' obs columns are averaged (``align_member_outputs``);
+    the model's own files (changing genes, trends) come from the ensemble too."""
+    ensemble = lvmzoo.fit(Pseudotime(), data, epochs=100, progress=False, seed=0, replicates=3)
+    annotated, _ = ensemble.annotate(cells, data)
+    truth = cells.obs["true_t"].to_numpy()
+    members = [m.annotate(cells, data)[0].obs["pseudotime"].to_numpy() for m in ensemble.members]
+    signs = [np.sign(stats.kendalltau(t, truth)[0]) for t in members]
+    tau = stats.kendalltau(annotated.obs["pseudotime"], truth)[0]
+    print(f"\nensemble of 3: member directions {signs}, ensemble Kendall tau {tau:+.3f}")
+    assert abs(tau) >= 0.9
+    assert abs(stats.kendalltau(annotated.obs["arc_length"], truth)[0]) >= 0.9
+    # each member read in member 0's direction, then averaged (here the members' directions
+    # differ: -1, +1, +1 against the truth on this data)
+    expected = np.mean([t if sign == signs[0] else 1.0 - t for t, sign in zip(members, signs)], 0)
+    np.testing.assert_allclose(annotated.obs["pseudotime"], expected, atol=1e-6)
+    assert np.all(annotated.obs["pseudotime_lower"] <= annotated.obs["pseudotime"] + 1e-9)
+    # the flip itself, on one member's outputs
+    one = ensemble.members[0].annotate(cells, data)[0]
+    flipped = one.copy()
+    ensemble.model.align_member_outputs(flipped, np.array([[-1.0]]))
+    for name in ("pseudotime", "arc_length"):
+        np.testing.assert_allclose(flipped.obs[name], 1.0 - one.obs[name])
+        np.testing.assert_allclose(flipped.obs[f"{name}_lower"], 1.0 - one.obs[f"{name}_upper"])
+    same = one.copy()
+    ensemble.model.align_member_outputs(same, np.array([[1.0]]))
+    np.testing.assert_array_equal(same.obs["pseudotime"], one.obs["pseudotime"])
+    written = ensemble.model.write_files(tmp_path, annotated, ensemble, data)
+    assert set(written) == {"pseudotime_trends.csv", "changing_genes.csv", "pseudotime.png"}
+    genes = pd.read_csv(tmp_path / "changing_genes.csv", index_col=0)
+    assert len(genes) == N_GENES and genes["amplitude"].notna().all()
+
+
 def test_pseudotime_intervals_cover_the_true_time(fitted, data, cells):
     """The 95 % intervals, on the prior's (rank) scale with the order statistic's spread
     (see lvmzoo.models.pseudotime), cover the true time of most cells; the mean-field

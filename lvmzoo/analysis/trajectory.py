@@ -37,7 +37,8 @@ def changing_genes(fitted, data, *, n_basis: int = 4, seed: int = 0) -> pd.DataF
     Args:
       fitted: a :class:`~lvmzoo.FittedModel` of :class:`~lvmzoo.models.Pseudotime`
         or :class:`~lvmzoo.models.SwitchPseudotime` (any model whose latent is
-        one column in ``[0, 1]`` works for the test itself).
+        one column in ``[0, 1]`` works for the test itself), or a seed ensemble of
+        one (its averaged time; the amplitudes from member 0's trends).
       data: the cells (CellData registered like the fit's).
       n_basis: cosine functions ``cos(k pi t)``, ``k = 1..n_basis``, of the
         alternative (the F test's numerator degrees of freedom).
@@ -80,7 +81,10 @@ def changing_genes(fitted, data, *, n_basis: int = 4, seed: int = 0) -> pd.DataF
                        index=pd.Index(data.registry.gene_names, name="gene"))
     trends = getattr(fitted.model, "trends", None)
     if trends is not None:
-        curves = trends(fitted.params, (np.arange(50) + 0.5) / 50)
+        # a seed ensemble has no one set of parameters: the trends of member 0 (whose
+        # uns["pseudotime_trends"] the ensemble's annotate keeps)
+        params = fitted.members[0].params if hasattr(fitted, "members") else fitted.params
+        curves = trends(params, (np.arange(50) + 0.5) / 50)
         mean = np.asarray(curves["mean"])
         if mean.ndim == 3:  # one trend per lineage (BranchingPseudotime): the widest
             widest = (mean.max(-1) - mean.min(-1)).argmax(0)

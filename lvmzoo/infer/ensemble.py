@@ -280,6 +280,11 @@ class FittedEnsemble:
             scratch = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()),
                                  var=pd.DataFrame(index=adata.var_names.copy()))
             added = m.model.annotate(scratch, m.params, latents[r], data)
+            # A model whose outputs depend on the latent's orientation (a pseudotime's
+            # direction) reads them the way the alignment onto member 0 turned its latent.
+            align = getattr(m.model, "align_member_outputs", None)
+            if align is not None:
+                align(scratch, self.alignment.rotation[r])
             if per_gene:
                 added += m.model.annotate_per_gene(scratch, m.params, data)
             extras.append(scratch)

@@ -559,6 +559,20 @@ class _TimeModel(LatentModel):
             adata.obs[column] = along[:, j]
         return keys + lineage_keys + [f'obs["{c}"]' for c in ARC_LENGTH_COLUMNS]
 
+    def align_member_outputs(self, adata, rotation) -> None:
+        """A seed ensemble's member whose time runs the other way from member 0's (its
+        latent's alignment onto member 0's is a reflection, ``rotation`` ``[[-1]]``) is read
+        backwards: ``pseudotime`` and ``arc_length`` become ``1 - `` themselves, their
+        interval ends swapped, so that the ensemble averages times of one direction
+        (without a root the direction of each fit is arbitrary: module docstring)."""
+        if float(np.asarray(rotation).reshape(-1)[0]) >= 0:
+            return
+        for name in ("pseudotime", "arc_length"):
+            lower = adata.obs[f"{name}_lower"].to_numpy()
+            upper = adata.obs[f"{name}_upper"].to_numpy()
+            adata.obs[name] = 1.0 - adata.obs[name].to_numpy()
+            adata.obs[f"{name}_lower"], adata.obs[f"{name}_upper"] = 1.0 - upper, 1.0 - lower
+
     def _annotate_lineages(self, adata, params, data) -> tuple[Optional[np.ndarray], list[str]]:
         """Each cell's weights over the curves ``(n, K)`` (``None``: one curve) and the
         outputs written for them; nothing for one-path models."""
@@ -1009,6 +1023,11 @@ class BranchingPseudotime(Pseudotime):
         return {"grid": np.asarray(grid), "mean": np.asarray(mean),
                 "lower": np.asarray(jnp.transpose(low, (1, 2, 0))),
                 "upper": np.asarray(jnp.transpose(high, (1, 2, 0)))}
+
+    def align_member_outputs(self, adata, rotation) -> None:
+        """Nothing: the lineages meet at ``t = 0``, so the time's direction is the model's
+        own (a member that disagrees put the junction elsewhere; reading it backwards would
+        not make it agree)."""
 
     def _annotate_lineages(self, adata, params, data) -> tuple[np.ndarray, list[str]]:
         """``obs["lineage"]`` (the most probable) and ``obsm["lineage_probability"]``."""
