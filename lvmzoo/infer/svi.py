@@ -495,8 +495,12 @@ def _svi_init(svi, key, batch, start):
     _set_up_guide(svi, batch, key)
     # Run once, on one minibatch: compiled without LLVM's optimisations (as the autoguide
     # setup, lvmzoo.infer.guides), which cost more than they save here.
-    program = jax.jit(lambda k, b, p: svi.init(k, b, init_params=p)).lower(
-        key, batch, start).compile(compiler_options=ONE_SHOT_COMPILER_OPTIONS)
+    init = jax.jit(lambda k, b, p: svi.init(k, b, init_params=p))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((key, batch, start))):
+        # Under a transformation (e.g. jax.eval_shape of initial_params_of): a program
+        # compiled ahead of time cannot take tracers, so trace through the jitted function.
+        return init(key, batch, start)
+    program = init.lower(key, batch, start).compile(compiler_options=ONE_SHOT_COMPILER_OPTIONS)
     return program(key, batch, start)
 
 
