@@ -88,6 +88,12 @@ def enable_compilation_cache(directory=None) -> Optional[Path]:
 
 #: What :func:`use_fast_cpu_compilation` adds to ``XLA_FLAGS``.
 FAST_CPU_COMPILATION_FLAG = "--xla_backend_optimization_level=2"
+
+# Compiler options of programs that run once or on a few dozen cells (``svi.init``, the
+# autoguide setup, check_model's battery), where compiling is nearly all the time: LLVM
+# without its optimisations compiles in about half the time (the values came out the
+# same bit for bit, batch-norm running statistics up to their last bit).
+UNOPTIMISED_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 # Packages that bring JAX an accelerator backend (the level is only measured on CPU).
 _ACCELERATOR_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
 

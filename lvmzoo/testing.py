@@ -104,6 +104,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 from numpyro.distributions import constraints
+from lvmzoo.cache import UNOPTIMISED_COMPILER_OPTIONS
 from lvmzoo.infer.evaluate import log_weights
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
@@ -119,7 +120,7 @@ SCALING_RTOL, SCALING_ATOL = 1e-4, 1e-2
 # time: they compile without LLVM's optimisations (empty cache, one core: the batteries of
 # scVI, SCANVI, totalVI, CPA and a small user model 195 -> 120 s; FittedModel's own
 # programs, latent and evaluate, compile as usual).
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+COMPILER_OPTIONS = UNOPTIMISED_COMPILER_OPTIONS
 
 
 # --------------------------------------------------------------------------

@@ -68,6 +68,7 @@ from numpyro import handlers
 from numpyro.distributions import biject_to
 from numpyro.infer import autoguide
 
+from lvmzoo.cache import UNOPTIMISED_COMPILER_OPTIONS
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import Batch, DeviceSource, n_steps_per_epoch
 from lvmzoo.infer.elbo import Trace_ELBO
@@ -457,7 +458,7 @@ class _SetUpInOneProgram:
         # Run once: LLVM's optimisations would cost more than they save (SCANVI's setup
         # compiles in 3.3 s instead of 5.9; the values came out the same bit for bit).
         program = jax.jit(traced_values).lower(key, args, kwargs).compile(
-            compiler_options={"xla_backend_optimization_level": 0})
+            compiler_options=UNOPTIMISED_COMPILER_OPTIONS)
         values = program(key, args, kwargs)
         for i, value in zip(traced, values):
             leaves[i] = value

@@ -34,6 +34,7 @@ import optax
 from numpyro.infer import SVI
 from tqdm import tqdm  # plain bars: tqdm.auto warns in Jupyter without ipywidgets
 
+from lvmzoo.cache import UNOPTIMISED_COMPILER_OPTIONS
 from lvmzoo.data.placement import Devices, Placement
 from lvmzoo.data.registry import CellData
 from lvmzoo.data.source import DeviceSource, epoch_steps, n_steps_per_epoch
@@ -414,7 +415,7 @@ def stop_message(history: dict) -> str:
 # two thirds of the time (SCANVI's init 4.3 -> 2.8 s on one core; 9 models x 2 guides
 # 61 -> 53 s CPU).  The params come out the same bit for bit; batch-norm running
 # statistics of the init's forward pass may differ in their last bit (reductions).
-ONE_SHOT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+ONE_SHOT_COMPILER_OPTIONS = UNOPTIMISED_COMPILER_OPTIONS
 
 # Cells × genes of the sample a model's data-dependent start values see (64 MiB float32).
 INIT_SAMPLE_ELEMENTS = 1 << 24
