@@ -314,6 +314,10 @@ def _build_model(name: str, config: dict[str, Any], origin: dict[str, Any]):
         raise ValueError(
             f"saved config of {name!r} has fields the installed model lacks: {', '.join(unknown)}"
         )
+    # A field added to a model after a save was written: the save meant the behaviour
+    # before it, which the class states (e.g. the pseudotime models' noise_floor = 0),
+    # not the new default.
+    config = {**getattr(cls, "older_saves_meant", {}), **config}
     return cls(**{k: _tuples(v) for k, v in config.items()})
 
 
