@@ -43,24 +43,29 @@ import scipy.sparse as sp  # noqa: E402
 import lvmzoo  # noqa: E402
 from lvmzoo import datasets  # noqa: E402
 
-# How the two xdist workers share the suite (``--dist loadgroup`` in pyproject.toml): each
-# module is one unit, run by one worker so its module fixtures are built once, except the
-# notebooks, each its own unit (together they take about a quarter of the suite). Units go
-# out heaviest first, so that no long module starts last while the other worker idles.
-# Measured seconds per module on the loaded 2-core machine (``pytest --durations``); a
+# How the two xdist workers share the suite (``--dist loadgroup`` in pyproject.toml): test by
+# test, in the order below: modules heaviest first (the notebooks, each about a minute, among
+# them), so that no long test starts last while the other worker idles.  A module's tests run
+# on both workers, so a module fixture may be built twice (about 50 s of the suite's ~3,170
+# worker-seconds).  Earlier this hook also marked each module as one ``xdist_group``, meant to
+# keep a module on one worker; it never took effect (xdist's worker plugin reads the marks in
+# its own collection hook, which runs before this conftest's), and the cold suite of 2026-12-07
+# ended on the two workers 4 s apart (1,587 / 1,583 s), so the marks were dropped, not fixed.
+# Measured worker-seconds per module in that run (``--durations=0``, setup included); a
 # module not listed counts as light.
 MODULE_SECONDS = {
-    "test_check_model.py": 300, "test_scale.py": 200, "test_real_data.py": 255,
-    "test_scanvi.py": 255, "test_totalvi.py": 225, "test_guides.py": 170,
-    "test_defaults.py": 145, "test_compare.py": 115, "test_mcmc_diagnostics.py": 100,
-    "test_ensembles.py": 90, "test_pseudotime.py": 90, "test_user_models.py": 90,
-    "test_fit_outputs.py": 85, "test_author_bugs.py": 70, "test_docs.py": 65,
+    "test_check_model.py": 375, "test_real_data.py": 196, "test_scanvi.py": 156,
+    "test_pseudotime.py": 155, "test_totalvi.py": 152, "test_scvi.py": 147,
+    "test_author_bugs.py": 125, "test_scale.py": 121, "test_ensembles.py": 121,
+    "test_guides.py": 104, "test_mcmc_diagnostics.py": 98, "test_gmm_prior.py": 92,
+    "test_defaults.py": 81, "test_user_models.py": 75, "test_compare.py": 69,
+    "test_perturbation.py": 68, "test_driver.py": 65, "test_fit_outputs.py": 61,
 }
 NOTEBOOK_SECONDS = 60
 
 
 def pytest_collection_modifyitems(config, items):
-    def unit(item) -> tuple[str, float]:
+    def weight(item) -> tuple[str, float]:
         module = Path(str(item.fspath)).name
         if module == "test_notebooks.py":
             return item.nodeid, NOTEBOOK_SECONDS
@@ -68,10 +73,9 @@ def pytest_collection_modifyitems(config, items):
 
     first_seen = {}
     for position, item in enumerate(items):
-        name, seconds = unit(item)
+        name, seconds = weight(item)
         first_seen.setdefault(name, (-seconds, position))
-        item.add_marker(pytest.mark.xdist_group(name=name))
-    items.sort(key=lambda item: first_seen[unit(item)[0]])
+    items.sort(key=lambda item: first_seen[weight(item)[0]])
 
 
 LABEL_FRACTION = 0.1
