@@ -395,7 +395,8 @@ def test_paul15_bundled():
 def test_cli_backed_fit_writes_what_an_in_memory_fit_writes(lognormalised_file, tmp_path):
     """On disk the CLI's result.h5ad holds the model's per-cell outputs too (the time, its
     interval, the trends), equal to those of the same saved model annotating the cells in
-    memory; the model's own files are written."""
+    memory; the model's own files are written, changing_genes.csv included (before, a
+    --backed fit skipped it without a word)."""
     out = tmp_path / "run"
     rc = cli.main(["fit", "pseudotime", str(lognormalised_file), "--kind", "continuous",
                    "--transform", "none", "--out", str(out), "--no-progress", "--epochs", "3",
@@ -412,6 +413,11 @@ def test_cli_backed_fit_writes_what_an_in_memory_fit_writes(lognormalised_file, 
                                    atol=1e-6)
     np.testing.assert_allclose(result.uns["pseudotime_trends"]["mean"],
                                in_memory.uns["pseudotime_trends"]["mean"], rtol=1e-5)
+    # the change test reads the file block by block: the in-memory test's numbers
+    on_disk = pd.read_csv(out / "changing_genes.csv", index_col=0).loc[cells.var_names]
+    expected = changing_genes(loaded, lvmzoo.query_anndata(cells, loaded.registry))
+    np.testing.assert_allclose(on_disk["f_stat"], expected["f_stat"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(on_disk["pvalue"], expected["pvalue"], rtol=1e-6, atol=1e-12)
 
 
 def test_many_basis_functions_or_a_long_lengthscale_keep_the_gradient_finite():

@@ -188,7 +188,8 @@ REFERENCE_SPEED = 5.0
 # Draws of the guide (at its quantiles (j - 1/2) / J) mixed for the reported interval.
 N_INTERVAL_NODES = 64
 BISECTION_STEPS = 24
-# ``lvmzoo fit`` writes changing_genes.csv for in-memory data up to this many cells x genes.
+# ``lvmzoo fit`` draws the cells' values in pseudotime.png for in-memory data up to this
+# many cells x genes (the figure reads them densely).
 CHANGING_GENES_VALUES = 50_000_000
 # The arc length (``_TimeModel.arc_length``): grid of reported times, and the obs columns.
 ARC_GRID_POINTS = 201
@@ -642,9 +643,11 @@ class _TimeModel(LatentModel):
     def write_files(self, out, annotated, fitted, data) -> list[str]:
         """Files ``lvmzoo fit`` writes beside ``result.h5ad``: ``pseudotime_trends.csv``
         (every gene's trend on the grid, with its 95 % band where the model has one),
-        ``pseudotime.png`` (:func:`lvmzoo.analysis.trajectory.trajectory_figure`) and,
-        for cells in memory up to :data:`CHANGING_GENES_VALUES` values,
-        ``changing_genes.csv`` (:func:`lvmzoo.analysis.trajectory.changing_genes`)."""
+        ``pseudotime.png`` (:func:`lvmzoo.analysis.trajectory.trajectory_figure`; the
+        cells' values in its trend panels for cells in memory up to
+        :data:`CHANGING_GENES_VALUES` values) and ``changing_genes.csv``
+        (:func:`lvmzoo.analysis.trajectory.changing_genes`, read block by block, so on
+        disk too)."""
         from pathlib import Path
 
         from lvmzoo.analysis import trajectory
@@ -656,14 +659,11 @@ class _TimeModel(LatentModel):
         table = trajectory.trends_table(annotated.uns["pseudotime_trends"])
         atomic_write_text(out / "pseudotime_trends.csv", table.to_csv(index=False))
         written.append("pseudotime_trends.csv")
+        genes = trajectory.changing_genes(fitted, data)
+        atomic_write_text(out / "changing_genes.csv", genes.sort_values("pvalue").to_csv())
+        written.append("changing_genes.csv")
         small = (not data.is_backed) and data.n_cells * data.n_genes <= CHANGING_GENES_VALUES
-        values = None
-        if small:
-            values = trajectory.expression_values(data)
-            genes = trajectory.changing_genes(fitted, data)
-            atomic_write_text(out / "changing_genes.csv",
-                              genes.sort_values("pvalue").to_csv())
-            written.append("changing_genes.csv")
+        values = trajectory.expression_values(data) if small else None
         save_figure(trajectory.trajectory_figure(annotated, values=values), out / "pseudotime.png")
         written.append("pseudotime.png")
         return written
