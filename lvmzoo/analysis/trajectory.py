@@ -97,8 +97,13 @@ def expression_values(data) -> np.ndarray:
     """Dense ``(n_cells, n_genes)`` float64 values to test: ``data``'s own values when they
     are continuous (e.g. log-normalised), ``log1p`` of counts per 10,000 for raw counts."""
     x = data.dense_x() if hasattr(data, "dense_x") else np.asarray(data.x)
-    x = np.asarray(x, np.float64)
-    if data.registry.kind == "counts" and data.registry.transform == "none":
+    return _tested_values(x, data.registry)
+
+
+def _tested_values(x, registry) -> np.ndarray:
+    """Dense float64 rows ``x`` as tested: as they are, or log1p CP10k of raw counts."""
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float64)
+    if registry.kind == "counts" and registry.transform == "none":
         library = np.maximum(x.sum(1, keepdims=True), 1.0)
         x = np.log1p(1e4 * x / library)
     return x
@@ -263,16 +268,12 @@ TEST_BLOCK = 4096
 
 def _expression_blocks(data):
     """``(first cell, values)`` of :func:`expression_values`, :data:`TEST_BLOCK` cells at a time."""
-    counts = data.registry.kind == "counts" and data.registry.transform == "none"
     x = data.x
     blocks = (x.blocks(TEST_BLOCK) if data.is_backed else
               (x[start:start + TEST_BLOCK] for start in range(0, data.n_cells, TEST_BLOCK)))
     start = 0
     for block in blocks:
-        y = np.asarray(block.toarray() if hasattr(block, "toarray") else block, np.float64)
-        if counts:
-            library = np.maximum(y.sum(1, keepdims=True), 1.0)
-            y = np.log1p(1e4 * y / library)
+        y = _tested_values(block, data.registry)
         yield start, y
         start += y.shape[0]
 

@@ -190,7 +190,7 @@ N_INTERVAL_NODES = 64
 BISECTION_STEPS = 24
 # ``lvmzoo fit`` draws the cells' values in pseudotime.png for in-memory data up to this
 # many cells x genes (the figure reads them densely).
-CHANGING_GENES_VALUES = 50_000_000
+FIGURE_VALUES = 50_000_000
 # The arc length (``_TimeModel.arc_length``): grid of reported times, and the obs columns.
 ARC_GRID_POINTS = 201
 ARC_LENGTH_COLUMNS = ("arc_length", "arc_length_lower", "arc_length_upper")
@@ -645,7 +645,7 @@ class _TimeModel(LatentModel):
         (every gene's trend on the grid, with its 95 % band where the model has one),
         ``pseudotime.png`` (:func:`lvmzoo.analysis.trajectory.trajectory_figure`; the
         cells' values in its trend panels for cells in memory up to
-        :data:`CHANGING_GENES_VALUES` values) and ``changing_genes.csv``
+        :data:`FIGURE_VALUES` values) and ``changing_genes.csv``
         (:func:`lvmzoo.analysis.trajectory.changing_genes`, read block by block, so on
         disk too)."""
         from pathlib import Path
@@ -662,7 +662,7 @@ class _TimeModel(LatentModel):
         genes = trajectory.changing_genes(fitted, data)
         atomic_write_text(out / "changing_genes.csv", genes.sort_values("pvalue").to_csv())
         written.append("changing_genes.csv")
-        small = (not data.is_backed) and data.n_cells * data.n_genes <= CHANGING_GENES_VALUES
+        small = (not data.is_backed) and data.n_cells * data.n_genes <= FIGURE_VALUES
         values = trajectory.expression_values(data) if small else None
         save_figure(trajectory.trajectory_figure(annotated, values=values), out / "pseudotime.png")
         written.append("pseudotime.png")
