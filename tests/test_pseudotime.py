@@ -269,12 +269,14 @@ def test_cli_fits_pseudotime_with_a_root_quickly(lognormalised_file, tmp_path):
     out = tmp_path / "run"
     rc = cli.main(["fit", "switch_pseudotime", str(lognormalised_file), "--kind", "continuous",
                    "--transform", "none", "--out", str(out), "--no-progress", "--epochs", "5", "--score-cells", "20",
-                   "--root-key", "early", "--root-value", "yes", "--plot-method", "pca"])
+                   "--root", "early=yes", "--plot-method", "pca"])  # the spelling
     assert rc == 0
     assert "pseudotime" in ad.read_h5ad(out / "result.h5ad").obs
     for name in ("pseudotime.png", "pseudotime_trends.csv", "changing_genes.csv"):
         assert (out / name).exists()
     assert "switch_time" in ad.read_h5ad(out / "result.h5ad").var
+    saved = lvmzoo.load_model(out / "model").model
+    assert (saved.root_key, saved.root_value) == ("early", "yes")
 
 
 def _one_line_error(capsys, argv):
@@ -299,6 +301,18 @@ def test_cli_refuses_a_root_value_no_cell_has(lognormalised_file, tmp_path, caps
         "fit", "pseudotime", str(lognormalised_file), "--kind", "continuous", "--transform",
         "none", "--out", str(tmp_path / "r"), "--root-key", "early"])
     assert "root_value" in err
+    err = _one_line_error(capsys, [
+        "fit", "pseudotime", str(lognormalised_file), "--kind", "continuous", "--transform",
+        "none", "--out", str(tmp_path / "r"), "--root", "early"])
+    assert "KEY=VALUE" in err
+    err = _one_line_error(capsys, [
+        "fit", "pseudotime", str(lognormalised_file), "--kind", "continuous", "--transform",
+        "none", "--out", str(tmp_path / "r"), "--root", "early=maybe"])
+    assert "maybe" in err and "yes" in err
+    err = _one_line_error(capsys, [
+        "fit", "ppca", str(lognormalised_file), "--kind", "continuous", "--out",
+        str(tmp_path / "r"), "--root", "early=yes"])
+    assert "no root" in err
 
 
 def test_cli_refuses_one_cell_and_nan_values(lognormalised_file, tmp_path, capsys):

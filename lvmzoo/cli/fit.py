@@ -18,7 +18,7 @@ from lvmzoo.cli.fit_outputs import (PER_GENE_VALUES, PLOT_CELLS, SCORE_CELLS, Po
 from lvmzoo.cli._distributed import add_distributed_options, start_distributed
 from lvmzoo.cli.fit_inputs import (BACKED_RAM_SHARE, _check_fit_ranges, _check_model_accepts,
                                    _check_same_cells_layout, _devices, _excluded,
-                                   _read_compactly, _score_cells, _train_from_disk,
+                                   _read_compactly, _root_fields, _score_cells, _train_from_disk,
                                    _use_warm_start_registry, _warm_start)
 from lvmzoo.models.base import LatentModel
 from lvmzoo.cli.options import (add_model_options, hyperparameters, model_class)
@@ -64,6 +64,10 @@ def add_parser(commands, models) -> None:
                           "cell_type=B,condition=stim to fit without the stimulated B cells "
                           "and predict them later with 'lvmzoo perturb'; repeat for more "
                           "groups (recorded in model.json; result.h5ad holds the fitted cells)")
+    fit.add_argument("--root", metavar="KEY=VALUE", default=None,
+                     help="pseudotime models: the cells known to be early, those whose "
+                          "obs[KEY] is VALUE (e.g. stage=B, or 'time_point=0 h'); the same as "
+                          "--root-key KEY --root-value VALUE (default: no root)")
     fit.add_argument("--out", required=True, metavar="DIR",
                      help="output directory (created if needed; earlier outputs are replaced)")
     fit.add_argument("--layer", metavar="L", default=None,
@@ -157,6 +161,7 @@ def run(args) -> int:
     writes_out = start_distributed(args)  # first: before anything touches a device
     cls = model_class(args.model)
     warm_start = _warm_start(args, cls) if args.from_run else None
+    _root_fields(args, cls)
     try:
         chosen = hyperparameters(cls, args)
         model = cls.from_scvi(warm_start, **chosen) if warm_start else cls(**chosen)

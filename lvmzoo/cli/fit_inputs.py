@@ -95,6 +95,24 @@ def _key_values(spec: str) -> dict[str, str]:
     return group
 
 
+def _root_fields(args, cls) -> None:
+    """``--root KEY=VALUE``: set the model's ``root_key`` / ``root_value`` flags from it."""
+    from lvmzoo.cli.options import cli_fields
+
+    if args.root is None:
+        return
+    key, sep, value = args.root.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise UsageError(f"--root {args.root!r}: write KEY=VALUE, the obs column and the value "
+                         "of the early cells, e.g. stage=B")
+    if not {"root_key", "root_value"} <= {f.name for f in cli_fields(cls)}:
+        raise UsageError(f"model {cls.name!r} has no root (--root is for the pseudotime "
+                         "models)")
+    if getattr(args, "root_key", None) is not None or getattr(args, "root_value", None) is not None:
+        raise UsageError("give --root KEY=VALUE or --root-key/--root-value, not both")
+    args.root_key, args.root_value = key.strip(), value.strip()
+
+
 def _check_fit_ranges(args) -> None:
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
