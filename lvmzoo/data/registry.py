@@ -665,7 +665,9 @@ def _covariates(adata, keys):
             )
         column = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy(np.float32)
         if not np.all(np.isfinite(column)):
-            raise DataError(f"covariate {key!r} has missing or non-numeric values")
+            raise DataError(f"covariate {key!r} has missing or non-numeric values; give a "
+                            "column of numbers for every cell (e.g. map stage names to "
+                            "their order)")
         columns.append(column)
     if not columns:
         return np.zeros((adata.n_obs, 0), np.float32)
