@@ -63,7 +63,7 @@ SMALL_SETTINGS: dict[str, dict[str, object]] = {
     "07_citeseq.ipynb": {"EPOCHS": 3, "N_LATENT": 4, "N_HIDDEN": 16, "N_CLUSTERS": 3,
                          "DE_SAMPLES": 200},
     "06_trajectories.ipynb": {"N_CELLS": 150, "N_GENES": 30, "EPOCHS": 5, "PAUL15_CELLS": 300,
-                              "PAUL15_EPOCHS": 3, "N_LINEAGES": 2},
+                              "PAUL15_EPOCHS": 3, "N_LINEAGES": 2, "HSMM_EPOCHS": 3},
 }
 
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=", re.MULTILINE)
