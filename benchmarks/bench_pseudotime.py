@@ -59,8 +59,8 @@ peak RSS (``VmHWM``) is reported along with its wall time, imports excluded):
   ensemble, their posterior-mean pseudotimes averaged per cell (what
   ``lvmzoo.fit(..., replicates=R)`` and ``FittedEnsemble.annotate`` give); one
   ordering, so one tau (no range); fixed a priori, not tuned;
-* ``pseudotime_capture`` / ``branching_capture`` (the time courses only: paul15 has no
-  capture times): the capture times as DeLorean's prior on each cell's time
+* ``pseudotime_capture`` / ``switch_capture`` / ``branching_capture`` (the time courses
+  only: paul15 has no capture times): the capture times as DeLorean's prior on each cell's time
   (``capture_key``: amphioxus ``stage_index``, HSMM ``hours``; default strength 20),
   not oriented afterwards (the prior gives the direction).  The capture times are the
   truth here, so these rows say what a user who has them gets, not whether the model
@@ -138,7 +138,7 @@ ROOT_TYPE = "Multipotent progenitors"
 N_LINEAGES = 4
 BRANCHING_ROOT_STRENGTH = 300.0
 MODEL_METHODS = ("pseudotime", "pseudotime_root", "switch", "switch_root", "branching",
-                 "branching_root", "pseudotime_capture", "branching_capture")
+                 "branching_root", "pseudotime_capture", "switch_capture", "branching_capture")
 METHODS = MODEL_METHODS + ("dpt", "best_pc")
 # Methods whose seeds are also averaged into one ordering (a seed ensemble: the
 # members' posterior-mean pseudotimes averaged per cell, as ``FittedEnsemble.annotate``
@@ -635,6 +635,8 @@ LABELS = {
                                    "averaged per cell, as `FittedEnsemble.annotate` does)",
     "pseudotime_capture": "lvmzoo Pseudotime, capture times as a prior (DeLorean's; "
                           "strength 20; not oriented)",
+    "switch_capture": "lvmzoo SwitchPseudotime, capture times as a prior (strength 20; not "
+                      "oriented)",
     "branching_capture": f"lvmzoo BranchingPseudotime K={N_LINEAGES}, capture times as a prior "
                          "(strength 20; not oriented)",
     "dpt": "scanpy DPT (root: an MPP cell)",

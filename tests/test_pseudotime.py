@@ -519,3 +519,19 @@ def test_many_basis_functions_or_a_long_lengthscale_keep_the_gradient_finite():
         basis = model._basis(t, lengthscale)
         grad = jax.grad(lambda ell: model._basis(t, ell).sum())(lengthscale)
         assert np.isfinite(np.asarray(basis)).all() and np.isfinite(float(grad)), n_basis
+
+
+def test_switch_start_finds_planted_switches():
+    """SwitchPseudotime's start (with capture times): each gene's switch fitted to given
+    times picks the planted direction, switch time and amplitude."""
+    time = jnp.linspace(0.0, 1.0, 200)
+    planted = [(10.0, 0.3, 2.0), (-10.0, 0.7, 1.0), (10.0, 0.5, 0.5)]  # slope, t0, amplitude
+    values = jnp.stack([a / (1.0 + jnp.exp(-k * (time - t0))) for k, t0, a in planted], 1)
+    values = values + 0.01 * jnp.sin(37.0 * time)[:, None] + 3.0
+    start = SwitchPseudotime()._trend_start(time, values - values.mean(0))
+    np.testing.assert_array_equal(np.sign(start["switch_slope"]), [1, -1, 1])
+    np.testing.assert_allclose(start["switch_time"], [0.3, 0.7, 0.5], atol=1e-6)
+    np.testing.assert_allclose(start["switch_amplitude"], [2.0, 1.0, 0.5], rtol=0.05)
+    fitted = values.mean(0) + start["baseline_shift"] + start["switch_amplitude"] / (
+        1.0 + jnp.exp(-start["switch_slope"] * (time[:, None] - start["switch_time"])))
+    np.testing.assert_allclose(fitted, values, atol=0.05)
