@@ -315,6 +315,12 @@ def test_cli_refuses_a_root_value_no_cell_has(lognormalised_file, tmp_path, caps
         "fit", "ppca", str(lognormalised_file), "--kind", "continuous", "--out",
         str(tmp_path / "r"), "--root", "early=yes"])
     assert "no root" in err
+    assert cli.main(["fit", "ppca", str(lognormalised_file), "--kind", "continuous", "--out",
+                     str(tmp_path / "p"), "--epochs", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["predict", str(tmp_path / "p"), str(lognormalised_file),
+                                   "--out", str(tmp_path / "p.csv")])
+    assert "neither predicts labels nor writes per-cell outputs" in err
 
 
 # Capture times of the simulated cells: 4 collections, at 0 / 24 / 48 / 72 h, that cut the
@@ -387,6 +393,13 @@ def test_cli_fits_with_capture_times(lognormalised_file, tmp_path):
     result = ad.read_h5ad(out / "result.h5ad")
     assert result.obs["pseudotime"].notna().all()
     assert lvmzoo.load_model(out / "model").model.capture_times == (0.0, 24.0, 48.0, 72.0)
+    # New cells (here: the same file) get their time from the saved run, no refitting.
+    assert cli.main(["predict", str(out), str(lognormalised_file), "--out",
+                     str(tmp_path / "t.csv")]) == 0
+    placed = pd.read_csv(tmp_path / "t.csv", index_col=0)
+    assert list(placed.index) == list(result.obs_names)
+    for column in ("pseudotime", "pseudotime_lower", "pseudotime_upper", "arc_length"):
+        np.testing.assert_allclose(placed[column], result.obs[column], rtol=1e-5, atol=1e-7)
 
 
 def test_cli_refuses_one_cell_and_nan_values(lognormalised_file, tmp_path, capsys):
