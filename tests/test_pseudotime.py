@@ -108,6 +108,13 @@ def test_a_seed_ensemble_averages_times_of_one_direction(data, cells, tmp_path):
     assert set(written) == {"pseudotime_trends.csv", "changing_genes.csv", "pseudotime.png"}
     genes = pd.read_csv(tmp_path / "changing_genes.csv", index_col=0)
     assert len(genes) == N_GENES and genes["amplitude"].notna().all()
+    # `lvmzoo predict` on the saved ensemble writes the same averaged times
+    lvmzoo.save_model(ensemble, tmp_path / "run" / "model")
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    assert cli.main(["predict", str(tmp_path / "run"), str(tmp_path / "cells.h5ad"), "--out",
+                     str(tmp_path / "t.csv")]) == 0
+    placed = pd.read_csv(tmp_path / "t.csv", index_col=0)
+    np.testing.assert_allclose(placed["pseudotime"], annotated.obs["pseudotime"], atol=1e-6)
 
 
 def test_pseudotime_intervals_cover_the_true_time(fitted, data, cells):

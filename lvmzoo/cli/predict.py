@@ -90,7 +90,8 @@ def _per_cell_outputs(fitted, adata, args, out) -> int:
 
     data = query_anndata(adata, fitted.registry, missing_genes="zero")
     result = ad.AnnData(obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
-    fitted.model.annotate(result, fitted.params, fitted.latent(data), data)
+    # One model, or a seed ensemble (its members' outputs averaged per cell, as fit writes).
+    fitted.annotate(result, data, per_gene=False, copy=False)
     table = result.obs
     atomic_write_file(out, lambda tmp: table.to_csv(tmp, index_label="cell"))
     print(f"placed {data.n_cells:,} cells with the {fitted.model.name} model in "
