@@ -67,14 +67,19 @@ def collect_options(models: dict[str, type]) -> dict[str, Option]:
             if known is not None:
                 known.models.append(name)
                 mine = docs.get(field.name, "")
-                if mine and (not known.help or (" as in " in known.help
-                                                and " as in " not in mine)):
+                if mine and (not known.help or (_refers(known.help)
+                                                and not _refers(mine))):
                     known.help = mine  # prefer the model that explains the field itself
                 continue
             parse, metavar = _parser_for(hints.get(field.name), field.default)
             options[field.name] = Option(field.name, flag_of(field), parse, metavar,
                                          docs.get(field.name, ""), [name])
     return options
+
+
+def _refers(help_text: str) -> bool:
+    """Whether a field's help only points at another model's ("as in Pseudotime")."""
+    return help_text.startswith("as in ") or " as in " in help_text
 
 
 def add_model_options(parser: argparse.ArgumentParser, models: dict[str, type]) -> None:

@@ -981,13 +981,10 @@ class SwitchPseudotime(_TimeModel):
       root_strength: ``b`` of the root cells' ``Beta(1, b)`` prior.
       root_code: the category code of root_value, set by ``lvmzoo.fit``
         (not a flag).
-      capture_key: numeric obs column of the times at which the cells were captured
-        (hours, days, stage numbers), a prior on each cell's time (see "Capture times" in
-        the module docstring); not with root_key.
-      capture_strength: ``k`` of the capture prior ``Beta(m k, (1 - m) k)`` (larger:
-        cells stay closer to their capture's rank).
-      capture_times: the distinct capture times, set by ``lvmzoo.fit`` (not a flag).
-      capture_ranks: their mid-ranks among the cells, set by ``lvmzoo.fit`` (not a flag).
+      capture_key: as in :class:`Pseudotime` (capture times as a prior).
+      capture_strength: as in :class:`Pseudotime`.
+      capture_times: as in :class:`Pseudotime` (set by ``lvmzoo.fit``).
+      capture_ranks: as in :class:`Pseudotime` (set by ``lvmzoo.fit``).
       reference_cells: ``N`` of the reported scale, set by ``lvmzoo.fit``
         (not a flag).
     """
@@ -1103,13 +1100,10 @@ class BranchingPseudotime(Pseudotime):
         (a few hundred puts the junction at the root cells; :class:`Pseudotime`'s
         10 left the progenitors mid-way on paul15).
       root_code: the category code of root_value, set by ``lvmzoo.fit`` (not a flag).
-      capture_key: numeric obs column of the times at which the cells were captured
-        (hours, days, stage numbers), a prior on each cell's time (see "Capture times" in
-        the module docstring); not with root_key.
-      capture_strength: ``k`` of the capture prior ``Beta(m k, (1 - m) k)`` (larger:
-        cells stay closer to their capture's rank).
-      capture_times: the distinct capture times, set by ``lvmzoo.fit`` (not a flag).
-      capture_ranks: their mid-ranks among the cells, set by ``lvmzoo.fit`` (not a flag).
+      capture_key: as in :class:`Pseudotime` (capture times as a prior).
+      capture_strength: as in :class:`Pseudotime`.
+      capture_times: as in :class:`Pseudotime` (set by ``lvmzoo.fit``).
+      capture_ranks: as in :class:`Pseudotime` (set by ``lvmzoo.fit``).
       reference_cells: ``N`` of the reported scale, set by ``lvmzoo.fit`` (not a flag).
     """
 
