@@ -500,7 +500,8 @@ class _TimeModel(LatentModel):
 
     def _trend_start(self, time, residual) -> dict:
         """Start values of the trend's params given start times ``(n,)`` of cells whose
-        values less the baseline are ``residual`` ``(n, G)`` (log scale); none by default."""
+        values less the baseline are ``residual`` ``(n, G)`` (log scale); none by default.
+        An entry ``"baseline_shift"`` ``(G,)`` is added to the baseline's start."""
         return {}
 
     def _root_start(self, x, is_root, key) -> Optional[tuple]:
