@@ -4,6 +4,8 @@ in one line, and changing_genes finds the genes that change."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import anndata as ad
 import jax.numpy as jnp
 import numpy as np
@@ -89,8 +91,9 @@ def test_a_seed_ensemble_averages_times_of_one_direction(data, cells, tmp_path):
     print(f"\nensemble of 3: member directions {signs}, ensemble Kendall tau {tau:+.3f}")
     assert abs(tau) >= 0.9
     assert abs(stats.kendalltau(annotated.obs["arc_length"], truth)[0]) >= 0.9
-    # each member read in member 0's direction, then averaged (here the members' directions
-    # differ: -1, +1, +1 against the truth on this data)
+    # each member read in member 0's direction, then averaged (since the direction
+    # convention, runs_backwards, the members agree here: -1, -1, -1 against the truth;
+    # before it they were -1, +1, +1; the flip itself is tested below)
     expected = np.mean([t if sign == signs[0] else 1.0 - t for t, sign in zip(members, signs)], 0)
     np.testing.assert_allclose(annotated.obs["pseudotime"], expected, atol=1e-6)
     assert np.all(annotated.obs["pseudotime_lower"] <= annotated.obs["pseudotime"] + 1e-9)
@@ -555,3 +558,25 @@ def test_switch_start_finds_planted_switches():
     fitted = values.mean(0) + start["baseline_shift"] + start["switch_amplitude"] / (
         1.0 + jnp.exp(-start["switch_slope"] * (time[:, None] - start["switch_time"])))
     np.testing.assert_allclose(fitted, values, atol=0.05)
+
+
+def test_without_a_root_the_reported_time_runs_the_way_more_genes_rise(fitted, data, cells):
+    """The direction convention (module docstring, "Direction"): among the large monotone
+    trends on the reported scale, rising ones are at least as many as falling ones; the
+    reported and the model's time map into each other either way."""
+    annotated, _ = fitted.annotate(cells, data)
+    trends = annotated.uns["pseudotime_trends"]["mean"]  # (G, T) on the reported grid
+    rho = np.array([stats.spearmanr(np.arange(trends.shape[1]), g)[0] for g in trends])
+    amplitude = trends.max(1) - trends.min(1)
+    large = amplitude >= np.median(amplitude)
+    rising, falling = int(np.sum(large & (rho > 0.9))), int(np.sum(large & (rho < -0.9)))
+    backwards = bool(fitted.model.runs_backwards(fitted.params))
+    print(f"\nrising {rising}, falling {falling}; model's t read backwards: {backwards}")
+    assert rising >= falling and rising > 0
+    grid = jnp.linspace(0.05, 0.95, 7)
+    there_and_back = fitted.model.reported_time(fitted.params,
+                                                fitted.model.model_time(fitted.params, grid))
+    np.testing.assert_allclose(there_and_back, grid, atol=1e-3)
+    # with a root the model's own direction stands
+    rooted = dataclasses.replace(fitted.model, root_key="early", root_value="yes", root_code=0)
+    assert not bool(rooted.runs_backwards(fitted.params))
