@@ -403,6 +403,7 @@ def test_cli_fits_with_capture_times(lognormalised_file, tmp_path):
     result = ad.read_h5ad(out / "result.h5ad")
     assert result.obs["pseudotime"].notna().all()
     assert lvmzoo.load_model(out / "model").model.capture_times == (0.0, 24.0, 48.0, 72.0)
+    assert lvmzoo.load_model(out).model.capture_times == (0.0, 24.0, 48.0, 72.0)  # --out itself
     # New cells (here: the same file) get their time from the saved run, no refitting.
     assert cli.main(["predict", str(out), str(lognormalised_file), "--out",
                      str(tmp_path / "t.csv")]) == 0

@@ -50,16 +50,13 @@ def _comma_list(text: str) -> list[str]:
 def _load_run(run_dir: str, what: str = "RUN_DIR"):
     """A saved model from a run directory (the --out of 'lvmzoo fit', or its model/)."""
     from lvmzoo.infer.saving import load_model
-    from lvmzoo.io import MODEL_FILE
 
     run = Path(run_dir)
     if not run.is_dir():
         raise UsageError(f"{what} {run_dir} is not a directory; give the --out directory of "
                          "'lvmzoo fit'")
-    if not (run / MODEL_FILE).is_file() and (run / "model" / MODEL_FILE).is_file():
-        run = run / "model"
     try:
-        return load_model(run)
+        return load_model(run)  # it finds the model/ of a fit's --out itself
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"cannot load a model from {run_dir}: {err}") from None
 

@@ -219,7 +219,8 @@ def load_model(path: PathLike, *, guide: Optional[Callable] = None) -> FittedMod
     """Load a run directory written by :func:`save_model`.
 
     Args:
-      path: the run directory.
+      path: the run directory (or the ``--out`` directory of ``lvmzoo fit``, whose
+        ``model/`` holds it).
       guide: the variational family, required when the model was fitted with
         a custom guide (guides are code and are not saved); ``None`` uses the
         model's own guide, or rebuilds the named guide (``make_guide``) the
@@ -236,6 +237,8 @@ def load_model(path: PathLike, *, guide: Optional[Callable] = None) -> FittedMod
         used and ``guide`` was not given.
     """
     path = Path(path)
+    if not (path / MODEL_FILE).is_file() and (path / "model" / MODEL_FILE).is_file():
+        path = path / "model"  # the --out directory of `lvmzoo fit`
     if (path / ENSEMBLE_FILE).is_file():
         return _load_ensemble(path, guide)
     return _load_one(path, guide)
