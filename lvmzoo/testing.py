@@ -809,6 +809,15 @@ def _check_log_likelihood(ctx: _Context) -> str:
 # --------------------------------------------------------------------------
 
 
+def _one_class(a: type, b: type) -> bool:
+    # The same source imported twice (by name and, for a saved run, by path) is one class.
+    try:
+        from lvmzoo.models.registry import same_model_class
+    except ImportError:
+        return a is b
+    return same_model_class(a, b)
+
+
 @contextlib.contextmanager
 def _registered(cls):
     """Register ``cls`` for loading by name while the block runs (where the zoo allows)."""
@@ -835,11 +844,11 @@ def _check_save_load(ctx: _Context) -> str:
     fitted = ctx.base_fit()
     cls = type(ctx.model)
     taken = getattr(zoo, "MODELS", {}).get(cls.name)
-    if taken is not None and taken is not cls:
+    if taken is not None and not _one_class(taken, cls):
         raise _Failed(f"model.name {cls.name!r} is already registered to "
                       f"{taken.__module__}.{taken.__qualname__}: a saved run would load as that "
                       "class; give the model a name of its own")
-    registered = taken is cls
+    registered = taken is not None
     with _registered(cls), tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "run"
         fitted.save(path)

@@ -75,7 +75,7 @@ def register_model(cls: Optional[type] = None, *, name: Optional[str] = None,
         raise ValueError(f"{cls.__qualname__} has no name: set the class attribute "
                          "name: ClassVar[str] = 'my_model'")
     known = MODELS.get(key)
-    if known is not None and not _same_class(known, cls) and not overwrite:
+    if known is not None and not same_model_class(known, cls) and not overwrite:
         raise ValueError(f"a model named {key!r} is already registered ({_import_path(known)}); "
                          f"choose another name for {_import_path(cls)} or pass overwrite=True")
     MODELS[key] = cls
@@ -90,9 +90,25 @@ def _check_model_class(cls) -> None:
                         "@dataclasses.dataclass(frozen=True) (its fields are the hyperparameters)")
 
 
-def _same_class(a: type, b: type) -> bool:
-    # A module imported twice (e.g. as a file and by name) makes two equal-looking classes.
-    return a is b or (_import_path(a) == _import_path(b) and a.__qualname__ == b.__qualname__)
+def same_model_class(a: type, b: type) -> bool:
+    """Whether ``a`` and ``b`` are one class, perhaps imported twice.
+
+    A file imported both by name (``from my_fa import TinyFA``) and by path (a
+    saved run of ``lvmzoo fit my_fa.py:TinyFA``) makes two class objects from the
+    same source; they count as one.
+    """
+    if a is b:
+        return True
+    if a.__qualname__ != b.__qualname__:
+        return False
+    source = _source_file(a)
+    return (source is not None and source == _source_file(b)) or _import_path(a) == _import_path(b)
+
+
+def _source_file(cls: type) -> Optional[Path]:
+    module = sys.modules.get(cls.__module__)
+    source = getattr(module, "__lvmzoo_source__", None) or getattr(module, "__file__", None)
+    return Path(source).resolve() if source else None
 
 
 def available_models() -> dict[str, type[LatentModel]]:
@@ -157,6 +173,12 @@ def _import_file(path: Path):
     module_name = f"lvmzoo_user_models.{path.stem}_{abs(hash(str(path))):x}"
     if module_name in sys.modules:
         return sys.modules[module_name]
+    # Already imported by name (`from my_fa import TinyFA` before loading a run of
+    # my_fa.py:TinyFA): use that module, so the loaded model is the user's class.
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and file.endswith(".py") and Path(file).resolve() == path:
+            return module
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     module.__lvmzoo_source__ = str(path)
