@@ -66,6 +66,11 @@ peak RSS (``VmHWM``) is reported along with its wall time, imports excluded):
   truth here, so these rows say what a user who has them gets, not whether the model
   finds an unknown order: the ceiling row (the cells ordered by the truth) is the
   capture times alone;
+* ``switch_markers`` (HSMM only): SwitchPseudotime with Ouija's marker priors on six
+  textbook genes of myoblast differentiation, chosen before any fit and not changed after
+  (``MARKERS``: MYOG, MEF2C, MYH3 and TNNT1 switch on; the cell-cycle genes CCNB1 and
+  CCNB2 switch off as the cells exit the cycle), no switch times; not oriented afterwards
+  (the markers give the direction);
 * ``final_loss`` in the JSON: the fit's training loss (negative ELBO, nats per cell)
   averaged over its last 20 epochs, to compare optima of one model;
 * ``dpt``: scanpy's diffusion pseudotime, the recipe of scanpy's own paul15 tutorial
@@ -138,7 +143,8 @@ ROOT_TYPE = "Multipotent progenitors"
 N_LINEAGES = 4
 BRANCHING_ROOT_STRENGTH = 300.0
 MODEL_METHODS = ("pseudotime", "pseudotime_root", "switch", "switch_root", "branching",
-                 "branching_root", "pseudotime_capture", "switch_capture", "branching_capture")
+                 "branching_root", "pseudotime_capture", "switch_capture", "branching_capture",
+                 "switch_markers")
 METHODS = MODEL_METHODS + ("dpt", "best_pc")
 # Methods whose seeds are also averaged into one ordering (a seed ensemble: the
 # members' posterior-mean pseudotimes averaged per cell, as ``FittedEnsemble.annotate``
@@ -185,6 +191,10 @@ ROOTS = {"paul15": ("celltype", ROOT_TYPE), "amphioxus": ("stage", "B"),
 # The capture times of the time courses (``*_capture`` methods: DeLorean's prior; paul15
 # has none): numeric obs columns.
 CAPTURE = {"amphioxus": "stage_index", "hsmm": "hours"}
+# Marker genes (``switch_markers``: Ouija's priors) by gene symbol, fixed a priori: genes
+# that switch on in myoblast differentiation and cell-cycle genes that switch off.
+MARKERS = {"hsmm": ("MYOG:up", "MEF2C:up", "MYH3:up", "TNNT1:up", "CCNB1:down",
+                    "CCNB2:down")}
 SETUP = {"paul15": dict(kind="counts", transform="log1p_cp10k"),
          "amphioxus": dict(kind="counts", transform="log1p_cp10k"),
          "hsmm": dict(kind="continuous", transform="none")}
@@ -229,6 +239,10 @@ def worker_model(method: str, seed: int, epochs: Optional[int],
     root = dict(root_key=root_key, root_value=root_value) if method.endswith("_root") else {}
     if method.endswith("_capture"):
         root = {"capture_key": CAPTURE[dataset]}
+    if method.endswith("_markers"):  # symbols -> var_names (hsmm's are Ensembl IDs)
+        by_symbol = dict(zip(adata.var["gene_short_name"].astype(str), adata.var_names))
+        root = {"markers": tuple(f"{by_symbol[m.partition(':')[0]]}:{m.partition(':')[2]}"
+                                 for m in MARKERS[dataset])}
     if method.startswith("branching"):
         root = {**root, "root_strength": BRANCHING_ROOT_STRENGTH} if "root_key" in root else root
         model = BranchingPseudotime(n_lineages=N_LINEAGES, **root)
@@ -245,7 +259,8 @@ def worker_model(method: str, seed: int, epochs: Optional[int],
     upper = annotated.obs["pseudotime_upper"].to_numpy()
     # Unsupervised fits are oriented by the root cells; with capture times the time's
     # direction is the model's own (not flipped).
-    t, flipped = (t, False) if method.endswith("_capture") else orient(t, early)
+    told = method.endswith(("_capture", "_markers"))  # the direction is given
+    t, flipped = (t, False) if told else orient(t, early)
     if flipped:
         lower, upper = 1.0 - upper, 1.0 - lower
     extra = {}
@@ -471,6 +486,8 @@ def run_real(seeds, epochs, timeout, methods=METHODS,
         for method in methods:
             if method.endswith("_capture") and dataset not in CAPTURE:
                 continue  # no capture times in this data set
+            if method.endswith("_markers") and dataset not in MARKERS:
+                continue
             if method in MODEL_METHODS:
                 spec = {"kind": "model", "method": method, "seed": seed, "epochs": epochs,
                         "dataset": dataset}
@@ -639,6 +656,8 @@ LABELS = {
                       "oriented)",
     "branching_capture": f"lvmzoo BranchingPseudotime K={N_LINEAGES}, capture times as a prior "
                          "(strength 20; not oriented)",
+    "switch_markers": "lvmzoo SwitchPseudotime, 6 marker genes as priors (Ouija's; MYOG, "
+                      "MEF2C, MYH3, TNNT1 on, CCNB1, CCNB2 off; not oriented)",
     "dpt": "scanpy DPT (root: an MPP cell)",
     "best_pc": "best single PC (oracle choice of 10)",
 }

@@ -581,3 +581,71 @@ def test_without_a_root_the_reported_time_runs_the_way_more_genes_rise(fitted, d
     # with a root the model's own direction stands
     rooted = dataclasses.replace(fitted.model, root_key="early", root_value="yes", root_code=0)
     assert not bool(rooted.runs_backwards(fitted.params))
+
+
+def _marker_genes(cells, rising: int = 2, falling: int = 1) -> tuple[list[str], list[str]]:
+    pattern = cells.var["pattern"]
+    return (list(pattern.index[pattern == "rise"][:rising]),
+            list(pattern.index[pattern == "fall"][:falling]))
+
+
+def test_marker_genes_set_the_direction_of_the_switch_model(data, cells):
+    """Ouija's marker priors: genes known to switch on (off) set which end is early, even
+    against the direction the genes-rise convention would pick."""
+    up, down = _marker_genes(cells)
+    truth = cells.obs["true_t"].to_numpy()
+    told = [f"{g}:up" for g in up] + [f"{g}:down@0.5" for g in down]
+    backwards = [f"{g}:down" for g in up] + [f"{g}:up" for g in down]
+    for markers, sign in ((told, 1.0), (backwards, -1.0)):
+        fitted = lvmzoo.fit(SwitchPseudotime(markers=tuple(markers)), data, epochs=200,
+                            progress=False, seed=0)
+        annotated, keys = fitted.annotate(cells, data)
+        tau = stats.kendalltau(annotated.obs["pseudotime"], truth)[0]
+        marked = annotated.var.loc[up + down]
+        print(f"\nmarkers {markers}: Kendall tau {tau:+.3f}, slopes "
+              f"{np.round(marked['switch_slope'].to_numpy(), 1)}")
+        assert sign * tau >= 0.8
+        assert 'var["marker"]' in keys
+        expected = ["up"] * len(up) + ["down"] * len(down)
+        if sign < 0:
+            expected = [{"up": "down", "down": "up"}[d] for d in expected]
+        assert list(marked["marker"]) == expected
+        assert np.all(np.sign(marked["switch_slope"]) == [1 if d == "up" else -1
+                                                          for d in expected])
+
+
+def test_marker_prior_is_the_stated_density(data, cells):
+    """The log density the model adds for the markers: Normal(+-10, 2.5) on each marker's
+    slope, Normal(T, 0.1) on a timed marker's switch time on the reported scale."""
+    from numpyro import handlers
+
+    from lvmzoo.data.source import DeviceSource
+    from lvmzoo.models.pseudotime import parse_marker
+
+    up, down = _marker_genes(cells, rising=1, falling=1)
+    model = SwitchPseudotime(markers=(f"{up[0]}:up@0.3", f"{down[0]}:down")).for_data(data)
+    fitted = lvmzoo.fit(model, data, epochs=2, progress=False, seed=1)
+    params = fitted.params
+    batch = DeviceSource(data).full_batch()
+    trace = handlers.trace(handlers.substitute(handlers.seed(fitted.model.model, 0),
+                                               data=params)).get_trace(batch)
+    genes = list(data.registry.gene_names)
+    i, j = genes.index(up[0]), genes.index(down[0])
+    slope, t0 = np.asarray(params["switch_slope"]), np.asarray(params["switch_time"])
+    reported = float(fitted.model.reported_time(params, t0[i]))
+    expected = (stats.norm.logpdf(slope[i], 10.0, 2.5) + stats.norm.logpdf(slope[j], -10.0, 2.5)
+                + stats.norm.logpdf(reported, 0.3, 0.1))
+    assert float(trace["marker_prior"]["fn"].log_prob(0.0).sum()) == pytest.approx(expected,
+                                                                                    rel=1e-5)
+    assert parse_marker("MYOG:up@0.6") == ("MYOG", "up", 0.6)
+    assert parse_marker("HLA-A:down") == ("HLA-A", "down", None)
+
+
+def test_marker_bad_input_gets_one_clear_line(lognormalised_file, tmp_path, capsys):
+    base = ["fit", "switch_pseudotime", str(lognormalised_file), "--kind", "continuous",
+            "--transform", "none", "--out", str(tmp_path / "r")]
+    assert "gene9:sideways" in _one_line_error(capsys, base + ["--markers", "gene9:sideways"])
+    assert "(0, 1)" in _one_line_error(capsys, base + ["--markers", "gene9:up@1.5"])
+    err = _one_line_error(capsys, base + ["--markers", "gene9:up,MYOG:up"])
+    assert "'MYOG'" in err and "var_names" in err
+    assert "twice" in _one_line_error(capsys, base + ["--markers", "gene9:up,gene9:down"])
