@@ -610,6 +610,11 @@ def test_marker_genes_set_the_direction_of_the_switch_model(data, cells):
         if sign < 0:
             expected = [{"up": "down", "down": "up"}[d] for d in expected]
         assert list(marked["marker"]) == expected
+        # pseudotime.png draws the markers first, then the genes that change most
+        titles = [ax.get_title() for ax in trajectory_figure(
+            annotated, first=fitted.model._figure_genes(data)).axes if ax.get_title()]
+        assert titles[1:4] == [f"{g} (marker)" for g in up + down]
+        assert len(titles) == 7 and not titles[4].endswith("(marker)")
         assert np.all(np.sign(marked["switch_slope"]) == [1 if d == "up" else -1
                                                           for d in expected])
 

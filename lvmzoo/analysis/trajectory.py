@@ -318,7 +318,7 @@ def top_trend_genes(trends, n: int = 6) -> np.ndarray:
 
 
 def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=None,
-                      view: str = "", values=None, seed: int = 0):
+                      view: str = "", values=None, seed: int = 0, first=()):
     """``pseudotime.png``: the cells in a 2-D view coloured by pseudotime, then the fitted
     trends (mean and 95 % band) of the genes that change most, over the cells' values.
 
@@ -326,6 +326,8 @@ def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=No
       annotated: AnnData with ``obs["pseudotime"]`` and ``uns["pseudotime_trends"]``
         (from ``FittedModel.annotate`` of a pseudotime model).
       genes: gene names to draw (default: the ``n_genes`` with the largest trend range).
+      first: gene names drawn before those (a model's marker genes); the largest-range
+        genes then fill the panels up to ``n_genes`` in all.
       coordinates: ``(n_cells, 2)`` view of the cells; default ``obsm["X_umap"]`` when
         present, else the first two principal components of ``values``, else
         pseudotime against its rank.
@@ -342,8 +344,12 @@ def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=No
 
     trends = annotated.uns["pseudotime_trends"]
     names = list(np.asarray(trends.get("genes", annotated.var_names)).astype(str))
-    chosen = (top_trend_genes(trends, n_genes) if genes is None
-              else np.array([names.index(str(g)) for g in genes]))
+    if genes is None:
+        marked = [names.index(str(g)) for g in first]
+        ranked = [g for g in top_trend_genes(trends, n_genes + len(marked)) if g not in marked]
+        chosen = np.array(marked + ranked[:max(n_genes - len(marked), 0)], int)
+    else:
+        chosen = np.array([names.index(str(g)) for g in genes])
     t = annotated.obs["pseudotime"].to_numpy(np.float64)
     cells = np.arange(t.size)
     if t.size > FIGURE_CELLS:
@@ -372,7 +378,8 @@ def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=No
     ax = fig.add_subplot(rows, columns, 1)
     points = ax.scatter(*np.asarray(coordinates, np.float64).T, c=t[cells], s=size,
                         cmap="viridis", vmin=0, vmax=1, linewidths=0, rasterized=True)
-    fig.colorbar(points, ax=ax, shrink=0.8, label="pseudotime")
+    fig.colorbar(points, ax=ax, shrink=0.8)  # the title names the colour (a label sat
+    # beside the next panel's axis and read as its own)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel(f"{view} 1" if view else "")
@@ -401,8 +408,13 @@ def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=No
             ax.plot(grid, centre[g], color=colour, label=label)
         if branching and i == 0:
             ax.legend(fontsize=7, frameon=False)
-        ax.set_title(names[g])
+        ax.set_title(names[g] + (" (marker)" if names[g] in set(map(str, first)) else ""))
         ax.set_xlabel("pseudotime")
+        if i % columns == columns - 1 or i == 0:  # the first panel of each row of trends
+            ax.set_ylabel("expression (log scale)")
         ax.set_xlim(0, 1)
-    fig.suptitle("pseudotime and the trends of the genes that change most")
+    shown = ["marker genes"] if len(first) else []
+    if len(chosen) > len(first):
+        shown.append("genes that change most")
+    fig.suptitle("pseudotime and the trends of the " + " and of the ".join(shown))
     return fig

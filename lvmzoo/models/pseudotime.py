@@ -833,6 +833,10 @@ class _TimeModel(LatentModel):
             (times.shape[0],) + (1,) * (times.ndim - 1) + (lengths.shape[1],))
         return (weights * along).sum(-1)
 
+    def _figure_genes(self, data) -> tuple[str, ...]:
+        """Genes ``pseudotime.png`` draws before the largest-range ones (none by default)."""
+        return ()
+
     def write_files(self, out, annotated, fitted, data) -> list[str]:
         """Files ``lvmzoo fit`` writes beside ``result.h5ad``: ``pseudotime_trends.csv``
         (every gene's trend on the grid, with its 95 % band where the model has one),
@@ -857,7 +861,9 @@ class _TimeModel(LatentModel):
         written.append("changing_genes.csv")
         small = (not data.is_backed) and data.n_cells * data.n_genes <= FIGURE_VALUES
         values = trajectory.expression_values(data) if small else None
-        save_figure(trajectory.trajectory_figure(annotated, values=values), out / "pseudotime.png")
+        save_figure(trajectory.trajectory_figure(annotated, values=values,
+                                                 first=self._figure_genes(data)),
+                    out / "pseudotime.png")
         written.append("pseudotime.png")
         return written
 
@@ -1159,6 +1165,10 @@ class SwitchPseudotime(_TimeModel):
 
     def _direction_given(self) -> bool:
         return super()._direction_given() or bool(self.markers)
+
+    def _figure_genes(self, data) -> tuple[str, ...]:
+        """The marker genes, drawn first in ``pseudotime.png``."""
+        return tuple(parse_marker(text)[0] for text in self.markers)
 
     def _known_genes_prior(self, sites, reference) -> None:
         """The markers' priors: slope ``~ Normal(+-MARKER_SLOPE, MARKER_SLOPE_SD)`` by
