@@ -321,6 +321,10 @@ class _Context:
             rng = np.random.default_rng(seed)
             data = data.subset(np.sort(rng.choice(data.n_cells, n_cells, replace=False)))
         self.data = data.to_memory() if data.is_backed else data
+        # As lvmzoo.fit does: settings that name data (a root category, marker genes) are
+        # resolved against it first, else every check that runs the model directly fails.
+        for_data = getattr(model, "for_data", None)
+        self.model = for_data(self.data) if callable(for_data) else model
         self.n = self.data.n_cells
         self.source = DeviceSource(self.data)
         self._gather = jax.jit(self.source.gather, compiler_options=COMPILER_OPTIONS)

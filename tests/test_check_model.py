@@ -381,3 +381,17 @@ def test_importance_sampling_of_a_latent_left_to_its_prior(cells):
     exact = fitted.evaluate(data)["avg_log_likelihood"]
     sampled = fitted.evaluate(data, n_samples=256, method="importance_sampling")
     assert abs(sampled["avg_log_likelihood"] - exact) < 0.1, (sampled, exact)
+
+
+def test_settings_that_name_the_data_are_resolved_before_the_checks():
+    """A model whose settings name the data (a root category, marker genes) is checked as
+    lvmzoo.fit fits it, resolved against the data first; unresolved, every check that
+    runs the model itself failed ("was not resolved against the data")."""
+    from lvmzoo.models import SwitchPseudotime
+
+    cells = datasets.simulate_trajectory(120, 20, seed=2)
+    model = SwitchPseudotime(markers=("gene1:up",), root_key="early", root_value="yes")
+    data = lvmzoo.setup_anndata(cells, kind="counts", transform="log1p_cp10k",
+                                **model.registration())
+    report = check_model(model, data, guides=())
+    assert report.ok, str(report)
