@@ -654,3 +654,34 @@ def test_marker_bad_input_gets_one_clear_line(lognormalised_file, tmp_path, caps
     err = _one_line_error(capsys, base + ["--markers", "gene9:up,MYOG:up"])
     assert "'MYOG'" in err and "var_names" in err
     assert "twice" in _one_line_error(capsys, base + ["--markers", "gene9:up,gene9:down"])
+
+
+def test_interval_quantiles_run_betainc_only_where_needed_and_agree():
+    """The reported interval's bisection runs the exact Beta CDF only on the rows that need
+    it (shapes <= 30: cells among the first or last ~30 training cells); the quantiles are
+    those of bisecting the full mixture CDF on both of its paths (to 1e-6: XLA may round
+    a fused CDF's last bit differently, which moves a bisection by its last step, 6e-8)."""
+    import jax
+
+    from lvmzoo.models.pseudotime import (BISECTION_STEPS, EXACT_ROWS, _mixture_cdf,
+                                          _mixture_quantiles)
+
+    def reference(a, b, level):
+        low, high = jnp.zeros(a.shape[0]), jnp.ones(a.shape[0])
+        for _ in range(BISECTION_STEPS):
+            mid = 0.5 * (low + high)
+            below = _mixture_cdf(mid, a, b) < level
+            low, high = jnp.where(below, mid, low), jnp.where(below, high, mid)
+        return 0.5 * (low + high)
+
+    rng = np.random.default_rng(0)
+    for n_reference, n_rows in ((200_000, 1000), (300, 2 * EXACT_ROWS)):  # gathered, full
+        rank = rng.uniform(0, 1, (n_rows, 8))
+        rank[:5] = rng.uniform(0, 1e-4, (5, 8))  # cells at the very start
+        a = jnp.asarray(n_reference * rank + 0.5, jnp.float32)
+        b = jnp.asarray(n_reference * (1 - rank) + 0.5, jnp.float32)
+        small = int((jnp.minimum(a, b) <= 30).any(-1).sum())
+        assert (small <= EXACT_ROWS) == (n_reference == 200_000)
+        lower, upper = jax.jit(lambda a, b: _mixture_quantiles(a, b, (0.025, 0.975)))(a, b)
+        np.testing.assert_allclose(lower, reference(a, b, 0.025), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(upper, reference(a, b, 0.975), rtol=0, atol=1e-6)

@@ -242,6 +242,10 @@ REFERENCE_SPEED = 5.0
 # Draws of the guide (at its quantiles (j - 1/2) / J) mixed for the reported interval.
 N_INTERVAL_NODES = 64
 BISECTION_STEPS = 24
+# A Beta(a, b) CDF is a Normal's when both shapes exceed this (``_mixture_cdf``); the
+# exact ``betainc`` runs on at most EXACT_ROWS rows of a batch (``_mixture_quantiles``).
+NORMAL_SHAPES = 30.0
+EXACT_ROWS = 128
 # ``lvmzoo fit`` draws the cells' values in pseudotime.png for in-memory data up to this
 # many cells x genes (the figure reads them densely).
 FIGURE_VALUES = 50_000_000
@@ -656,19 +660,8 @@ class _TimeModel(LatentModel):
         the 2.5 % / 97.5 % quantiles (by bisection) of the mixture of :meth:`_time_mixture`."""
         a, b = self._time_mixture(params, batch)
         mean = jnp.mean(a / (a + b), -1)
-
-        def quantile(level):
-            def step(_, bounds):
-                low, high = bounds
-                mid = 0.5 * (low + high)
-                below = _mixture_cdf(mid, a, b) < level
-                return jnp.where(below, mid, low), jnp.where(below, high, mid)
-
-            low, high = jax.lax.fori_loop(0, BISECTION_STEPS, step,
-                                          (jnp.zeros_like(mean), jnp.ones_like(mean)))
-            return 0.5 * (low + high)
-
-        return mean, quantile(0.025), quantile(0.975)
+        lower, upper = _mixture_quantiles(a, b, (0.025, 0.975))
+        return mean, lower, upper
 
     def latent(self, params, batch: Batch, key: jax.Array) -> jax.Array:
         """The reported pseudotime's posterior mean (on the prior's scale), ``(B, 1)``."""
@@ -969,14 +962,59 @@ def from_rank(p, reference) -> jax.Array:
 
 def _mixture_cdf(x, a, b) -> jax.Array:
     """CDF at ``x`` ``(B,)`` of the equal-weight mixture of ``Beta(a_j, b_j)`` ``(B, J)``;
-    a Normal with the Beta's moments where both shapes exceed 30 (float32 ``betainc``
-    loses accuracy there)."""
-    x = x[:, None]
+    a Normal with the Beta's moments where both shapes exceed :data:`NORMAL_SHAPES`
+    (float32 ``betainc`` loses accuracy there)."""
+    return jnp.mean(jnp.where(jnp.minimum(a, b) > NORMAL_SHAPES, _normal_cdf(x, a, b),
+                              jax.scipy.special.betainc(a, b, jnp.clip(x[:, None], 0.0, 1.0))),
+                    -1)
+
+
+def _normal_cdf(x, a, b) -> jax.Array:
     n = a + b
     mean, sd = a / n, jnp.sqrt(a * b / (n * n * (n + 1.0)))
-    normal = jax.scipy.special.ndtr((x - mean) / sd)
-    exact = jax.scipy.special.betainc(a, b, jnp.clip(x, 0.0, 1.0))
-    return jnp.mean(jnp.where(jnp.minimum(a, b) > 30.0, normal, exact), -1)
+    return jax.scipy.special.ndtr((x[:, None] - mean) / sd)
+
+
+def _mixture_quantiles(a, b, levels) -> tuple[jax.Array, ...]:
+    """The ``levels`` quantiles ``(B,)`` each of :func:`_mixture_cdf`'s mixtures, by
+    :data:`BISECTION_STEPS` bisection steps.
+
+    Why not simply bisect :func:`_mixture_cdf`: its ``betainc`` (a continued fraction)
+    is nearly all the cost, and it is needed only where a shape is at most
+    :data:`NORMAL_SHAPES`, i.e. for cells ranked among the first or last ~30 of the
+    ``N`` training cells.  So ``betainc`` runs on those rows alone, gathered into
+    :data:`EXACT_ROWS` slots; a batch with more such rows (small ``N``) takes the full
+    computation.  The same numbers either way (each entry is computed as before); at
+    200,000 training cells the per-cell outputs of ``lvmzoo fit`` took 225 s, nearly all
+    here."""
+    n_rows = a.shape[0]
+    slots = min(n_rows, EXACT_ROWS)
+    small = jnp.minimum(a, b) <= NORMAL_SHAPES
+    rows = jnp.nonzero(small.any(-1), size=slots, fill_value=0)[0]
+
+    def gathered_cdf(x):
+        normal = _normal_cdf(x, a, b)
+        exact = jax.scipy.special.betainc(a[rows], b[rows], jnp.clip(x[rows, None], 0.0, 1.0))
+        mixed = normal.at[rows].set(jnp.where(small[rows], exact, normal[rows]))
+        return jnp.mean(mixed, -1)
+
+    def bisect(cdf):
+        def quantile(level):
+            def step(_, bounds):
+                low, high = bounds
+                mid = 0.5 * (low + high)
+                below = cdf(mid) < level
+                return jnp.where(below, mid, low), jnp.where(below, high, mid)
+
+            start = (jnp.zeros(n_rows, a.dtype), jnp.ones(n_rows, a.dtype))
+            low, high = jax.lax.fori_loop(0, BISECTION_STEPS, step, start)
+            return 0.5 * (low + high)
+
+        return tuple(quantile(level) for level in levels)
+
+    return jax.lax.cond(small.any(-1).sum() > slots,
+                        lambda: bisect(lambda x: _mixture_cdf(x, a, b)),
+                        lambda: bisect(gathered_cdf))
 
 
 @dataclasses.dataclass(frozen=True)
