@@ -990,7 +990,8 @@ def _mixture_quantiles(a, b, levels) -> tuple[jax.Array, ...]:
     n_rows = a.shape[0]
     slots = min(n_rows, EXACT_ROWS)
     small = jnp.minimum(a, b) <= NORMAL_SHAPES
-    rows = jnp.nonzero(small.any(-1), size=slots, fill_value=0)[0]
+    needs_exact = small.any(-1)
+    rows = jnp.nonzero(needs_exact, size=slots, fill_value=0)[0]
 
     def gathered_cdf(x):
         normal = _normal_cdf(x, a, b)
@@ -1012,7 +1013,7 @@ def _mixture_quantiles(a, b, levels) -> tuple[jax.Array, ...]:
 
         return tuple(quantile(level) for level in levels)
 
-    return jax.lax.cond(small.any(-1).sum() > slots,
+    return jax.lax.cond(needs_exact.sum() > slots,
                         lambda: bisect(lambda x: _mixture_cdf(x, a, b)),
                         lambda: bisect(gathered_cdf))
 
@@ -1178,14 +1179,14 @@ class SwitchPseudotime(_TimeModel):
             return model
         names = data.registry.gene_names
         position = {name: i for i, name in enumerate(names)}
-        missing = [gene for gene, _, _ in map(parse_marker, model.markers)
-                   if gene not in position]
+        genes = [parse_marker(text)[0] for text in model.markers]
+        missing = [gene for gene in genes if gene not in position]
         if missing:
             shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
             raise DataError(f"marker gene(s) {', '.join(map(repr, missing))} not in the data's "
                             f"genes (var_names: {shown}); use the names of var_names (if they "
                             "are IDs, set adata.var_names to the gene symbols)")
-        index = tuple(position[gene] for gene, _, _ in map(parse_marker, model.markers))
+        index = tuple(position[gene] for gene in genes)
         if model.marker_index is not None and model.marker_index != index:
             raise DataError("the data's genes are not in the order the markers were fitted "
                             "on; register new cells with lvmzoo.query_anndata")
