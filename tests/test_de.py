@@ -160,3 +160,20 @@ def test_bad_groups_and_options_fail_with_a_message(simulation):
     without_type1 = data.subset(np.flatnonzero(data.labels != 1))
     with pytest.raises(lvmzoo.DataError, match="group 'type1' of cell_type has no cells"):
         de(fitted, without_type1, "cell_type", "type0", "type1")
+
+
+def test_tables_show_the_registered_gene_symbols(simulation):
+    """With gene symbols registered (``gene_symbols_key``), the table's first column gives
+    each gene's symbol beside its var_name index."""
+    import dataclasses
+
+    adata, data, fitted = simulation
+    symbols = tuple(f"SYM{i}" for i in range(adata.n_vars))
+    registry = dataclasses.replace(fitted.registry, gene_symbols_key="sym", gene_symbols=symbols)
+    fitted = dataclasses.replace(fitted, registry=registry)
+    data = dataclasses.replace(data, registry=registry)
+    table = analysis.differential_expression(fitted, data, "cell_type", "type0", "type1",
+                                             n_samples=20)
+    assert table.columns[0] == "symbol"
+    expected = dict(zip(adata.var_names, symbols))
+    assert list(table["symbol"]) == [expected[g] for g in table.index]

@@ -656,6 +656,76 @@ def test_marker_bad_input_gets_one_clear_line(lognormalised_file, tmp_path, caps
     assert "twice" in _one_line_error(capsys, base + ["--markers", "gene9:up,gene9:down"])
 
 
+def test_markers_by_gene_symbol_when_var_names_are_ids(cells, tmp_path, capsys):
+    """HSMM's case: var_names are Ensembl-like IDs and the symbols sit in a var column.
+    ``--gene-symbols COLUMN`` (scanpy's gene_symbols) lets --markers name symbols; the
+    markers land on the right genes, changing_genes.csv and pseudotime.png show symbols,
+    and the saved run keeps them (predict needs no flag)."""
+    up, down = _marker_genes(cells)
+    ids = [f"ENSG{i:011d}" for i in range(cells.n_vars)]
+    symbol = dict(zip(cells.var_names, map(str, cells.var_names)))
+    x = np.log1p(1e4 * cells.X / cells.X.sum(1, keepdims=True)).astype(np.float32)
+    var = pd.DataFrame({"gene_short_name": list(cells.var_names)}, index=ids)
+    path = tmp_path / "ids.h5ad"
+    ad.AnnData(X=x, obs=cells.obs.copy(), var=var).write_h5ad(path)
+    markers = ",".join([f"{g}:up" for g in up] + [f"{g}:down" for g in down])
+    base = ["fit", "switch_pseudotime", str(path), "--kind", "continuous", "--transform",
+            "none"]
+    # without the column: the error names the fix
+    err = _one_line_error(capsys, base + ["--out", str(tmp_path / "x"), "--markers", markers])
+    assert "--gene-symbols" in err and repr(up[0]) in err
+    err = _one_line_error(capsys, base + ["--out", str(tmp_path / "x"), "--markers", markers,
+                                          "--gene-symbols", "symbol"])
+    assert "'symbol'" in err and "gene_short_name" in err
+    out = tmp_path / "run"
+    assert cli.main(base + ["--out", str(out), "--markers", markers, "--gene-symbols",
+                            "gene_short_name", "--epochs", "60", "--no-progress"]) == 0
+    capsys.readouterr()
+    result = ad.read_h5ad(out / "result.h5ad")
+    marked = result.var.index[result.var["marker"] != ""]
+    assert sorted(marked) == sorted(ids[list(cells.var_names).index(g)] for g in up + down)
+    assert list(result.var.loc[marked, "gene_short_name"].map(
+        lambda g: "up" if g in up else "down")) == list(result.var.loc[marked, "marker"])
+    table = pd.read_csv(out / "changing_genes.csv", index_col=0)
+    assert table.index[0].startswith("ENSG") and table["symbol"].map(symbol).notna().all()
+    assert (table.loc[ids, "symbol"] == list(cells.var_names)).all()
+    fitted = lvmzoo.load_model(out / "model")
+    assert fitted.registry.gene_symbols == tuple(cells.var_names)
+    data = lvmzoo.query_anndata(result, fitted.registry)
+    titles = [ax.get_title() for ax in trajectory_figure(
+        result, first=fitted.model._figure_genes(data), gene_symbols="gene_short_name").axes
+        if ax.get_title()]
+    assert titles[1:4] == [f"{g} (marker)" for g in up + down]
+    # by default the figure reads the markers from var["marker"] (in the genes' order)
+    titles = [ax.get_title() for ax in trajectory_figure(
+        result, gene_symbols="gene_short_name").axes if ax.get_title()]
+    assert sorted(titles[1:4]) == sorted(f"{g} (marker)" for g in up + down)
+    assert cli.main(["predict", str(out), str(path), "--out", str(tmp_path / "p")]) == 0
+
+
+def test_gene_positions_take_names_or_unique_symbols():
+    """DataRegistry.gene_positions: var_names first, then a symbol naming one gene; a
+    symbol of two genes or an unknown name is a DataError saying what to give."""
+    from lvmzoo.data.registry import DataError
+
+    var = pd.DataFrame({"sym": ["A", "B", "B", "C"]}, index=["id0", "id1", "id2", "id3"])
+    adata = ad.AnnData(np.ones((3, 4), np.float32), var=var)
+    registry = setup_anndata(adata, kind="continuous", gene_symbols_key="sym").registry
+    assert registry.gene_positions(["C", "id2", "A"]) == (3, 2, 0)
+    with pytest.raises(DataError, match="symbol of 2 genes .*id1, id2"):
+        registry.gene_positions(["B"])
+    with pytest.raises(DataError, match=r"'D'.*var\['sym'\]"):
+        registry.gene_positions(["D"])
+    plain = setup_anndata(adata, kind="continuous").registry
+    assert plain.gene_symbols == () and plain.gene_positions(["id1"]) == (1,)
+    with pytest.raises(DataError, match="--gene-symbols"):
+        plain.gene_positions(["A"])
+    var.loc["id3", "sym"] = None
+    with pytest.raises(DataError, match="missing gene symbols"):
+        setup_anndata(ad.AnnData(np.ones((3, 4), np.float32), var=var), kind="continuous",
+                      gene_symbols_key="sym")
+
+
 def test_interval_quantiles_run_betainc_only_where_needed_and_agree():
     """The reported interval's bisection runs the exact Beta CDF only on the rows that need
     it (shapes <= 30: cells among the first or last ~30 training cells); the quantiles are

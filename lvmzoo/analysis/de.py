@@ -136,7 +136,9 @@ def differential_expression(
       comparison, sorted within each comparison by decreasing ``proba_de``
       ("change"; ties by decreasing ``|lfc_mean|``) or ``bayes_factor``
       ("vanilla"); the columns of the module docstring plus ``comparison``
-      (``"A vs B"`` or ``"A vs Rest"``), ``group1`` and ``group2``.
+      (``"A vs B"`` or ``"A vs Rest"``), ``group1`` and ``group2``; first a
+      ``symbol`` column where the model's data registered gene symbols
+      (``gene_symbols_key``, ``--gene-symbols``).
 
     Raises:
       DataError: unknown ``groupby`` column or group, an empty group, or
@@ -189,6 +191,8 @@ def differential_expression(
             table = pd.concat([table, replicate_stability(parts1, parts2, mode, delta, used,
                                                           fdr_target)], axis=1)
         table.index = pd.Index(members[0].registry.gene_names)
+        if members[0].registry.gene_symbols:  # registered with gene_symbols_key
+            table.insert(0, "symbol", list(members[0].registry.gene_symbols))
         table = _sort(table, mode)
         if mode == "change":
             table[f"is_de_fdr_{fdr_target}"] = posterior_fdr_calls(table["proba_de"], fdr_target)

@@ -152,12 +152,13 @@ def protein_view(fitted, data: CellData, prior_count: float = 0.1
     data = data.to_memory()
     registry = fitted.registry
     view_registry = dataclasses.replace(
-        registry, gene_names=names,
+        registry, gene_names=names, gene_symbols_key=None, gene_symbols=(),
         obsm_keys=(*registry.obsm_keys, RNA_KEY),
         obsm_kinds=(*registry.obsm_kinds, "counts"),
         obsm_columns=(*registry.obsm_columns, tuple(registry.gene_names)))
     data_registry = dataclasses.replace(
-        data.registry, gene_names=names, obsm_keys=view_registry.obsm_keys,
+        data.registry, gene_names=names, gene_symbols_key=None, gene_symbols=(),
+        obsm_keys=view_registry.obsm_keys,
         obsm_kinds=view_registry.obsm_kinds, obsm_columns=view_registry.obsm_columns)
     proteins = np.ascontiguousarray(data.obsm_matrix(key), np.float32)
     rna = np.asarray(data.dense_x(), np.float32)

@@ -23,6 +23,8 @@ explains its cells as well), the distance along each lineage's curve is.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -46,6 +48,7 @@ def changing_genes(fitted, data, *, n_basis: int = 4, seed: int = 0) -> pd.DataF
 
     Returns:
       DataFrame indexed by gene name, in the data's gene order, with
+      ``symbol`` (where the data registers gene symbols, ``gene_symbols_key``),
       ``r2`` (share of the within-batch variance explained by the curve),
       ``f_stat``, ``pvalue``, ``qvalue`` (BH FDR), ``amplitude`` (max - min
       of the model's fitted trend on a 50-point grid, in its units; NaN for a
@@ -75,6 +78,8 @@ def changing_genes(fitted, data, *, n_basis: int = 4, seed: int = 0) -> pd.DataF
     out = pd.DataFrame({"r2": r2, "f_stat": f_stat, "pvalue": pvalue,
                         "qvalue": benjamini_hochberg(pvalue)},
                        index=pd.Index(data.registry.gene_names, name="gene"))
+    if data.registry.gene_symbols:
+        out.insert(0, "symbol", list(data.registry.gene_symbols))
     trends = getattr(fitted.model, "trends", None)
     if trends is not None:
         # a seed ensemble has no one set of parameters: the trends of member 0 (whose
@@ -318,7 +323,8 @@ def top_trend_genes(trends, n: int = 6) -> np.ndarray:
 
 
 def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=None,
-                      view: str = "", values=None, seed: int = 0, first=()):
+                      view: str = "", values=None, seed: int = 0, first=None,
+                      gene_symbols: Optional[str] = None):
     """``pseudotime.png``: the cells in a 2-D view coloured by pseudotime, then the fitted
     trends (mean and 95 % band) of the genes that change most, over the cells' values.
 
@@ -326,8 +332,9 @@ def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=No
       annotated: AnnData with ``obs["pseudotime"]`` and ``uns["pseudotime_trends"]``
         (from ``FittedModel.annotate`` of a pseudotime model).
       genes: gene names to draw (default: the ``n_genes`` with the largest trend range).
-      first: gene names drawn before those (a model's marker genes); the largest-range
-        genes then fill the panels up to ``n_genes`` in all.
+      first: gene names drawn before those; the largest-range genes then fill the
+        panels up to ``n_genes`` in all.  Default: the marker genes of a
+        :class:`~lvmzoo.models.SwitchPseudotime` fit (``var["marker"]``), if any.
       coordinates: ``(n_cells, 2)`` view of the cells; default ``obsm["X_umap"]`` when
         present, else the first two principal components of ``values``, else
         pseudotime against its rank.
@@ -335,6 +342,8 @@ def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=No
       values: ``(n_cells, n_genes)`` expression on the trends' scale (log-normalised) to
         draw behind the trends; ``None`` draws the trends alone.
       seed: which cells are drawn when there are more than :data:`FIGURE_CELLS`.
+      gene_symbols: ``var`` column whose symbols title the trend panels (scanpy's
+        ``gene_symbols``); ``genes`` and ``first`` stay ``var_names``.
 
     Returns:
       A Matplotlib figure attached to an Agg canvas.
@@ -344,12 +353,18 @@ def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=No
 
     trends = annotated.uns["pseudotime_trends"]
     names = list(np.asarray(trends.get("genes", annotated.var_names)).astype(str))
+    if first is None:
+        first = list(annotated.var_names[annotated.var["marker"].astype(str) != ""]) \
+            if "marker" in annotated.var else []
     if genes is None:
         marked = [names.index(str(g)) for g in first]
         ranked = [g for g in top_trend_genes(trends, n_genes + len(marked)) if g not in marked]
         chosen = np.array(marked + ranked[:max(n_genes - len(marked), 0)], int)
     else:
         chosen = np.array([names.index(str(g)) for g in genes])
+    symbol = {} if gene_symbols is None else dict(zip(
+        map(str, annotated.var_names), map(str, annotated.var[gene_symbols])))
+    titles = [symbol.get(name, name) for name in names]
     t = annotated.obs["pseudotime"].to_numpy(np.float64)
     cells = np.arange(t.size)
     if t.size > FIGURE_CELLS:
@@ -408,7 +423,7 @@ def trajectory_figure(annotated, *, genes=None, n_genes: int = 6, coordinates=No
             ax.plot(grid, centre[g], color=colour, label=label)
         if branching and i == 0:
             ax.legend(fontsize=7, frameon=False)
-        ax.set_title(names[g] + (" (marker)" if names[g] in set(map(str, first)) else ""))
+        ax.set_title(titles[g] + (" (marker)" if names[g] in set(map(str, first)) else ""))
         ax.set_xlabel("pseudotime")
         if i % columns == columns - 1 or i == 0:  # the first panel of each row of trends
             ax.set_ylabel("expression (log scale)")

@@ -77,6 +77,11 @@ def add_parser(commands, models) -> None:
     fit.add_argument("--labels-key", metavar="K", default=None,
                      help="categorical obs column of cell labels; scanvi needs one (default: "
                           "none)")
+    fit.add_argument("--gene-symbols", metavar="COLUMN", default=None,
+                     help="var column of gene symbols when var_names are IDs (scanpy's "
+                          "gene_symbols, e.g. gene_short_name): --markers may then name "
+                          "symbols, and pseudotime.png and changing_genes.csv show them "
+                          "(default: var_names only)")
     fit.add_argument("--unlabeled-category", metavar="U", default=UNLABELED_CATEGORY,
                      help="value of --labels-key that marks a cell as unlabelled; cells with a "
                           "missing label are unlabelled too (default: %(default)s)")
@@ -204,7 +209,8 @@ def run(args) -> int:
         _use_warm_start_registry(args, warm_start.registry)
     data = setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
                          labels_key=args.labels_key, kind=kind, transform=transform,
-                         unlabeled_category=args.unlabeled_category, **model.registration())
+                         unlabeled_category=args.unlabeled_category,
+                         gene_symbols_key=args.gene_symbols, **model.registration())
     if compact:
         data = data.to_memory(compact=True)
     _check_model_accepts(model, data)

@@ -71,6 +71,10 @@ class DataRegistry:
       obsm_kinds: for each of those keys, what its values are (``"counts"`` or
         ``"continuous"``; see :func:`setup_anndata`).
       obsm_columns: for each of those keys, its column names, in model order.
+      gene_symbols_key: the ``var`` column of gene symbols (scanpy's
+        ``gene_symbols``), ``None`` when the names are only ``var_names``.
+      gene_symbols: ``(n_genes,)`` that column's values, in model order (``()``
+        without one); :meth:`gene_positions` accepts them beside ``var_names``.
     """
 
     kind: str
@@ -89,6 +93,13 @@ class DataRegistry:
     obsm_keys: tuple[str, ...] = ()
     obsm_kinds: tuple[str, ...] = ()
     obsm_columns: tuple[tuple[str, ...], ...] = ()
+    gene_symbols_key: Optional[str] = None
+    gene_symbols: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.gene_symbols and len(self.gene_symbols) != len(self.gene_names):
+            raise ValueError(f"{len(self.gene_symbols)} gene symbols for "
+                             f"{len(self.gene_names)} genes")
 
     @property
     def n_genes(self) -> int:
@@ -119,8 +130,48 @@ class DataRegistry:
         tuples["obsm_keys"] = tuple(d.get("obsm_keys", ()))
         tuples["obsm_kinds"] = tuple(d.get("obsm_kinds", ()))
         tuples["obsm_columns"] = tuple(tuple(c) for c in d.get("obsm_columns", ()))
+        # Nor gene symbols.
+        tuples["gene_symbols"] = tuple(d.get("gene_symbols", ()))
         # Registries saved before unlabeled_category existed treated every value as a label.
         return cls(**{"unlabeled_category": None, **d, **tuples})
+
+    def gene_positions(self, genes: Sequence[str], what: str = "gene") -> tuple[int, ...]:
+        """The model-order positions of ``genes``, each a ``var_names`` entry or, when
+        symbols are registered (``gene_symbols_key``), a symbol naming one gene.
+
+        Raises:
+          DataError: a name that is neither (with a few of the names there are), or a
+            symbol shared by several genes (give one of their ``var_names`` instead).
+        """
+        position = {name: i for i, name in enumerate(self.gene_names)}
+        by_symbol: dict[str, list[int]] = {}
+        for i, symbol in enumerate(self.gene_symbols):
+            by_symbol.setdefault(symbol, []).append(i)
+        found, missing = [], []
+        for gene in map(str, genes):
+            if gene in position:
+                found.append(position[gene])
+            elif len(by_symbol.get(gene, ())) == 1:
+                found.append(by_symbol[gene][0])
+            elif gene in by_symbol:
+                names = ", ".join(self.gene_names[i] for i in by_symbol[gene][:4])
+                raise DataError(f"{what} {gene!r} is the symbol of {len(by_symbol[gene])} "
+                                f"genes ({names}); give one of these var_names instead")
+            else:
+                missing.append(gene)
+        if missing:
+            shown = ", ".join(self.gene_names[:3]) + (" ..." if self.n_genes > 3 else "")
+            where = f"var_names ({shown})"
+            if self.gene_symbols_key:
+                symbols = ", ".join(self.gene_symbols[:3]) + (" ..." if self.n_genes > 3 else "")
+                where += f" or var[{self.gene_symbols_key!r}] ({symbols})"
+                fix = "check the spelling"
+            else:
+                fix = ("if var_names are IDs, name the var column of gene symbols: "
+                       "--gene-symbols COLUMN (setup_anndata(..., gene_symbols_key=COLUMN))")
+            raise DataError(f"{what}(s) {', '.join(map(repr, missing))} not in the data's "
+                            f"{where}; {fix}")
+        return tuple(found)
 
     def categorical_codes(self, key: str, values: Sequence[str]) -> np.ndarray:
         """Codes ``(n,)`` int32 of ``values`` of categorical covariate ``key``.
@@ -295,6 +346,7 @@ def setup_anndata(
     unlabeled_category: Optional[str] = UNLABELED_CATEGORY,
     obsm_keys: Sequence[str] = (),
     obsm_kinds: Optional[Sequence[str]] = None,
+    gene_symbols_key: Optional[str] = None,
 ) -> CellData:
     """Validate ``adata`` and register it.
 
@@ -323,6 +375,9 @@ def setup_anndata(
       obsm_kinds: what each obsm matrix holds: ``"continuous"`` (default; any
         finite values) or ``"counts"`` (non-negative integers; cells may be
         all zero there, e.g. where a panel was not measured).
+      gene_symbols_key: ``var`` column of gene symbols when ``var_names`` are IDs
+        (scanpy's ``gene_symbols``): genes may then be named by symbol (marker
+        genes) and outputs that name genes show them.
 
     Returns:
       CellData whose ``registry`` records all of the above.
@@ -347,6 +402,7 @@ def setup_anndata(
     obsm_kinds = ("continuous",) * len(obsm_keys) if obsm_kinds is None else (
         (obsm_kinds,) if isinstance(obsm_kinds, str) else tuple(obsm_kinds))
     obsm, obsm_columns = _obsm(adata, obsm_keys, obsm_kinds)
+    gene_symbols = _gene_symbols(adata, gene_symbols_key)
     _check_values(x, kind)
     registry = DataRegistry(
         kind=kind,
@@ -365,8 +421,25 @@ def setup_anndata(
         obsm_keys=obsm_keys,
         obsm_kinds=obsm_kinds,
         obsm_columns=obsm_columns,
+        gene_symbols_key=gene_symbols_key,
+        gene_symbols=gene_symbols,
     )
     return _cell_data(adata, x, batch, labels, covariates, registry, categorical, obsm)
+
+
+def _gene_symbols(adata, key: Optional[str]) -> tuple[str, ...]:
+    """The ``var[key]`` gene symbols as strings (``()`` without a key)."""
+    if key is None:
+        return ()
+    if key not in adata.var.columns:
+        shown = ", ".join(map(str, adata.var.columns[:8])) or "none"
+        raise DataError(f"gene_symbols_key {key!r} is not a var column (var columns: "
+                        f"{shown}); name the column that holds the gene symbols")
+    symbols = adata.var[key]
+    if symbols.isna().any():
+        raise DataError(f"var[{key!r}] has {int(symbols.isna().sum())} missing gene symbols; "
+                        "fill them (e.g. with the var_names) before registering")
+    return tuple(str(s) for s in symbols)
 
 
 def query_anndata(

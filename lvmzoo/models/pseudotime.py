@@ -854,8 +854,10 @@ class _TimeModel(LatentModel):
         written.append("changing_genes.csv")
         small = (not data.is_backed) and data.n_cells * data.n_genes <= FIGURE_VALUES
         values = trajectory.expression_values(data) if small else None
-        save_figure(trajectory.trajectory_figure(annotated, values=values,
-                                                 first=self._figure_genes(data)),
+        symbols = data.registry.gene_symbols_key
+        save_figure(trajectory.trajectory_figure(
+            annotated, values=values, first=self._figure_genes(data),
+            gene_symbols=symbols if symbols in annotated.var else None),
                     out / "pseudotime.png")
         written.append("pseudotime.png")
         return written
@@ -1146,7 +1148,8 @@ class SwitchPseudotime(_TimeModel):
       markers: known marker genes (Ouija's priors), each ``"GENE:up"`` or
         ``"GENE:down"`` (it switches on / off along the trajectory), optionally
         with the time of its switch on the reported scale: ``"MYOG:up@0.6"``.
-        Names from ``var_names``.  They set the direction and start the fit
+        Names from ``var_names``, or symbols where the data registers them
+        (``--gene-symbols``).  They set the direction and start the fit
         ("Marker genes" in the module docstring).
       marker_index: the markers' gene positions, set by ``lvmzoo.fit`` (not a flag).
     """
@@ -1177,16 +1180,8 @@ class SwitchPseudotime(_TimeModel):
         model = super().for_data(data)
         if not model.markers:
             return model
-        names = data.registry.gene_names
-        position = {name: i for i, name in enumerate(names)}
-        genes = [parse_marker(text)[0] for text in model.markers]
-        missing = [gene for gene in genes if gene not in position]
-        if missing:
-            shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-            raise DataError(f"marker gene(s) {', '.join(map(repr, missing))} not in the data's "
-                            f"genes (var_names: {shown}); use the names of var_names (if they "
-                            "are IDs, set adata.var_names to the gene symbols)")
-        index = tuple(position[gene] for gene in genes)
+        index = data.registry.gene_positions([parse_marker(text)[0] for text in model.markers],
+                                             what="marker gene")
         if model.marker_index is not None and model.marker_index != index:
             raise DataError("the data's genes are not in the order the markers were fitted "
                             "on; register new cells with lvmzoo.query_anndata")
@@ -1206,8 +1201,8 @@ class SwitchPseudotime(_TimeModel):
         return super()._direction_given() or bool(self.markers)
 
     def _figure_genes(self, data) -> tuple[str, ...]:
-        """The marker genes, drawn first in ``pseudotime.png``."""
-        return tuple(parse_marker(text)[0] for text in self.markers)
+        """The marker genes (their var_names), drawn first in ``pseudotime.png``."""
+        return tuple(data.registry.gene_names[i] for i in self.marker_index or ())
 
     def _known_genes_prior(self, sites, reference) -> None:
         """The markers' priors: slope ``~ Normal(+-MARKER_SLOPE, MARKER_SLOPE_SD)`` by
