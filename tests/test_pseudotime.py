@@ -689,6 +689,9 @@ def test_markers_by_gene_symbol_when_var_names_are_ids(cells, tmp_path, capsys):
     table = pd.read_csv(out / "changing_genes.csv", index_col=0)
     assert table.index[0].startswith("ENSG") and table["symbol"].map(symbol).notna().all()
     assert (table.loc[ids, "symbol"] == list(cells.var_names)).all()
+    trends = pd.read_csv(out / "pseudotime_trends.csv")
+    assert list(trends.columns[:2]) == ["gene", "symbol"]
+    assert (trends["symbol"] == trends["gene"].map(dict(zip(ids, cells.var_names)))).all()
     fitted = lvmzoo.load_model(out / "model")
     assert fitted.registry.gene_symbols == tuple(cells.var_names)
     data = lvmzoo.query_anndata(result, fitted.registry)

@@ -832,7 +832,8 @@ class _TimeModel(LatentModel):
 
     def write_files(self, out, annotated, fitted, data) -> list[str]:
         """Files ``lvmzoo fit`` writes beside ``result.h5ad``: ``pseudotime_trends.csv``
-        (every gene's trend on the grid, with its 95 % band where the model has one),
+        (every gene's trend on the grid, with its 95 % band where the model has one, and
+        its symbol where the data registers them),
         ``pseudotime.png`` (:func:`lvmzoo.analysis.trajectory.trajectory_figure`; the
         cells' values in its trend panels for cells in memory up to
         :data:`FIGURE_VALUES` values) and ``changing_genes.csv``
@@ -847,6 +848,10 @@ class _TimeModel(LatentModel):
         out = Path(out)
         written = []
         table = trajectory.trends_table(annotated.uns["pseudotime_trends"])
+        if data.registry.gene_symbols:  # --gene-symbols: each row's symbol beside its gene
+            symbol = dict(zip(data.registry.gene_names, data.registry.gene_symbols))
+            table.insert(list(table.columns).index("gene") + 1, "symbol",
+                         table["gene"].map(symbol))
         atomic_write_text(out / "pseudotime_trends.csv", table.to_csv(index=False))
         written.append("pseudotime_trends.csv")
         genes = trajectory.changing_genes(fitted, data)
