@@ -80,8 +80,9 @@ def add_parser(commands, models) -> None:
     fit.add_argument("--gene-symbols", metavar="COLUMN", default=None,
                      help="var column of gene symbols when var_names are IDs (scanpy's "
                           "gene_symbols, e.g. gene_short_name): --markers may then name "
-                          "symbols, and pseudotime.png and changing_genes.csv show them "
-                          "(default: var_names only)")
+                          "symbols, and pseudotime.png, changing_genes.csv, "
+                          "pseudotime_trends.csv and 'lvmzoo de' tables show them (saved "
+                          "with the run; default: var_names only)")
     fit.add_argument("--unlabeled-category", metavar="U", default=UNLABELED_CATEGORY,
                      help="value of --labels-key that marks a cell as unlabelled; cells with a "
                           "missing label are unlabelled too (default: %(default)s)")
