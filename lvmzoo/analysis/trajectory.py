@@ -49,7 +49,8 @@ def changing_genes(fitted, data, *, n_basis: int = 4, seed: int = 0) -> pd.DataF
     Returns:
       DataFrame indexed by gene name, in the data's gene order, with
       ``symbol`` (where the data registers gene symbols, ``gene_symbols_key``),
-      ``r2`` (share of the within-batch variance explained by the curve),
+      ``r2`` (share of the within-batch variance explained by the curve; the model's
+      continuous covariates, if any, are in both fits, as batches are),
       ``f_stat``, ``pvalue``, ``qvalue`` (BH FDR), ``amplitude`` (max - min
       of the model's fitted trend on a 50-point grid, in its units; NaN for a
       model without :meth:`trends`; with one trend per lineage, the lineage
@@ -65,11 +66,16 @@ def changing_genes(fitted, data, *, n_basis: int = 4, seed: int = 0) -> pd.DataF
     t = t[:, 0]
     batches = np.asarray(data.batch)
     null_columns = np.unique(batches)  # batch intercepts of the batches present
+    # the model's continuous covariates (technical variation) in both fits, as in the model
+    keys = tuple(getattr(fitted.model, "continuous_covariate_keys", ()))
+    registry = data.registry
+    covariates = np.asarray(data.covariates[:, [registry.covariate_keys.index(k) for k in keys]],
+                            np.float64) if keys else np.zeros((t.size, 0))
     n = t.size
-    df1, df2 = n_basis, n - (null_columns.size + n_basis)
+    df1, df2 = n_basis, n - (null_columns.size + covariates.shape[1] + n_basis)
     if df2 < 1:
         raise ValueError(f"{n} cells are too few for a curve of {n_basis} basis functions")
-    rss0, rss1 = _curve_rss(data, t, batches, null_columns, n_basis)
+    rss0, rss1 = _curve_rss(data, t, batches, null_columns, n_basis, covariates)
     with np.errstate(divide="ignore", invalid="ignore"):
         f_stat = ((rss0 - rss1) / df1) / (rss1 / df2)
         r2 = np.where(rss0 > 0, 1.0 - rss1 / rss0, 0.0)
@@ -227,18 +233,23 @@ def _principal_components(x: np.ndarray, k: int, power_steps: int = 3) -> np.nda
     return (basis @ u[:, :k]) * singular[:k]
 
 
-def _curve_rss(data, t, batches, null_columns, n_basis) -> tuple[np.ndarray, np.ndarray]:
-    """Per gene, the residual sums of squares of least squares on the batch intercepts
-    (``rss0``) and on them plus ``cos(k pi t)``, ``k = 1..n_basis`` (``rss1``).
+def _curve_rss(data, t, batches, null_columns, n_basis, covariates
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per gene, the residual sums of squares of least squares on the batch intercepts and
+    the ``covariates`` columns (``rss0``) and on them plus ``cos(k pi t)``, ``k =
+    1..n_basis`` (``rss1``).
 
     Read :data:`TEST_BLOCK` cells at a time (on disk or in memory: the memory of one dense
     block, not of the matrix) and accumulated as the normal equations' sums.  The values are
     shifted by the first block's gene means first: the intercepts absorb any shift, and it
     keeps ``sum y^2`` from swamping the residuals of genes far from zero.
     """
-    n_null = null_columns.size
+    n_batches = null_columns.size
+    n_null = n_batches + covariates.shape[1]
     code = np.full(int(batches.max()) + 1, -1)
-    code[null_columns] = np.arange(n_null)
+    code[null_columns] = np.arange(n_batches)
+    # centred, so that they and the intercepts are not nearly collinear
+    covariates = covariates - covariates.mean(0)
     k = np.arange(1, n_basis + 1)
     p = n_null + n_basis
     gram, cross, squares, shift = np.zeros((p, p)), None, None, None
@@ -246,6 +257,7 @@ def _curve_rss(data, t, batches, null_columns, n_basis) -> tuple[np.ndarray, np.
         rows = slice(start, start + y.shape[0])
         design = np.zeros((y.shape[0], p))
         design[np.arange(y.shape[0]), code[batches[rows]]] = 1.0
+        design[:, n_batches:n_null] = covariates[rows]
         design[:, n_null:] = np.cos(np.pi * k[None, :] * t[rows, None])
         if shift is None:
             shift = y.mean(0)
