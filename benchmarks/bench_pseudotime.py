@@ -71,6 +71,9 @@ peak RSS (``VmHWM``) is reported along with its wall time, imports excluded):
   (``MARKERS``: MYOG, MEF2C, MYH3 and TNNT1 switch on; the cell-cycle genes CCNB1 and
   CCNB2 switch off as the cells exit the cycle), no switch times; not oriented afterwards
   (the markers give the direction);
+* ``*_cdr`` (eleventh session): the same models with the cells' detection rate (share of
+  genes > 0, MAST's CDR) as a continuous covariate (``continuous_covariate_keys``), a
+  per-gene linear effect beside the trend; fixed a priori, not tuned;
 * ``final_loss`` in the JSON: the fit's training loss (negative ELBO, nats per cell)
   averaged over its last 20 epochs, to compare optima of one model;
 * ``dpt``: scanpy's diffusion pseudotime, the recipe of scanpy's own paul15 tutorial
@@ -144,7 +147,8 @@ N_LINEAGES = 4
 BRANCHING_ROOT_STRENGTH = 300.0
 MODEL_METHODS = ("pseudotime", "pseudotime_root", "switch", "switch_root", "branching",
                  "branching_root", "pseudotime_capture", "switch_capture", "branching_capture",
-                 "switch_markers")
+                 "switch_markers", "pseudotime_cdr", "pseudotime_root_cdr", "branching_cdr",
+                 "branching_root_cdr")
 METHODS = MODEL_METHODS + ("dpt", "best_pc")
 # Methods whose seeds are also averaged into one ordering (a seed ensemble: the
 # members' posterior-mean pseudotimes averaged per cell, as ``FittedEnsemble.annotate``
@@ -153,7 +157,7 @@ ENSEMBLED = ("branching_root",)
 # Methods also read as the distance along their fitted curves (``obs["arc_length"]``, the
 # model's ``arc_length``): reported as the rows ``<method>_arc`` (and ``_arc_ensemble``),
 # from the same fits.  Only for the lineage mixtures: on one curve it is the same order.
-ARC_READ = ("branching", "branching_root")
+ARC_READ = ("branching", "branching_root", "branching_cdr", "branching_root_cdr")
 N_PCS = 10
 
 
@@ -235,6 +239,11 @@ def worker_model(method: str, seed: int, epochs: Optional[int],
     from lvmzoo.models import BranchingPseudotime, Pseudotime, SwitchPseudotime
 
     adata, _, early = _real_data(dataset)
+    covariates = {}
+    if method.endswith("_cdr"):  # the cells' detection rate as a continuous covariate
+        method = method.removesuffix("_cdr")
+        adata.obs["detection_rate"] = np.asarray((adata.X > 0).mean(1)).ravel()
+        covariates = {"continuous_covariate_keys": ("detection_rate",)}
     root_key, root_value = ROOTS[dataset]
     root = dict(root_key=root_key, root_value=root_value) if method.endswith("_root") else {}
     if method.endswith("_capture"):
@@ -245,9 +254,10 @@ def worker_model(method: str, seed: int, epochs: Optional[int],
                                  for m in MARKERS[dataset])}
     if method.startswith("branching"):
         root = {**root, "root_strength": BRANCHING_ROOT_STRENGTH} if "root_key" in root else root
-        model = BranchingPseudotime(n_lineages=N_LINEAGES, **root)
+        model = BranchingPseudotime(n_lineages=N_LINEAGES, **root, **covariates)
     else:
-        model = (SwitchPseudotime if method.startswith("switch") else Pseudotime)(**root)
+        model = (SwitchPseudotime if method.startswith("switch") else Pseudotime)(
+            **root, **covariates)
     rss_before = _rss_mib()
     started = time.perf_counter()
     data = setup_anndata(adata, **SETUP[dataset], **model.registration())
@@ -658,6 +668,17 @@ LABELS = {
                          "(strength 20; not oriented)",
     "switch_markers": "lvmzoo SwitchPseudotime, 6 marker genes as priors (Ouija's; MYOG, "
                       "MEF2C, MYH3, TNNT1 on, CCNB1, CCNB2 off; not oriented)",
+    "pseudotime_cdr": "lvmzoo Pseudotime, the cells' detection rate as a continuous "
+                      "covariate (unsupervised, oriented by MPP)",
+    "pseudotime_root_cdr": "lvmzoo Pseudotime, root = MPP, the detection rate as a covariate",
+    "branching_cdr": f"lvmzoo BranchingPseudotime K={N_LINEAGES}, the detection rate as a "
+                     "covariate (unsupervised, oriented by MPP)",
+    "branching_root_cdr": f"lvmzoo BranchingPseudotime K={N_LINEAGES}, root = MPP (strength "
+                          f"{BRANCHING_ROOT_STRENGTH:.0f}), the detection rate as a covariate",
+    "branching_cdr_arc": f"lvmzoo BranchingPseudotime K={N_LINEAGES}, the detection rate as "
+                         "a covariate (unsupervised, oriented by MPP), read as arc length",
+    "branching_root_cdr_arc": f"lvmzoo BranchingPseudotime K={N_LINEAGES}, root = MPP, the "
+                              "detection rate as a covariate, read as arc length",
     "dpt": "scanpy DPT (root: an MPP cell)",
     "best_pc": "best single PC (oracle choice of 10)",
 }
