@@ -306,6 +306,14 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
     }
 )
 
+#: How ``lvmzoo fit --dataset NAME`` registers a data set where the user gives no flag
+#: (setup_anndata's keyword arguments); a data set not named here is raw counts, symbols
+#: as var_names.  HSMM holds log(FPKM + 1) and Ensembl IDs with the symbols in a column.
+REGISTRATION: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "hsmm": MappingProxyType({"kind": "continuous", "transform": "none",
+                              "gene_symbols_key": "gene_short_name"}),
+})
+
 #: The data set used when none is named.
 DEFAULT_DATASET = "mouse_10k"
 
@@ -340,7 +348,9 @@ def list_datasets() -> list[dict[str, Any]]:
 
     Returns:
       One dict per data set with keys ``name``, ``n_obs``, ``n_vars``,
-      ``description``, ``obs_columns`` (list of str) and ``default`` (bool).
+      ``description``, ``obs_columns`` (list of str), ``registration`` (how
+      ``lvmzoo fit --dataset NAME`` registers it by default: setup_anndata's keyword
+      arguments, empty for raw counts) and ``default`` (bool).
     """
     rows = []
     for name, info in DATASETS.items():
@@ -352,6 +362,7 @@ def list_datasets() -> list[dict[str, Any]]:
                 "n_vars": adata.n_vars,
                 "description": info.description,
                 "obs_columns": [str(c) for c in adata.obs.columns],
+                "registration": dict(REGISTRATION.get(name, {})),
                 "default": name == DEFAULT_DATASET,
             }
         )

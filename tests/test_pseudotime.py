@@ -706,6 +706,25 @@ def test_markers_by_gene_symbol_when_var_names_are_ids(cells, tmp_path, capsys):
     assert cli.main(["predict", str(out), str(path), "--out", str(tmp_path / "p")]) == 0
 
 
+def test_bundled_hsmm_fits_by_name_with_markers_given_as_symbols(tmp_path, capsys):
+    """``lvmzoo fit switch_pseudotime --dataset hsmm --markers MYOG:up,...`` with no other
+    flag: the bundled data set says how it is registered (log FPKM: continuous, no
+    transform; symbols in var["gene_short_name"]), so the markers name symbols."""
+    from lvmzoo.datasets import list_datasets
+
+    hsmm = {row["name"]: row for row in list_datasets()}["hsmm"]
+    assert hsmm["registration"] == {"kind": "continuous", "transform": "none",
+                                    "gene_symbols_key": "gene_short_name"}
+    out = tmp_path / "run"
+    assert cli.main(["fit", "switch_pseudotime", "--dataset", "hsmm", "--markers",
+                     "MYOG:up,CCNB2:down", "--epochs", "20", "--no-progress",
+                     "--out", str(out)]) == 0
+    assert "kind continuous, transform none" in capsys.readouterr().out
+    result = ad.read_h5ad(out / "result.h5ad")
+    marked = result.var.loc[result.var["marker"] != "", ["gene_short_name", "marker"]]
+    assert sorted(map(tuple, marked.to_numpy())) == [("CCNB2", "down"), ("MYOG", "up")]
+
+
 def test_gene_positions_take_names_or_unique_symbols():
     """DataRegistry.gene_positions: var_names first, then a symbol naming one gene; a
     symbol of two genes or an unknown name is a DataError saying what to give."""

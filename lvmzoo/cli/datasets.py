@@ -20,4 +20,8 @@ def run(args) -> int:
         print(f"    {row['description']}")
         if row["obs_columns"]:
             print(f"    obs columns: {', '.join(row['obs_columns'])}")
+        flags = {"kind": "--kind", "transform": "--transform", "gene_symbols_key": "--gene-symbols"}
+        if row["registration"]:
+            print("    lvmzoo fit --dataset uses: " + " ".join(
+                f"{flags[key]} {value}" for key, value in row["registration"].items()))
     return 0

@@ -189,6 +189,12 @@ def run(args) -> int:
         if args.dataset is not None:
             name, labels_key, batch_key = args.dataset, None, None
         adata, source = _input_data(None, name, name)
+        # the data set's own registration (e.g. hsmm: continuous, symbols) unless flags say
+        defaults = datasets.REGISTRATION.get(name, {})
+        if args.kind is None and "kind" in defaults:
+            kind = defaults["kind"]
+            transform = args.transform or defaults.get("transform", transform)
+        args.gene_symbols = args.gene_symbols or defaults.get("gene_symbols_key")
         args.labels_key = args.labels_key or labels_key
         args.batch_key = args.batch_key or (None if warm_start else batch_key)
         backed = False
