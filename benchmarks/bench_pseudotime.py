@@ -201,7 +201,7 @@ MARKERS = {"hsmm": ("MYOG:up", "MEF2C:up", "MYH3:up", "TNNT1:up", "CCNB1:down",
                     "CCNB2:down")}
 SETUP = {"paul15": dict(kind="counts", transform="log1p_cp10k"),
          "amphioxus": dict(kind="counts", transform="log1p_cp10k"),
-         "hsmm": dict(kind="continuous", transform="none")}
+         "hsmm": dict(kind="continuous", transform="none", gene_symbols_key="gene_short_name")}
 
 
 def _real_data(name: str):
@@ -248,10 +248,8 @@ def worker_model(method: str, seed: int, epochs: Optional[int],
     root = dict(root_key=root_key, root_value=root_value) if method.endswith("_root") else {}
     if method.endswith("_capture"):
         root = {"capture_key": CAPTURE[dataset]}
-    if method.endswith("_markers"):  # symbols -> var_names (hsmm's are Ensembl IDs)
-        by_symbol = dict(zip(adata.var["gene_short_name"].astype(str), adata.var_names))
-        root = {"markers": tuple(f"{by_symbol[m.partition(':')[0]]}:{m.partition(':')[2]}"
-                                 for m in MARKERS[dataset])}
+    if method.endswith("_markers"):  # by symbol (SETUP registers hsmm's symbols)
+        root = {"markers": MARKERS[dataset]}
     if method.startswith("branching"):
         root = {**root, "root_strength": BRANCHING_ROOT_STRENGTH} if "root_key" in root else root
         model = BranchingPseudotime(n_lineages=N_LINEAGES, **root, **covariates)
