@@ -125,6 +125,19 @@ def test_structural_problems_are_reported_before_values_are_scanned():
         setup_anndata(with_x(adata, x), covariate_keys=["age"])
 
 
+def test_a_numeric_column_with_gaps_names_how_many_cells_and_the_first():
+    adata = make_adata()
+    adata.obs["stage"] = ["early"] * 3 + ["late"] * (adata.n_obs - 3)
+    with pytest.raises(DataError, match=r"obs\['stage'\] must hold a number for every cell, "
+                                        rf"but {adata.n_obs} of {adata.n_obs} .*value 'early'"):
+        setup_anndata(adata, covariate_keys=["stage"])
+    adata.obs["rate"] = np.linspace(0.1, 0.9, adata.n_obs)
+    adata.obs.loc[adata.obs_names[5], "rate"] = np.nan
+    with pytest.raises(DataError, match=rf"but 1 of {adata.n_obs} .*cell "
+                                        rf"'{adata.obs_names[5]}', value nan"):
+        setup_anndata(adata, covariate_keys=["rate"])
+
+
 def test_unknown_kind_and_incompatible_transform_are_rejected():
     with pytest.raises(DataError, match="unknown data kind 'integers'"):
         setup_anndata(make_adata(), kind="integers")

@@ -737,10 +737,17 @@ def _covariates(adata, keys):
                 f"available columns: {', '.join(map(str, adata.obs.columns))}"
             )
         column = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy(np.float32)
-        if not np.all(np.isfinite(column)):
-            raise DataError(f"covariate {key!r} has missing or non-numeric values; give a "
-                            "column of numbers for every cell (e.g. map stage names to "
-                            "their order)")
+        bad = ~np.isfinite(column)
+        if bad.any():
+            # Numeric columns serve as covariates and as capture times (a model's
+            # registration()), so the message names the column, not its role.
+            first = int(np.argmax(bad))
+            value = adata.obs[key].iloc[first]
+            value = repr(value) if isinstance(value, str) else str(value)
+            raise DataError(f"obs[{key!r}] must hold a number for every cell, but "
+                            f"{int(bad.sum())} of {len(column)} are missing or not numbers "
+                            f"(first: cell {str(adata.obs_names[first])!r}, value {value}); "
+                            "give a column of numbers (e.g. map stage names to their order)")
         columns.append(column)
     if not columns:
         return np.zeros((adata.n_obs, 0), np.float32)
