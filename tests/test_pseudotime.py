@@ -811,7 +811,7 @@ def test_continuous_covariate_bad_input_gets_one_clear_line(lognormalised_file, 
 def test_interval_quantiles_run_betainc_only_where_needed_and_agree():
     """The reported interval's bisection runs the exact Beta CDF only on the rows that need
     it (shapes <= 30: cells among the first or last ~30 training cells); the quantiles are
-    those of bisecting the full mixture CDF on both of its paths (to 1e-6: XLA may round
+    those of bisecting the full mixture CDF on each of its paths (to 1e-6: XLA may round
     a fused CDF's last bit differently, which moves a bisection by its last step, 6e-8)."""
     import jax
 
@@ -827,13 +827,18 @@ def test_interval_quantiles_run_betainc_only_where_needed_and_agree():
         return 0.5 * (low + high)
 
     rng = np.random.default_rng(0)
-    for n_reference, n_rows in ((200_000, 1000), (300, 2 * EXACT_ROWS)):  # gathered, full
-        rank = rng.uniform(0, 1, (n_rows, 8))
-        rank[:5] = rng.uniform(0, 1e-4, (5, 8))  # cells at the very start
+    # (training cells, rows, rows at the very start): gathered, full, and no exact row
+    # (the usual batch at many training cells, where betainc is skipped)
+    for n_reference, n_rows, n_early in ((200_000, 1000, 5), (300, 2 * EXACT_ROWS, 5),
+                                         (1_000_000, 1000, 0)):
+        rank = rng.uniform(1e-3, 1 - 1e-3, (n_rows, 8))
+        rank[:n_early] = rng.uniform(0, 1e-4, (n_early, 8))
         a = jnp.asarray(n_reference * rank + 0.5, jnp.float32)
         b = jnp.asarray(n_reference * (1 - rank) + 0.5, jnp.float32)
         small = int((jnp.minimum(a, b) <= 30).any(-1).sum())
-        assert (small <= EXACT_ROWS) == (n_reference == 200_000)
+        expected = {200_000: (0 < small <= EXACT_ROWS), 300: small > EXACT_ROWS,
+                    1_000_000: small == 0}
+        assert expected[n_reference], (n_reference, small)
         lower, upper = jax.jit(lambda a, b: _mixture_quantiles(a, b, (0.025, 0.975)))(a, b)
         np.testing.assert_allclose(lower, reference(a, b, 0.025), rtol=0, atol=1e-6)
         np.testing.assert_allclose(upper, reference(a, b, 0.975), rtol=0, atol=1e-6)
