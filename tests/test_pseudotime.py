@@ -815,8 +815,8 @@ def test_interval_quantiles_run_betainc_only_where_needed_and_agree():
     a fused CDF's last bit differently, which moves a bisection by its last step, 6e-8)."""
     import jax
 
-    from lvmzoo.models.pseudotime import (BISECTION_STEPS, EXACT_ROWS, _mixture_cdf,
-                                          _mixture_quantiles)
+    from lvmzoo.models.pseudotime import (BISECTION_STEPS, EXACT_ROWS, FEW_EXACT_ROWS,
+                                          _mixture_cdf, _mixture_quantiles)
 
     def reference(a, b, level):
         low, high = jnp.zeros(a.shape[0]), jnp.ones(a.shape[0])
@@ -827,18 +827,18 @@ def test_interval_quantiles_run_betainc_only_where_needed_and_agree():
         return 0.5 * (low + high)
 
     rng = np.random.default_rng(0)
-    # (training cells, rows, rows at the very start): gathered, full, and no exact row
-    # (the usual batch at many training cells, where betainc is skipped)
-    for n_reference, n_rows, n_early in ((200_000, 1000, 5), (300, 2 * EXACT_ROWS, 5),
-                                         (1_000_000, 1000, 0)):
+    # (training cells, rows, rows at the very start, slots betainc runs in): none (the usual
+    # batch at many training cells), a few, up to EXACT_ROWS, every row (small N)
+    for n_reference, n_rows, n_early, slots in (
+            (1_000_000, 1000, 0, 0), (200_000, 1000, 5, FEW_EXACT_ROWS),
+            (200_000, 1000, 60, EXACT_ROWS), (300, 2 * EXACT_ROWS, 5, 2 * EXACT_ROWS)):
         rank = rng.uniform(1e-3, 1 - 1e-3, (n_rows, 8))
         rank[:n_early] = rng.uniform(0, 1e-4, (n_early, 8))
         a = jnp.asarray(n_reference * rank + 0.5, jnp.float32)
         b = jnp.asarray(n_reference * (1 - rank) + 0.5, jnp.float32)
         small = int((jnp.minimum(a, b) <= 30).any(-1).sum())
-        expected = {200_000: (0 < small <= EXACT_ROWS), 300: small > EXACT_ROWS,
-                    1_000_000: small == 0}
-        assert expected[n_reference], (n_reference, small)
+        fewest = min(s for s in (0, FEW_EXACT_ROWS, EXACT_ROWS, n_rows) if s >= small)
+        assert fewest == slots, (n_reference, n_early, small)
         lower, upper = jax.jit(lambda a, b: _mixture_quantiles(a, b, (0.025, 0.975)))(a, b)
         np.testing.assert_allclose(lower, reference(a, b, 0.025), rtol=0, atol=1e-6)
         np.testing.assert_allclose(upper, reference(a, b, 0.975), rtol=0, atol=1e-6)

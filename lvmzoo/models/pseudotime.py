@@ -258,9 +258,11 @@ REFERENCE_SPEED = 5.0
 N_INTERVAL_NODES = 64
 BISECTION_STEPS = 24
 # A Beta(a, b) CDF is a Normal's when both shapes exceed this (``_mixture_cdf``); the
-# exact ``betainc`` runs on at most EXACT_ROWS rows of a batch (``_mixture_quantiles``).
+# exact ``betainc`` runs on at most EXACT_ROWS rows of a batch, in FEW_EXACT_ROWS slots
+# when that many suffice (``_mixture_quantiles``).
 NORMAL_SHAPES = 30.0
 EXACT_ROWS = 128
+FEW_EXACT_ROWS = 8
 # ``lvmzoo fit`` draws the cells' values in pseudotime.png for in-memory data up to this
 # many cells x genes (the figure reads them densely).
 FIGURE_VALUES = 50_000_000
@@ -1069,21 +1071,25 @@ def _mixture_quantiles(a, b, levels) -> tuple[jax.Array, ...]:
     is nearly all the cost, and it is needed only where a shape is at most
     :data:`NORMAL_SHAPES`, i.e. for cells ranked among the first or last ~30 of the
     ``N`` training cells.  So ``betainc`` runs on those rows alone, gathered into
-    :data:`EXACT_ROWS` slots; a batch with more such rows (small ``N``) takes the full
-    computation.  The same numbers either way (each entry is computed as before); at
-    200,000 training cells the per-cell outputs of ``lvmzoo fit`` took 225 s, nearly all
-    here."""
+    :data:`FEW_EXACT_ROWS` or :data:`EXACT_ROWS` slots, or on none; a batch with more
+    such rows (small ``N``) takes the full computation.  The same numbers on every path
+    (each entry is computed as before); at 200,000 training cells the per-cell outputs of
+    ``lvmzoo fit`` took 225 s, nearly all here, before the rows were gathered."""
     n_rows = a.shape[0]
-    slots = min(n_rows, EXACT_ROWS)
     small = jnp.minimum(a, b) <= NORMAL_SHAPES
     needs_exact = small.any(-1)
-    rows = jnp.nonzero(needs_exact, size=slots, fill_value=0)[0]
 
-    def gathered_cdf(x):
-        normal = _normal_cdf(x, a, b)
-        exact = jax.scipy.special.betainc(a[rows], b[rows], jnp.clip(x[rows, None], 0.0, 1.0))
-        mixed = normal.at[rows].set(jnp.where(small[rows], exact, normal[rows]))
-        return jnp.mean(mixed, -1)
+    def gathered_cdf(slots):
+        rows = jnp.nonzero(needs_exact, size=slots, fill_value=0)[0]
+
+        def cdf(x):
+            normal = _normal_cdf(x, a, b)
+            exact = jax.scipy.special.betainc(a[rows], b[rows],
+                                              jnp.clip(x[rows, None], 0.0, 1.0))
+            mixed = normal.at[rows].set(jnp.where(small[rows], exact, normal[rows]))
+            return jnp.mean(mixed, -1)
+
+        return cdf
 
     def bisect(cdf):
         def quantile(level):
@@ -1099,14 +1105,19 @@ def _mixture_quantiles(a, b, levels) -> tuple[jax.Array, ...]:
 
         return tuple(quantile(level) for level in levels)
 
-    # Most batches have no such row (at N training cells about 2 x 30 / N of all cells do):
-    # they skip betainc altogether, which its EXACT_ROWS slots otherwise cost whether used
-    # or not (4 times the time per 4,096 cells: 102 -> 27 ms at N = 1,000,000).
+    # betainc costs its slots whether they are used or not, so a batch takes the fewest that
+    # hold its exact rows: none (nearly every batch of a fit to many cells: about 2 x 30 / N
+    # of the cells need one), FEW_EXACT_ROWS (a rooted fit's batches hold a few cells at the
+    # root), EXACT_ROWS, or every row (small N).  Per 4,096 cells at N = 1,000,000: 16 ms
+    # without betainc, 102 ms with 128 slots.
+    few, many = min(n_rows, FEW_EXACT_ROWS), min(n_rows, EXACT_ROWS)
     n_exact = needs_exact.sum()
-    branch = jnp.where(n_exact == 0, 0, jnp.where(n_exact <= slots, 1, 2))
+    branch = jnp.where(n_exact == 0, 0, jnp.where(n_exact <= few, 1,
+                                                  jnp.where(n_exact <= many, 2, 3)))
     return jax.lax.switch(branch, [
         lambda: bisect(lambda x: jnp.mean(_normal_cdf(x, a, b), -1)),
-        lambda: bisect(gathered_cdf),
+        lambda: bisect(gathered_cdf(few)),
+        lambda: bisect(gathered_cdf(many)),
         lambda: bisect(lambda x: _mixture_cdf(x, a, b)),
     ])
 
