@@ -137,27 +137,35 @@ def test_a_saved_user_model_loads_and_evaluates_in_a_new_process(fitted_run, use
 
 def test_a_file_imported_by_name_and_loaded_from_a_run_is_one_class(fitted_run, user_dir):
     """A user who imports their model (``from user_models import PoissonFactors``) and loads a
-    run of ``user_models.py:PoissonFactors`` in one process gets their own class back; in the
-    other order the two imports count as one class (the file was imported twice, under a
-    private name, and check_model's save/load check then refused the user's class)."""
+    run of ``user_models.py:PoissonFactors`` in one process gets their own class back, in
+    either order while the file is importable by name (loading imports it under its own name);
+    a file put on ``sys.path`` only after the run was loaded is imported twice, and the two
+    classes count as one (check_model's save/load check once refused the user's class)."""
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(user_dir)!r})
         import lvmzoo
         from lvmzoo.models import MODELS
         if sys.argv[1] == "import_first":
+            sys.path.insert(0, {str(user_dir)!r})
             from user_models import PoissonFactors
             fitted = lvmzoo.load_model({str(fitted_run)!r})
             assert type(fitted.model) is PoissonFactors, type(fitted.model).__module__
-        else:
+        elif sys.argv[1] == "load_first":
+            sys.path.insert(0, {str(user_dir)!r})
             fitted = lvmzoo.load_model({str(fitted_run)!r})
+            from user_models import PoissonFactors
+            assert type(fitted.model) is PoissonFactors, type(fitted.model).__module__
+            assert isinstance(fitted.model, PoissonFactors)
+        else:  # the file's directory is put on sys.path only after loading
+            fitted = lvmzoo.load_model({str(fitted_run)!r})
+            sys.path.insert(0, {str(user_dir)!r})
             from user_models import PoissonFactors
             assert type(fitted.model) is not PoissonFactors  # imported by path first
             lvmzoo.register_model(PoissonFactors)  # the same source: no name clash
             assert MODELS["poisson_factors"] is PoissonFactors
         print("ok")
     """)
-    for order in ("import_first", "load_first"):
+    for order in ("import_first", "load_first", "path_added_after_loading"):
         done = subprocess.run([sys.executable, "-c", script, order], capture_output=True,
                               text=True, timeout=600, cwd=user_dir.parent)
         assert done.returncode == 0 and done.stdout.strip() == "ok", (order, done.stderr[-2000:])

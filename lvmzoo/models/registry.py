@@ -179,6 +179,18 @@ def _import_file(path: Path):
         file = getattr(module, "__file__", None)
         if file and file.endswith(".py") and Path(file).resolve() == path:
             return module
+    # Importable by its own name (a notebook or script beside the file): import it so, and
+    # the user's later `from my_fa import TinyFA` is this very class, not a twin.
+    if path.stem.isidentifier() and path.stem not in sys.modules:
+        try:
+            found = importlib.util.find_spec(path.stem)
+        except (ImportError, ValueError):
+            found = None
+        if found is not None and found.origin and Path(found.origin).resolve() == path:
+            module = importlib.import_module(path.stem)
+            module.__lvmzoo_source__ = str(path)  # saved runs still name the file
+            sys.modules[module_name] = module
+            return module
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     module.__lvmzoo_source__ = str(path)
