@@ -816,7 +816,7 @@ def test_interval_quantiles_run_betainc_only_where_needed_and_agree():
     import jax
 
     from lvmzoo.models.pseudotime import (BISECTION_STEPS, EXACT_ROWS, FEW_EXACT_ROWS,
-                                          _mixture_cdf, _mixture_quantiles)
+                                          FULL_ROWS, _mixture_cdf, _mixture_quantiles)
 
     def reference(a, b, level):
         low, high = jnp.zeros(a.shape[0]), jnp.ones(a.shape[0])
@@ -828,16 +828,20 @@ def test_interval_quantiles_run_betainc_only_where_needed_and_agree():
 
     rng = np.random.default_rng(0)
     # (training cells, rows, rows at the very start, slots betainc runs in): none (the usual
-    # batch at many training cells), a few, up to EXACT_ROWS, every row (small N)
+    # batch at many training cells), a few, up to EXACT_ROWS, every row (small N), and a
+    # batch of at most FULL_ROWS rows (every row, whatever it needs)
+    large = FULL_ROWS + 8
     for n_reference, n_rows, n_early, slots in (
-            (1_000_000, 1000, 0, 0), (200_000, 1000, 5, FEW_EXACT_ROWS),
-            (200_000, 1000, 60, EXACT_ROWS), (300, 2 * EXACT_ROWS, 5, 2 * EXACT_ROWS)):
+            (1_000_000, large, 0, 0), (200_000, large, 5, FEW_EXACT_ROWS),
+            (200_000, large, 60, EXACT_ROWS), (1000, large, 5, large),
+            (200_000, FULL_ROWS, 5, FULL_ROWS)):
         rank = rng.uniform(1e-3, 1 - 1e-3, (n_rows, 8))
         rank[:n_early] = rng.uniform(0, 1e-4, (n_early, 8))
         a = jnp.asarray(n_reference * rank + 0.5, jnp.float32)
         b = jnp.asarray(n_reference * (1 - rank) + 0.5, jnp.float32)
         small = int((jnp.minimum(a, b) <= 30).any(-1).sum())
-        fewest = min(s for s in (0, FEW_EXACT_ROWS, EXACT_ROWS, n_rows) if s >= small)
+        fewest = (n_rows if n_rows <= FULL_ROWS else
+                  min(s for s in (0, FEW_EXACT_ROWS, EXACT_ROWS, n_rows) if s >= small))
         assert fewest == slots, (n_reference, n_early, small)
         lower, upper = jax.jit(lambda a, b: _mixture_quantiles(a, b, (0.025, 0.975)))(a, b)
         np.testing.assert_allclose(lower, reference(a, b, 0.025), rtol=0, atol=1e-6)

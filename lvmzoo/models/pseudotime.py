@@ -263,6 +263,10 @@ BISECTION_STEPS = 24
 NORMAL_SHAPES = 30.0
 EXACT_ROWS = 128
 FEW_EXACT_ROWS = 8
+# A batch of at most this many rows (a small data set, where most rows need betainc, or
+# the last rows of a large one) bisects the full mixture CDF: one program to compile
+# instead of four, for at most about a second of betainc.
+FULL_ROWS = 512
 # ``lvmzoo fit`` draws the cells' values in pseudotime.png for in-memory data up to this
 # many cells x genes (the figure reads them densely).
 FIGURE_VALUES = 50_000_000
@@ -1072,7 +1076,8 @@ def _mixture_quantiles(a, b, levels) -> tuple[jax.Array, ...]:
     :data:`NORMAL_SHAPES`, i.e. for cells ranked among the first or last ~30 of the
     ``N`` training cells.  So ``betainc`` runs on those rows alone, gathered into
     :data:`FEW_EXACT_ROWS` or :data:`EXACT_ROWS` slots, or on none; a batch with more
-    such rows (small ``N``) takes the full computation.  The same numbers on every path
+    such rows (small ``N``), or of at most :data:`FULL_ROWS` rows, takes the full
+    computation.  The same numbers on every path
     (each entry is computed as before); at 200,000 training cells the per-cell outputs of
     ``lvmzoo fit`` took 225 s, nearly all here, before the rows were gathered."""
     n_rows = a.shape[0]
@@ -1105,6 +1110,8 @@ def _mixture_quantiles(a, b, levels) -> tuple[jax.Array, ...]:
 
         return tuple(quantile(level) for level in levels)
 
+    if n_rows <= FULL_ROWS:
+        return bisect(lambda x: _mixture_cdf(x, a, b))
     # betainc costs its slots whether they are used or not, so a batch takes the fewest that
     # hold its exact rows: none (nearly every batch of a fit to many cells: about 2 x 30 / N
     # of the cells need one), FEW_EXACT_ROWS (a rooted fit's batches hold a few cells at the
