@@ -267,6 +267,7 @@ FEW_EXACT_ROWS = 8
 # the last rows of a large one) bisects the full mixture CDF: one program to compile
 # instead of four, for at most about a second of betainc.
 FULL_ROWS = 512
+assert FULL_ROWS >= EXACT_ROWS > FEW_EXACT_ROWS > 0
 # ``lvmzoo fit`` draws the cells' values in pseudotime.png for in-memory data up to this
 # many cells x genes (the figure reads them densely).
 FIGURE_VALUES = 50_000_000
@@ -1117,14 +1118,12 @@ def _mixture_quantiles(a, b, levels) -> tuple[jax.Array, ...]:
     # of the cells need one), FEW_EXACT_ROWS (a rooted fit's batches hold a few cells at the
     # root), EXACT_ROWS, or every row (small N).  Per 4,096 cells at N = 1,000,000: 16 ms
     # without betainc, 102 ms with 128 slots.
-    few, many = min(n_rows, FEW_EXACT_ROWS), min(n_rows, EXACT_ROWS)
-    n_exact = needs_exact.sum()
-    branch = jnp.where(n_exact == 0, 0, jnp.where(n_exact <= few, 1,
-                                                  jnp.where(n_exact <= many, 2, 3)))
+    # (Here n_rows > FULL_ROWS >= EXACT_ROWS, so every tier fits in the batch.)
+    branch = jnp.searchsorted(jnp.asarray([0, FEW_EXACT_ROWS, EXACT_ROWS]), needs_exact.sum())
     return jax.lax.switch(branch, [
         lambda: bisect(lambda x: jnp.mean(_normal_cdf(x, a, b), -1)),
-        lambda: bisect(gathered_cdf(few)),
-        lambda: bisect(gathered_cdf(many)),
+        lambda: bisect(gathered_cdf(FEW_EXACT_ROWS)),
+        lambda: bisect(gathered_cdf(EXACT_ROWS)),
         lambda: bisect(lambda x: _mixture_cdf(x, a, b)),
     ])
 
